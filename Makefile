@@ -1,0 +1,141 @@
+# The pipeline as a DAG of file targets. `make help` lists the targets.
+#   make demo                                   everything on a synthetic world, on CPU
+#   make prepare train infer submit DATA_DIR=/data/siim EXP=2st_exp5
+#   make train EXP=2st_exp5 FOLD=2              one fold only
+SHELL := bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DELETE_ON_ERROR:
+.SECONDARY:
+MAKEFLAGS += --no-builtin-rules
+
+EXP       ?= demo
+DATA_DIR  ?= data/raw/synthetic
+TRAIN_CSV ?=
+TRAIN_DIR ?=
+TEST_DIR  ?=
+LABELS    ?= $(DATA_DIR)/test-labels.csv
+FOLD      ?=
+NPROC     ?= 1
+SKIP_BAD  ?=
+QUIET     ?=
+SYNTH_SEED  ?= 0
+SYNTH_TRAIN ?= 500
+SYNTH_TEST  ?= 100
+
+VENV     := .venv
+PY       := $(VENV)/bin/python
+INSTALLED := $(VENV)/.installed
+CONFIG   := configs/$(EXP).yaml
+PROCESSED ?= data/processed/$(notdir $(abspath $(DATA_DIR)))
+MODELS_DIR ?= models
+SUBMISSIONS_DIR ?= submissions
+MODELS   := $(MODELS_DIR)/$(EXP)
+SUBMISSION := $(SUBMISSIONS_DIR)/$(EXP).csv
+PATIENT_MAP ?= $(firstword $(wildcard $(DATA_DIR)/kaggle-to-nih-id.csv) data/external/kaggle-to-nih-id.csv)
+export HF_HUB_OFFLINE ?=
+export PYTHONUNBUFFERED := 1
+
+# Config queries need the venv; before it exists they fall back to the defaults.
+cfg = $(shell [ -x $(PY) ] && $(PY) -m pneumothorax.cli $(1) --config $(EXP) 2>/dev/null)
+CONFIG_DEPS := $(or $(call cfg,deps),configs/base.yaml $(CONFIG))
+N_FOLDS     := $(or $(call cfg,get data.n_folds),5)
+CLS_ENABLED := $(call cfg,get classifier.enabled)
+ENC_INIT    := $(call cfg,get segmentation.encoder_init)
+FOLDS       := $(if $(FOLD),$(FOLD),$(shell seq 0 $$(($(N_FOLDS) - 1))))
+ALL_FOLDS   := $(shell seq 0 $$(($(N_FOLDS) - 1)))
+RUN         := $(if $(filter-out 1,$(NPROC)),$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC),$(PY))
+Q           := $(if $(QUIET),--quiet,)
+
+SEG_MODELS := $(foreach k,$(FOLDS),$(MODELS)/fold$(k)/model.pt)
+CLS_MODELS := $(if $(CLS_ENABLED),$(foreach k,$(FOLDS),$(MODELS)/classifier/fold$(k)/model.pt))
+ALL_SEG    := $(foreach k,$(ALL_FOLDS),$(MODELS)/fold$(k)/model.pt)
+ALL_CLS    := $(if $(CLS_ENABLED),$(foreach k,$(ALL_FOLDS),$(MODELS)/classifier/fold$(k)/model.pt))
+PREPARED   := $(PROCESSED)/prepared-$(EXP).stamp
+
+.PHONY: help install demo synthetic prepare folds train train-seg train-cls infer search submit score report \
+        test test-fast lint bench bench-data bench-train bench-post clean clean-models
+
+help: ## list the targets
+	@grep -hE '^[a-zA-Z_%/-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | column -t -s $$'\t'
+	@echo; echo "variables: EXP=$(EXP) DATA_DIR=$(DATA_DIR) FOLD=$(FOLD) NPROC=$(NPROC) PROCESSED=$(PROCESSED)"
+
+install: $(INSTALLED) ## make .venv with the pinned requirements and the package (editable)
+$(INSTALLED): requirements.txt pyproject.toml
+	[ -x $(PY) ] || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt 2> >(grep -v 'is ignored' >&2)
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e . 2> >(grep -v 'is ignored' >&2)
+	touch $@
+
+demo: install ## the whole pipeline on a synthetic world, on CPU, in minutes
+	$(MAKE) --no-print-directory synthetic prepare folds train infer search submit score report EXP=demo
+
+synthetic: $(DATA_DIR)/world.json ## write a synthetic SIIM-layout world into DATA_DIR (SYNTH_SEED, SYNTH_TRAIN, SYNTH_TEST)
+$(DATA_DIR)/world.json: | $(INSTALLED)
+	$(PY) scripts/00_make_synthetic.py --out $(DATA_DIR) --seed $(SYNTH_SEED) --n-train $(SYNTH_TRAIN) --n-test $(SYNTH_TEST) $(Q)
+
+prepare: $(PREPARED) ## DICOMs + labels -> $(PROCESSED)/metadata.csv and caches at the config's sizes
+$(PREPARED): $(CONFIG_DEPS) | $(INSTALLED)
+	$(PY) scripts/01_prepare.py --config $(EXP) --data-dir $(DATA_DIR) --out $(PROCESSED) --patient-map $(PATIENT_MAP) \
+	  $(if $(TRAIN_CSV),--train-csv $(TRAIN_CSV)) $(if $(TRAIN_DIR),--train-dir $(TRAIN_DIR)) \
+	  $(if $(TEST_DIR),--test-dir $(TEST_DIR)) $(if $(SKIP_BAD),--skip-bad) $(Q)
+	touch $@
+
+# metadata.csv is rewritten only when prepare did new work; the stamp records that prepare ran.
+$(PROCESSED)/metadata.csv: $(PREPARED)
+	@test -f $@
+
+folds: $(PROCESSED)/folds.csv ## patient-grouped, stratified folds
+$(PROCESSED)/folds.csv: $(PROCESSED)/metadata.csv
+	$(PY) scripts/02_folds.py --config $(EXP) --processed $(PROCESSED) --out $@
+
+train: train-cls train-seg ## train gate and segmenter folds that are out of date (FOLD=k for one)
+train-seg: $(SEG_MODELS) ## segmentation folds only
+train-cls: $(CLS_MODELS) ## classifier folds only
+
+$(MODELS)/classifier/fold%/model.pt: $(CONFIG_DEPS) $(PROCESSED)/folds.csv | $(PREPARED)
+	$(RUN) scripts/03_train_classifier.py --config $(EXP) --fold $* --processed $(PROCESSED) --out $(@D) $(Q)
+
+$(MODELS)/fold%/model.pt: $(CONFIG_DEPS) $(PROCESSED)/folds.csv $(if $(filter classifier,$(ENC_INIT)),$(MODELS)/classifier/fold%/model.pt) | $(PREPARED)
+	$(RUN) scripts/04_train_segmentation.py --config $(EXP) --fold $* --processed $(PROCESSED) --out $(@D) $(Q)
+
+infer: $(MODELS)/test/ids.csv ## test probabilities: folds ensembled, flip TTA, gate
+$(MODELS)/test/ids.csv: $(ALL_SEG) $(ALL_CLS)
+	$(PY) scripts/05_infer.py --config $(EXP) --processed $(PROCESSED) --exp-dir $(MODELS) $(Q)
+
+search: $(MODELS)/thresholds.json ## exact B-TH x R-TH x gate search on out-of-fold predictions
+$(MODELS)/thresholds.json: $(ALL_SEG) $(ALL_CLS)
+	$(PY) scripts/06_search_thresholds.py --config $(EXP) --processed $(PROCESSED) --exp-dir $(MODELS)
+
+submit: $(SUBMISSION) ## validated submission CSV
+$(SUBMISSION): $(MODELS)/thresholds.json $(MODELS)/test/ids.csv
+	$(PY) scripts/07_submit.py --processed $(PROCESSED) --exp-dir $(MODELS) --out $@ $(Q)
+
+score: $(MODELS)/score.json ## score the submission against LABELS (synthetic test labels by default)
+$(MODELS)/score.json: $(SUBMISSION) $(LABELS)
+	$(PY) scripts/08_score.py --submission $< --labels $(LABELS) --out $@
+
+report: $(MODELS)/report/summary.md ## markdown summary and OOF case panels
+$(MODELS)/report/summary.md: $(MODELS)/thresholds.json
+	$(PY) scripts/09_report.py --config $(EXP) --processed $(PROCESSED) --exp-dir $(MODELS)
+
+test: install ## the test suite (what CI runs)
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+
+test-fast: install ## tests without the slow end-to-end ones
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow"
+
+lint: install ## ruff
+	$(VENV)/bin/ruff check src scripts tests benchmarks
+
+bench: bench-data bench-train bench-post ## all benchmarks
+bench-data: install ## RLE decode/encode of the real CSV; prepare vs bare decode
+	$(PY) benchmarks/bench_data.py
+bench-train: install ## training and loader throughput
+	$(PY) benchmarks/bench_train.py
+bench-post: install ## grid search vs brute force; inference with and without TTA; memory
+	$(PY) benchmarks/bench_post.py
+
+clean-models: ## remove models/$(EXP) and its submission
+	rm -rf $(MODELS) $(SUBMISSION)
+clean: ## remove all generated data, models and submissions (keeps .venv)
+	rm -rf data/processed/* data/raw/synthetic models submissions/*.csv

@@ -1,0 +1,56 @@
+"""Helpers shared by the benchmarks: timing, results files, a small prepared world."""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pneumothorax import files, paths
+
+RESULTS = paths.ROOT / "benchmarks" / "results"
+
+
+def timed(fn: Callable[[], Any], repeat: int = 1) -> tuple[float, Any]:
+    """Best wall time of ``repeat`` calls, and the last result."""
+    best, out = float("inf"), None
+    for _ in range(repeat):
+        start = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - start)
+    return best, out
+
+
+def save(name: str, results: dict[str, Any]) -> None:
+    """Print and write ``benchmarks/results/<name>.json`` with the machine's description."""
+    results = {
+        "machine": {
+            "cpu_count": torch.get_num_threads(),
+            "platform": platform.platform(),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        },
+        **results,
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    files.write_json(RESULTS / f"{name}.json", results)
+    print(json.dumps(results, indent=2))
+
+
+def prepared_world(root: Path, n_train: int, n_test: int, sizes: tuple[int, ...], seed: int = 7) -> tuple[Path, Path]:
+    """A synthetic world under ``root`` and its processed caches (with 5 folds)."""
+    from pneumothorax import folds, prepare, synthetic
+
+    world = synthetic.make_world(
+        root / "world", synthetic.WorldSpec(n_train=n_train, n_test=n_test, seed=seed), progress=False
+    )
+    processed = root / "processed"
+    meta = prepare.prepare(
+        prepare.Layout.stage1(world, patient_map=world / "kaggle-to-nih-id.csv"), processed, sizes=sizes, progress=False
+    )
+    files.write_csv(processed / "folds.csv", folds.make_folds(meta[meta["split"] == "train"], 5, 0))
+    return world, processed

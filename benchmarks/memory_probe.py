@@ -1,0 +1,82 @@
+"""Peak RSS of infer + search + submit on N synthetic test maps (run in a fresh process by bench_post)."""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from pneumothorax import config, files, infer, models, submission, thresholds
+
+
+def main(n: int) -> None:
+    cfg = config.load("tiny", ["data.n_folds=2", "data.sizes=[32, 128]", "segmentation.stages.1.size=128"])
+    size = 128
+    rng = np.random.default_rng(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        processed, exp = root / "p", root / "models" / "tiny"
+        processed.mkdir()
+        meta = pd.DataFrame(
+            {"image_id": [f"t{i}" for i in range(n)], "split": "test", "index": np.arange(n), "error": ""}
+        )
+        n_train = 200
+        train = pd.DataFrame(
+            {"image_id": [f"r{i}" for i in range(n_train)], "split": "train", "index": np.arange(n_train), "error": ""}
+        )
+        files.write_csv(processed / "metadata.csv", pd.concat([meta, train]))
+        for split, count in (("test", n), ("train", n_train)):
+            images = np.lib.format.open_memmap(
+                processed / f"images_{split}_{size}.npy", "w+", np.uint8, (count, size, size)
+            )
+            for i in range(0, count, 250):
+                images[i : i + 250] = rng.integers(0, 255, (min(250, count - i), size, size), dtype=np.uint8)
+            images.flush()
+        masks = np.lib.format.open_memmap(processed / f"masks_train_{size}.npy", "w+", np.uint8, (n_train, size, size))
+        masks[:50, 40:60, 40:60] = 1
+        masks.flush()
+        for k in range(2):
+            fold = exp / f"fold{k}"
+            fold.mkdir(parents=True)
+            model = models.create_segmenter(replace(cfg.segmentation, encoder_weights="none"), cfg.data.channels)
+            torch.save(model.state_dict(), fold / "swa.pt")
+            part = np.arange(k, n_train, 2)
+            files.save_npy(fold / "oof.npy", rng.integers(0, 255, (len(part), size, size), dtype=np.uint8))
+            files.write_csv(
+                fold / "oof_ids.csv",
+                pd.DataFrame(
+                    {"image_id": [f"r{i}" for i in part], "index": part, "has_pneumothorax": (part < 50).astype(int)}
+                ),
+            )
+            cls_dir = exp / "classifier" / f"fold{k}"
+            cls_dir.mkdir(parents=True)
+            clf = models.create_classifier(replace(cfg.classifier, pretrained="none"), cfg.data.channels)
+            torch.save(clf.state_dict(), cls_dir / "model.pt")
+            files.write_csv(
+                cls_dir / "oof.csv",
+                pd.DataFrame(
+                    {
+                        "image_id": [f"r{i}" for i in part],
+                        "label": (part < 50).astype(int),
+                        "prob": rng.random(len(part)),
+                    }
+                ),
+            )
+        cfg = replace(cfg, classifier=replace(cfg.classifier, size=size))
+        infer.infer_test(cfg, exp, processed, "cpu", progress=False)
+        thresholds.search(cfg, exp, processed)
+        submission.make_submission(exp, processed, root / "sub.csv", progress=False)
+        rows = len(pd.read_csv(root / "sub.csv"))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"images": n, "rows": rows, "peak_rss_mb": round(peak, 1)}))
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]))

@@ -1,0 +1,20 @@
+"""Test-set probabilities: every fold with flip TTA, averaged; classifier gate probabilities."""
+
+from pathlib import Path
+
+from pneumothorax import cli, infer
+
+
+def main() -> None:
+    p = cli.parser(__doc__)
+    p.add_argument("--processed", required=True)
+    p.add_argument("--exp-dir", required=True, help="models/<exp>")
+    p.add_argument("--device", default=None)
+    args = p.parse_args()
+    cfg = cli.load_config(args)
+    out = infer.infer_test(cfg, Path(args.exp_dir), Path(args.processed), args.device, not args.quiet)
+    print(f"test predictions -> {out}")
+
+
+if __name__ == "__main__":
+    cli.run(main)

@@ -1,0 +1,19 @@
+"""models/<exp>/report/: summary.md and PNG panels of the best and worst out-of-fold cases."""
+
+from pathlib import Path
+
+from pneumothorax import cli, report
+
+
+def main() -> None:
+    p = cli.parser(__doc__)
+    p.add_argument("--processed", required=True)
+    p.add_argument("--exp-dir", required=True)
+    args = p.parse_args()
+    cfg = cli.load_config(args)
+    out = report.build(cfg, Path(args.exp_dir), Path(args.processed))
+    print(f"report -> {out / 'summary.md'}")
+
+
+if __name__ == "__main__":
+    cli.run(main)

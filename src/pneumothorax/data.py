@@ -1,0 +1,193 @@
+"""Datasets over the prepared caches, augmentation pipelines and the positive-rate sampler."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import albumentations as A
+import cv2
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from . import prepare
+
+MEAN, STD = 0.449, 0.226  # ImageNet's mean and std averaged over channels (gray input)
+
+
+def augmentation_groups(size: int, p: float) -> dict[str, A.BasicTransform]:
+    """The 2ST-UNet paper's groups (A1-A4) plus CLAHE, each applied with probability ``p``."""
+    lo = max(8, int(round(0.75 * size)))
+    return {
+        "A1": A.HorizontalFlip(p=0.5),
+        "A2": A.OneOf(
+            [
+                A.RandomBrightnessContrast(brightness_limit=0.0, contrast_limit=0.2, p=1.0),
+                A.RandomGamma(gamma_limit=(80, 120), p=1.0),
+                A.RandomBrightnessContrast(brightness_limit=0.2, contrast_limit=0.0, p=1.0),
+            ],
+            p=p,
+        ),
+        "A3": A.OneOf(
+            [
+                A.ElasticTransform(alpha=size / 4, sigma=max(1.0, size / 40), p=1.0),
+                A.GridDistortion(p=1.0),
+                A.OpticalDistortion(distort_limit=0.1, p=1.0),
+            ],
+            p=p,
+        ),
+        "A4": A.RandomSizedCrop(min_max_height=(lo, size), size=(size, size), p=p),
+        "CLAHE": A.CLAHE(p=p),
+    }
+
+
+def segmentation_augment(names: Sequence[str], size: int, p: float) -> A.Compose:
+    """An albumentations pipeline from group names (unknown names list the valid ones)."""
+    groups = augmentation_groups(size, p)
+    unknown = [n for n in names if n not in groups]
+    if unknown:
+        raise ValueError(f"unknown augmentation group {unknown[0]!r}; choose from {sorted(groups)}")
+    return A.Compose([groups[n] for n in names])
+
+
+def classifier_augment(size: int, p: float) -> A.Compose:
+    """Aggressive image-level augmentation: flip, zoom in and out, CLAHE."""
+    return A.Compose(
+        [
+            A.HorizontalFlip(p=0.5),
+            A.Affine(
+                scale=(0.8, 1.2),
+                translate_percent=(-0.05, 0.05),
+                rotate=(-10, 10),
+                p=p,
+                border_mode=cv2.BORDER_CONSTANT,
+            ),
+            A.CLAHE(p=p),
+            A.RandomBrightnessContrast(p=p),
+        ]
+    )
+
+
+def to_tensor(image: np.ndarray, channels: int) -> torch.Tensor:
+    """uint8 (H, W) -> normalised float (channels, H, W)."""
+    x = torch.from_numpy(np.ascontiguousarray(image)).float().div_(255.0).sub_(MEAN).div_(STD)
+    return x.unsqueeze(0).expand(channels, -1, -1).contiguous()
+
+
+class CacheDataset(Dataset):
+    """Rows of a prepared cache: (image tensor, target) where target is the mask or the label."""
+
+    def __init__(
+        self,
+        processed: str | Path,
+        split: str,
+        size: int,
+        rows: Sequence[int],
+        channels: int,
+        transform: A.Compose | None = None,
+        target: str = "mask",
+        labels: Sequence[int] | None = None,
+    ) -> None:
+        self.processed, self.split, self.size = Path(processed), split, size
+        self.rows = np.asarray(rows, dtype=np.int64)
+        self.channels, self.transform, self.target = channels, transform, target
+        self.labels = None if labels is None else np.asarray(labels, dtype=np.float32)
+        self._images: np.ndarray | None = None
+        self._masks: np.ndarray | None = None
+
+    def _open(self) -> None:  # opened lazily, so each DataLoader worker maps its own view
+        if self._images is None:
+            self._images = prepare.load_cache(self.processed, "images", self.split, self.size)
+            if self.target == "mask":
+                self._masks = prepare.load_cache(self.processed, "masks", self.split, self.size)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        self._open()
+        row = int(self.rows[i])
+        image = np.array(self._images[row])  # a writable copy
+        if self.target == "mask":
+            mask = np.array(self._masks[row])
+            if self.transform is not None:
+                out = self.transform(image=image, mask=mask)
+                image, mask = out["image"], out["mask"]
+            return to_tensor(image, self.channels), torch.from_numpy(np.ascontiguousarray(mask)).float()[None]
+        if self.transform is not None:
+            image = self.transform(image=image)["image"]
+        label = torch.tensor([self.labels[i]]) if self.labels is not None else torch.zeros(1)
+        return to_tensor(image, self.channels), label
+
+
+class PositiveRateSampler(Sampler[int]):
+    """The 1st place's sampling: every positive each epoch, plus negatives so positives make ``rate``.
+
+    ``rate`` may fall linearly from ``rate`` to ``rate_end`` over ``epochs`` epochs. With
+    ``rate=None`` every image is used once per epoch. The order depends only on
+    ``(seed, epoch)``, so a resumed run sees the same epochs. Under DDP each of
+    ``world_size`` ranks takes every ``world_size``-th index of a padded permutation.
+    """
+
+    def __init__(
+        self,
+        labels: Sequence[int],
+        rate: float | None = None,
+        rate_end: float | None = None,
+        epochs: int = 1,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        self.labels = np.asarray(labels).astype(bool)
+        if rate is not None and not 0 < rate <= 1:
+            raise ValueError(f"positive_rate must be in (0, 1], got {rate}")
+        self.rate, self.rate_end, self.epochs = rate, rate_end, max(1, epochs)
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch (within its stage) whose order to produce."""
+        self.epoch = epoch
+
+    def current_rate(self) -> float | None:
+        """The positive share for the current epoch."""
+        if self.rate is None:
+            return None
+        if self.rate_end is None or self.epochs == 1:
+            return self.rate
+        t = min(1.0, self.epoch / (self.epochs - 1))
+        return self.rate + (self.rate_end - self.rate) * t
+
+    def _epoch_indices(self) -> np.ndarray:
+        rng = np.random.default_rng([self.seed, self.epoch])
+        rate = self.current_rate()
+        if rate is None:
+            return rng.permutation(len(self.labels))
+        pos, neg = np.flatnonzero(self.labels), np.flatnonzero(~self.labels)
+        n_neg = min(len(neg), int(round(len(pos) * (1 - rate) / rate))) if len(pos) else len(neg)
+        chosen = np.concatenate([pos, rng.choice(neg, size=n_neg, replace=False)])
+        return rng.permutation(chosen)
+
+    def __iter__(self) -> Iterator[int]:
+        indices = self._epoch_indices()
+        if self.world_size > 1:
+            total = math.ceil(len(indices) / self.world_size) * self.world_size
+            indices = np.resize(indices, total)[self.rank :: self.world_size]
+        return iter(indices.tolist())
+
+    def __len__(self) -> int:
+        n = len(self._epoch_indices())
+        return math.ceil(n / self.world_size) if self.world_size > 1 else n
+
+
+def train_rows(processed: str | Path) -> pd.DataFrame:
+    """Training rows of ``metadata.csv`` that decoded, with their folds (``folds.csv``)."""
+    processed = Path(processed)
+    meta = pd.read_csv(processed / "metadata.csv", dtype={"image_id": str, "patient": str}, keep_default_na=False)
+    folds = pd.read_csv(processed / "folds.csv", dtype={"image_id": str})
+    meta = meta[(meta["split"] == "train") & (meta["error"] == "")]
+    return meta.merge(folds[["image_id", "fold"]], on="image_id", how="inner").reset_index(drop=True)

@@ -1,0 +1,340 @@
+"""``make prepare``: DICOMs and label CSV -> metadata table and image/mask caches.
+
+Caches are memory-mapped ``.npy`` arrays, one per split and size (``images_train_256.npy``
+of shape (N, 256, 256) uint8, ``masks_train_256.npy`` 0/1), which the training loader
+slices without decoding DICOM again. Work runs on all cores; each worker writes its rows
+straight into the memory maps. Caches are written as ``*.npy.tmp`` with a progress file, so
+a killed run resumes where it stopped, and renamed only when complete; ``metadata.csv`` is
+written last. A size already cached is not redone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing as mp
+import os
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import pandas as pd
+from numpy.lib.format import open_memmap
+from tqdm import tqdm
+
+from . import dicom, files, rle
+
+SPLITS = ("train", "test")
+
+
+class PrepareError(RuntimeError):
+    """Unreadable training files (all of them listed) or inconsistent inputs."""
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where the raw SIIM data lies (the Kaggle stage-1 layout by default)."""
+
+    train_csv: Path
+    train_dir: Path
+    test_dir: Path | None
+    patient_map: Path | None = None
+
+    @classmethod
+    def stage1(cls, data_dir: str | Path, patient_map: str | Path | None = None, **overrides: Any) -> Layout:
+        """The Kaggle stage-1 names under ``data_dir``; ``train_csv``/``train_dir``/``test_dir`` may override."""
+        data_dir = Path(data_dir)
+        paths = {
+            "train_csv": data_dir / "train-rle.csv",
+            "train_dir": data_dir / "dicom-images-train",
+            "test_dir": data_dir / "dicom-images-test",
+        }
+        for key, value in overrides.items():
+            if key not in paths:
+                raise TypeError(f"unknown layout key {key!r}; expected one of {sorted(paths)}")
+            if value:  # a relative override is taken inside data_dir
+                paths[key] = Path(value) if Path(value).is_absolute() else data_dir / value
+        test_dir = paths["test_dir"] if paths["test_dir"].exists() else None
+        return cls(paths["train_csv"], paths["train_dir"], test_dir, Path(patient_map) if patient_map else None)
+
+
+@dataclass
+class Report:
+    """What prepare found wrong or odd; written to ``prepare-report.json``."""
+
+    bad_train: list[dict[str, str]] = field(default_factory=list)
+    bad_test: list[dict[str, str]] = field(default_factory=list)
+    labels_without_image: list[str] = field(default_factory=list)
+    images_without_label: list[str] = field(default_factory=list)
+    duplicate_files: list[str] = field(default_factory=list)
+    sop_mismatch: list[str] = field(default_factory=list)
+
+
+def find_dicoms(folder: Path | None) -> dict[str, Path]:
+    """Image id (file stem) -> path for every ``*.dcm`` below ``folder``, sorted by id."""
+    if folder is None:
+        return {}
+    if not folder.is_dir():
+        raise PrepareError(f"{folder}: DICOM folder does not exist")
+    found: dict[str, Path] = {}
+    for path in sorted(folder.rglob("*.dcm")):
+        found.setdefault(path.stem, path)
+    return dict(sorted(found.items()))
+
+
+def read_patient_map(path: Path | None) -> dict[str, str]:
+    """Kaggle image id -> NIH patient id (the part of ``00028864_007.png`` before ``_``)."""
+    if path is None or not Path(path).exists():
+        return {}
+    table = pd.read_csv(path, dtype=str, skipinitialspace=True)
+    table.columns = [c.strip() for c in table.columns]
+    if not {"Kaggle_ID", "NIH_ID"} <= set(table.columns):
+        raise PrepareError(f"{path}: expected columns Kaggle_ID,NIH_ID, got {list(table.columns)}")
+    nih = table["NIH_ID"].str.strip().str.split("_").str[0]
+    return dict(zip(table["Kaggle_ID"].str.strip(), nih, strict=True))
+
+
+def cache_path(out_dir: Path, kind: str, split: str, size: int) -> Path:
+    """``images_<split>_<size>.npy`` or ``masks_<split>_<size>.npy`` under ``out_dir``."""
+    return Path(out_dir) / f"{kind}_{split}_{size}.npy"
+
+
+# --- workers ---------------------------------------------------------------------------
+_MAPS: dict[str, np.memmap] = {}
+
+
+def _init_worker() -> None:
+    cv2.setNumThreads(1)
+    _MAPS.clear()
+
+
+def _memmap(path: str) -> np.memmap:
+    if path not in _MAPS:
+        _MAPS[path] = open_memmap(path, mode="r+")
+    return _MAPS[path]
+
+
+def _process(task: tuple[int, str, list[str] | None, list[tuple[int, str, str | None]]]) -> dict[str, Any]:
+    """Decode one DICOM, write its resized image (and mask) rows; return its metadata."""
+    index, path, rows, targets = task
+    try:
+        pixels, meta = dicom.read(path)
+        mask = rle.decode_union(rows, shape=pixels.shape) if rows is not None else None
+    except (dicom.DicomError, rle.RLEError) as exc:
+        return {"index": index, "error": str(exc)}
+    for size, image_path, mask_path in targets:
+        _memmap(image_path)[index] = cv2.resize(pixels, (size, size), interpolation=cv2.INTER_AREA)
+        if mask_path is not None and mask is not None:
+            small = cv2.resize(mask * np.uint8(255), (size, size), interpolation=cv2.INTER_AREA)
+            _memmap(mask_path)[index] = small >= 128
+    if mask is not None:
+        meta["mask_area"] = int(mask.sum())
+    meta["index"] = index
+    return meta
+
+
+# --- the step --------------------------------------------------------------------------
+def _plan_signature(ids: Sequence[str], sizes: Sequence[int]) -> str:
+    digest = hashlib.sha1("\n".join(ids).encode())
+    digest.update(repr(list(sizes)).encode())
+    return digest.hexdigest()
+
+
+def _run_split(
+    split: str,
+    dicoms: dict[str, Path],
+    labels: dict[str, list[str]] | None,
+    sizes: Sequence[int],
+    out_dir: Path,
+    workers: int,
+    progress: bool,
+) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
+    """Fill the caches of one split; returns (per-image metadata, bad files)."""
+    ids = list(dicoms)
+    n = len(ids)
+    missing = [s for s in sizes if not cache_path(out_dir, "images", split, s).exists()]
+    state_path = out_dir / f".prepare-{split}.json"
+    signature = _plan_signature(ids, missing)
+    done = np.zeros(n, dtype=bool)
+    metas: dict[int, dict[str, Any]] = {}
+    if state_path.exists():
+        state = json.loads(state_path.read_text())
+        if state.get("signature") == signature:
+            metas = {int(k): v for k, v in state["metas"].items()}
+            done[list(metas)] = True
+    targets = []
+    for size in missing:
+        image_tmp = files.tmp_path(cache_path(out_dir, "images", split, size))
+        mask_tmp = files.tmp_path(cache_path(out_dir, "masks", split, size)) if labels is not None else None
+        for path, dtype in ((image_tmp, np.uint8), (mask_tmp, np.uint8)):
+            if path is not None and (not path.exists() or not done.any()):
+                open_memmap(path, mode="w+", dtype=dtype, shape=(n, size, size)).flush()
+        targets.append((size, str(image_tmp), str(mask_tmp) if mask_tmp else None))
+    tasks = [
+        (i, str(dicoms[image_id]), (labels.get(image_id, []) if labels is not None else None), targets)
+        for i, image_id in enumerate(ids)
+        if not done[i]
+    ]
+
+    def save_state() -> None:
+        files.write_json(state_path, {"signature": signature, "metas": {str(k): v for k, v in metas.items()}})
+
+    bad: list[dict[str, str]] = []
+    bar = tqdm(total=n, initial=int(done.sum()), desc=f"prepare {split}", unit="img", disable=not progress)
+    results = (
+        map(_process, tasks)
+        if workers <= 1
+        else (pool := mp.get_context(files.start_method()).Pool(workers, _init_worker)).imap_unordered(
+            _process, tasks, chunksize=8
+        )
+    )
+    if workers <= 1:
+        _init_worker()
+    try:
+        for count, result in enumerate(results, start=1):
+            metas[result["index"]] = result
+            bar.update()
+            if count % 256 == 0:
+                save_state()
+    finally:
+        bar.close()
+        if workers > 1:
+            pool.close()
+            pool.join()
+        _MAPS.clear()
+        save_state()
+    for meta in metas.values():
+        if "error" in meta:
+            bad.append(
+                {"image_id": ids[meta["index"]], "path": str(dicoms[ids[meta["index"]]]), "error": meta["error"]}
+            )
+    ordered = []
+    for i, image_id in enumerate(ids):
+        meta = dict(metas[i])
+        meta["image_id"] = image_id
+        meta["path"] = str(dicoms[image_id])
+        ordered.append(meta)
+    return ordered, bad
+
+
+def _finish_split(split: str, sizes: Sequence[int], out_dir: Path, with_masks: bool) -> None:
+    for size in sizes:
+        kinds = ("images", "masks") if with_masks else ("images",)
+        for kind in kinds:
+            final = cache_path(out_dir, kind, split, size)
+            tmp = files.tmp_path(final)
+            if tmp.exists():
+                os.replace(tmp, final)
+    (out_dir / f".prepare-{split}.json").unlink(missing_ok=True)
+
+
+def prepare(
+    layout: Layout,
+    out_dir: str | Path,
+    sizes: Sequence[int] = (256, 512, 1024),
+    workers: int | None = None,
+    skip_bad: bool = False,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """Build ``metadata.csv`` and the caches under ``out_dir``; return the metadata table.
+
+    Raises:
+        PrepareError: listing every unreadable training file (unless ``skip_bad``), or when
+            the label CSV or DICOM folders are missing.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    sizes = sorted({int(s) for s in sizes})
+    workers = workers or os.cpu_count() or 1
+    meta_path = out_dir / "metadata.csv"
+    settings = {"sizes": sizes, "layout": {k: str(v) for k, v in layout.__dict__.items()}}
+    done_path = out_dir / "prepare.json"
+    if meta_path.exists() and done_path.exists():
+        previous = json.loads(done_path.read_text())
+        if previous.get("layout") == settings["layout"] and set(sizes) <= set(previous.get("sizes", [])):
+            return pd.read_csv(meta_path, dtype={"image_id": str, "patient": str})
+    if not layout.train_csv.exists():
+        raise PrepareError(f"{layout.train_csv}: label CSV not found")
+    labels = rle.read_labels(layout.train_csv)
+    report = Report()
+    train_files = find_dicoms(layout.train_dir)
+    test_files = find_dicoms(layout.test_dir)
+    report.labels_without_image = sorted(set(labels) - set(train_files))
+    report.images_without_label = sorted(set(train_files) - set(labels))
+    report.duplicate_files = sorted(set(train_files) & set(test_files))
+    train_files = {k: v for k, v in train_files.items() if k in labels}
+    if not train_files:
+        raise PrepareError(f"{layout.train_dir}: no DICOM file matches a row of {layout.train_csv}")
+
+    train_meta, report.bad_train = _run_split("train", train_files, labels, sizes, out_dir, workers, progress)
+    if report.bad_train and not skip_bad:
+        _write_report(out_dir, report)
+        lines = "\n".join(f"  {b['path']}: {b['error']}" for b in report.bad_train)
+        raise PrepareError(
+            f"{len(report.bad_train)} unreadable training file(s) (rerun with --skip-bad to leave them out):\n{lines}"
+        )
+    test_meta, report.bad_test = _run_split("test", test_files, None, sizes, out_dir, workers, progress)
+    _finish_split("train", sizes, out_dir, with_masks=True)
+    _finish_split("test", sizes, out_dir, with_masks=False)
+
+    patients = read_patient_map(layout.patient_map)
+    records = []
+    for split, metas in (("train", train_meta), ("test", test_meta)):
+        for meta in metas:
+            image_id = meta["image_id"]
+            sop = meta.get("sop_instance_uid")
+            if sop and sop != image_id and not image_id.startswith("ID_"):
+                report.sop_mismatch.append(image_id)
+            rows = labels.get(image_id, []) if split == "train" else []
+            records.append(
+                {
+                    "image_id": image_id,
+                    "split": split,
+                    "index": meta["index"],
+                    "path": meta["path"],
+                    "has_pneumothorax": (int(bool(rows)) if split == "train" else -1),
+                    "n_annotations": len(rows),
+                    "mask_area": meta.get("mask_area", 0 if split == "train" else -1),
+                    "sex": meta.get("sex"),
+                    "age": meta.get("age"),
+                    "view": meta.get("view"),
+                    "patient": patients.get(image_id, image_id),
+                    "error": meta.get("error", ""),
+                }
+            )
+    table = pd.DataFrame.from_records(records)
+    if report.sop_mismatch:
+        warnings.warn(
+            f"{len(report.sop_mismatch)} file(s) whose stem differs from SOPInstanceUID, e.g. {report.sop_mismatch[0]}",
+            stacklevel=2,
+        )
+    _write_report(out_dir, report)
+    files.write_csv(meta_path, table)
+    files.write_json(done_path, settings)
+    return table
+
+
+def _write_report(out_dir: Path, report: Report) -> None:
+    files.write_json(out_dir / "prepare-report.json", report.__dict__)
+
+
+def summarize(report_path: Path) -> str:
+    """A few human lines from ``prepare-report.json``."""
+    report = json.loads(Path(report_path).read_text())
+    lines = []
+    for key, value in report.items():
+        if value:
+            lines.append(f"{key}: {len(value)} (e.g. {value[0]})")
+    return "\n".join(lines) if lines else "no problems found"
+
+
+def load_cache(out_dir: str | Path, kind: str, split: str, size: int) -> np.ndarray:
+    """Memory-map one cache read-only."""
+    path = cache_path(Path(out_dir), kind, split, size)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: cache missing; run `make prepare` with size {size} in the config")
+    return np.load(path, mmap_mode="r")

@@ -1,0 +1,143 @@
+"""Submissions: post-process test predictions, encode, validate, write atomically; and scoring."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import pandas as pd
+from tqdm import tqdm
+
+from . import files, metric, rle, thresholds
+
+HEADER = ("ImageId", "EncodedPixels")
+
+
+class SubmissionError(ValueError):
+    """A submission that must not be written or scored; the message names the id or row."""
+
+
+def final_mask(
+    probs: np.ndarray, post: dict[str, Any], gate_prob: float | None, shape: tuple[int, int] = rle.SHAPE
+) -> np.ndarray:
+    """The 1024x1024 mask of one map: decide at inference resolution (as searched), shape at full size."""
+    triplet = tuple(post["triplet"]) if post.get("rule") == "triplet" else None
+    decision = thresholds.apply(
+        probs,
+        post["b_th"],
+        post.get("r_th", 0),
+        post.get("min_component", 0),
+        gate_prob,
+        post.get("gate", 0.0),
+        triplet,
+    )
+    if not decision.any():
+        return np.zeros(shape, dtype=bool)
+    up = cv2.resize(probs, (shape[1], shape[0]), interpolation=cv2.INTER_LINEAR)
+    values = up.astype(np.float64) / 255.0 if up.dtype == np.uint8 else up
+    b = triplet[2] if triplet else post["b_th"]
+    full = values > b
+    keep = cv2.resize(decision.astype(np.uint8), (shape[1], shape[0]), interpolation=cv2.INTER_NEAREST) > 0
+    if post.get("min_component", 0):
+        # components removed at low resolution stay removed
+        full &= cv2.dilate(keep.astype(np.uint8), np.ones((5, 5), np.uint8)) > 0
+    return full
+
+
+def validate(frame: pd.DataFrame, expected_ids: list[str], relative: bool = True) -> None:
+    """Every expected id exactly once, no other id, no NaN, every RLE decodable within 1024x1024."""
+    if list(frame.columns) != list(HEADER):
+        raise SubmissionError(f"header {list(frame.columns)} != {list(HEADER)}")
+    if frame.isna().any().any():
+        bad = frame[frame.isna().any(axis=1)].index[0]
+        raise SubmissionError(f"row {bad + 2}: NaN value")
+    duplicated = frame["ImageId"][frame["ImageId"].duplicated()]
+    if len(duplicated):
+        raise SubmissionError(f"image {duplicated.iloc[0]} appears more than once")
+    missing = sorted(set(expected_ids) - set(frame["ImageId"]))
+    if missing:
+        raise SubmissionError(f"{len(missing)} test image(s) missing, e.g. {missing[0]}")
+    extra = sorted(set(frame["ImageId"]) - set(expected_ids))
+    if extra:
+        raise SubmissionError(f"{len(extra)} unknown image id(s), e.g. {extra[0]}")
+    for i, (image_id, value) in enumerate(zip(frame["ImageId"], frame["EncodedPixels"], strict=True)):
+        try:
+            rle.parse(str(value), rle.SHAPE, relative)
+        except rle.RLEError as exc:
+            raise SubmissionError(f"row {i + 2} (image {image_id}): {exc}") from None
+
+
+def write(frame: pd.DataFrame, path: Path, expected_ids: list[str], relative: bool = True) -> Path:
+    """Validate, then write atomically."""
+    validate(frame, expected_ids, relative)
+    files.write_csv(path, frame)
+    return path
+
+
+def make_submission(
+    exp_dir: Path, processed: Path, out_path: Path, relative: bool = True, progress: bool = True
+) -> pd.DataFrame:
+    """Apply the searched post-processing to the test predictions and write the submission.
+
+    One row per test image, ``-1`` for empty, and ``-1`` for an image that failed to decode.
+    ``relative=False`` writes the standard absolute RLE (the stage-2 format).
+    """
+    post = json.loads((exp_dir / "thresholds.json").read_text())
+    test = exp_dir / "test"
+    ids = pd.read_csv(test / "ids.csv", dtype={"image_id": str}, keep_default_na=False)
+    gate = pd.read_csv(test / "gate.csv", dtype={"image_id": str})
+    gate_of = dict(zip(gate["image_id"], gate["prob"], strict=True))
+    probs = np.load(test / "probs.npy", mmap_mode="r")
+    meta = pd.read_csv(processed / "metadata.csv", dtype={"image_id": str}, keep_default_na=False)
+    expected = meta.loc[meta["split"] == "test", "image_id"].tolist()
+    rows = []
+    for image_id, row in tqdm(
+        zip(ids["image_id"], ids["row"], strict=True), total=len(ids), desc="submission", disable=not progress
+    ):
+        if row < 0:
+            rows.append((image_id, rle.EMPTY))
+            continue
+        mask = final_mask(np.asarray(probs[row]), post, gate_of.get(image_id))
+        rows.append((image_id, rle.encode(mask, relative=relative)))
+    frame = pd.DataFrame(rows, columns=list(HEADER))
+    write(frame, out_path, expected, relative)
+    return frame
+
+
+def score(submission: Path, labels: Path, relative: bool = True) -> dict[str, Any]:
+    """Competition score of a submission against a labels CSV, with a breakdown.
+
+    Returns score, all_empty_score, dice_positive, dice_negative, false_positive_images,
+    n_images, n_positive. Every labelled image must be in the submission.
+    """
+    truth = rle.read_labels(labels, rle.SHAPE)
+    try:
+        pred = rle.group_labels(rle.read_label_rows(submission, rle.SHAPE, relative))
+    except rle.RLEError as exc:
+        raise SubmissionError(str(exc)) from None
+    missing = sorted(set(truth) - set(pred))
+    if missing:
+        raise SubmissionError(f"{submission}: {len(missing)} labelled image(s) missing, e.g. {missing[0]}")
+    dices, positive, fp = [], [], 0
+    for image_id, rows in truth.items():
+        t = rle.decode_union(rows) if rows else None
+        p = rle.decode_union(pred[image_id], relative=relative) if pred[image_id] else None
+        t_area = int(t.sum()) if t is not None else 0
+        p_area = int(p.sum()) if p is not None else 0
+        inter = int(np.logical_and(t, p).sum()) if t is not None and p is not None else 0
+        dices.append(float(metric.dice_from_counts(inter, p_area, t_area)))
+        positive.append(t_area > 0)
+        fp += int(t_area == 0 and p_area > 0)
+    dices_a, pos = np.asarray(dices), np.asarray(positive)
+    return {
+        "score": float(dices_a.mean()),
+        "all_empty_score": float((~pos).mean()),
+        "dice_positive": float(dices_a[pos].mean()) if pos.any() else float("nan"),
+        "dice_negative": float(dices_a[~pos].mean()) if (~pos).any() else float("nan"),
+        "false_positive_images": fp,
+        "n_images": len(dices),
+        "n_positive": int(pos.sum()),
+    }

@@ -1,0 +1,67 @@
+"""Configs: shipped recipes load, typos fail with their key, the resolved config round-trips."""
+
+from __future__ import annotations
+
+import pytest
+
+from pneumothorax import config, paths
+
+SHIPPED = sorted(p.stem for p in paths.CONFIGS.glob("*.yaml"))
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_configs_load_and_round_trip(name):
+    cfg = config.load(name)
+    assert cfg.name == name
+    assert config.from_yaml(config.dump(cfg)) == cfg
+    for stage in cfg.segmentation.stages:
+        assert stage.size in cfg.data.sizes
+    if cfg.classifier.enabled:
+        assert cfg.classifier.size in cfg.data.sizes
+
+
+def test_published_recipes():
+    exp1 = config.load("2st_exp1")
+    assert exp1.data.channels == 1 and exp1.segmentation.stages[0].scheduler == "plateau"
+    assert (exp1.segmentation.stages[0].epochs, exp1.segmentation.stages[0].batch_size) == (50, 40)
+    assert exp1.postprocess.b_th.values() == [0.5]
+    exp3 = config.load("2st_exp3")
+    assert [(s.size, s.epochs, s.batch_size) for s in exp3.segmentation.stages] == [(256, 35, 40), (512, 10, 14)]
+    exp5 = config.load("2st_exp5")
+    assert [(s.size, s.epochs, s.batch_size, s.swa_epochs) for s in exp5.segmentation.stages] == [
+        (256, 100, 64, 5),
+        (512, 70, 16, 3),
+    ]
+    assert exp5.postprocess.r_th == (2048,) and exp5.segmentation.encoder == "resnet34"
+    assert len(exp5.postprocess.b_th.values()) == 701
+    first = config.load("1st_place")
+    assert [s.size for s in first.segmentation.stages] == [512, 1024] and first.postprocess.triplet
+    assert first.segmentation.stages[0].positive_rate > first.segmentation.stages[0].positive_rate_end
+
+
+def test_unknown_key_fails_with_its_name(tmp_path):
+    bad = tmp_path / "typo.yaml"
+    bad.write_text("defaults: [base]\nsegmentation:\n  stages:\n    - {size: 256, epoch: 3}\n")
+    with pytest.raises(config.ConfigError, match=r"segmentation\.stages\[0\]\.epoch"):
+        config.load(bad)
+    with pytest.raises(config.ConfigError, match="classifer"):
+        config.load("demo", ["classifer.epochs=2"])
+
+
+def test_wrong_type_and_choice():
+    with pytest.raises(config.ConfigError, match="segmentation.amp"):
+        config.load("demo", ["segmentation.amp=fp8"])
+    with pytest.raises(config.ConfigError, match="classifier.epochs: expected an integer"):
+        config.load("demo", ["classifier.epochs=two"])
+
+
+def test_overrides_and_inheritance():
+    cfg = config.load("2st_exp3", ["segmentation.stages.1.epochs=2", "seed=7"])
+    assert cfg.segmentation.stages[1].epochs == 2 and cfg.seed == 7
+    assert cfg.segmentation.stages[0].epochs == 35  # from 2st_exp3's own stages
+    assert config.load("tiny").segmentation.encoder == config.load("demo").segmentation.encoder  # tiny -> demo -> base
+
+
+def test_unknown_experiment_lists_known():
+    with pytest.raises(config.ConfigError, match="known experiments"):
+        config.load("nope")

@@ -1,0 +1,46 @@
+"""TTA flips back; fold ensembling averages."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from pneumothorax import infer
+
+
+class Ramp(nn.Module):
+    """A left-right asymmetric model: its output depends on the column and on the input."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        cols = torch.linspace(-2, 2, x.shape[-1]).view(1, 1, 1, -1)
+        return x[:, :1] * 0.5 + cols
+
+
+def test_hflip_tta_equals_manual_flip():
+    torch.manual_seed(0)
+    x = torch.randn(3, 1, 8, 8)
+    model = Ramp()
+    got = infer.predict_batch([model], x, ["hflip"])
+    manual = (torch.sigmoid(model(x)) + torch.sigmoid(model(x.flip(-1))).flip(-1)) / 2
+    torch.testing.assert_close(got, manual)
+    assert not torch.allclose(got, torch.sigmoid(model(x)))  # the flip did change something
+    vh = infer.predict_batch([model], x, ["hflip", "vflip"])
+    manual3 = (
+        torch.sigmoid(model(x)) + torch.sigmoid(model(x.flip(-1))).flip(-1) + torch.sigmoid(model(x.flip(-2))).flip(-2)
+    ) / 3
+    torch.testing.assert_close(vh, manual3)
+
+
+def test_fold_ensemble_is_the_mean():
+    x = torch.randn(2, 1, 4, 4)
+
+    class Const(nn.Module):
+        def __init__(self, v):
+            super().__init__()
+            self.v = v
+
+        def forward(self, x):
+            return torch.full_like(x[:, :1], self.v)
+
+    got = infer.predict_batch([Const(0.0), Const(2.0)], x, [])
+    torch.testing.assert_close(got, torch.full_like(got, (0.5 + torch.sigmoid(torch.tensor(2.0)).item()) / 2))

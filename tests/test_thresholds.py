@@ -1,0 +1,74 @@
+"""The exact grid search equals brute force; the triplet rule and apply() agree with it."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pneumothorax import metric, thresholds
+
+
+def _inputs(dtype, seed=0, n=30, size=24):
+    rng = np.random.default_rng(seed)
+    masks = rng.random((n, size, size)) < 0.15
+    masks[:8] = False  # empty truths
+    if dtype == np.uint8:
+        probs = (rng.random((n, size, size)) ** 2 * 256).clip(0, 255).astype(np.uint8)
+        probs[8:12] = 0  # empty predictions
+        probs[12] = 255
+    else:
+        probs = (rng.random((n, size, size)) ** 2).astype(dtype)
+        probs[8:12] = 0.0
+        probs[12, 0, 0] = dtype(0.3)  # exactly on a threshold
+    return probs, masks
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.float32, np.float64])
+def test_grid_search_equals_brute_force(dtype):
+    probs, masks = _inputs(dtype)
+    b_th = [0.3, 0.1, 0.5, 0.5, 51 / 255, 0.9, 0.0, 0.999]
+    r_th = [0, 500, 1024, 4096, 60_000, 10**7]
+    fast = thresholds.grid_search(probs, masks, b_th, r_th)
+    brute = thresholds.grid_search_brute(probs, masks, b_th, r_th)
+    assert fast.shape == (len(b_th), len(r_th))
+    np.testing.assert_allclose(fast, brute, rtol=0, atol=1e-12)
+    # R-TH beyond any area empties every image: the all-empty score
+    assert np.allclose(fast[:, -1], (masks.reshape(len(masks), -1).sum(1) == 0).mean())
+
+
+def test_chunking_does_not_change_counts():
+    probs, masks = _inputs(np.uint8, seed=3, n=21)
+    a = thresholds.threshold_counts(probs, masks, [0.2, 0.6], chunk=4)
+    b = thresholds.threshold_counts(probs, masks, [0.2, 0.6], chunk=256)
+    assert (a.pred == b.pred).all() and (a.inter == b.inter).all() and (a.true_area == b.true_area).all()
+
+
+def test_triplet_and_gate_match_apply():
+    probs, masks = _inputs(np.uint8, seed=1)
+    tops, areas, bottoms = [0.6, 0.8], [0, 2048, 20_000], [0.3, 0.5]
+    counts = thresholds.threshold_counts(probs, masks, sorted({*tops, *bottoms}))
+    gate_probs = np.linspace(0, 1, len(probs))
+    keep = gate_probs >= 0.4
+    grid = thresholds.triplet_grid(counts, tops, areas, bottoms, keep)
+    for a, top in enumerate(tops):
+        for b, area in enumerate(areas):
+            for c, bottom in enumerate(bottoms):
+                preds = np.stack(
+                    [
+                        thresholds.apply(p, 0.5, 0, 0, g, 0.4, (top, area, bottom))
+                        for p, g in zip(probs, gate_probs, strict=True)
+                    ]
+                )
+                assert grid[a, b, c] == pytest.approx(metric.mean_dice(preds, masks), abs=1e-12)
+    gated = thresholds.gated_grid(thresholds.threshold_counts(probs, masks, [0.5]), gate_probs, [0.0, 0.4], [1024])
+    preds = np.stack([thresholds.apply(p, 0.5, 1024, 0, g, 0.4) for p, g in zip(probs, gate_probs, strict=True)])
+    assert gated[1, 0, 0] == pytest.approx(metric.mean_dice(preds, masks), abs=1e-12)
+    assert gated[0, 0, 0] == pytest.approx(thresholds.grid_search(probs, masks, [0.5], [1024])[0, 0], abs=1e-12)
+
+
+def test_remove_small_components():
+    mask = np.zeros((20, 20), bool)
+    mask[1:3, 1:3] = True  # 4 pixels
+    mask[10:16, 10:16] = True  # 36 pixels
+    out = thresholds.remove_small(mask, 10)
+    assert out.sum() == 36 and not out[1, 1]

@@ -1,0 +1,123 @@
+"""Segmentation and classifier training: learning, resuming, DDP (gloo, 2 processes)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from pneumothorax import classifier, config, metric, paths, prepare, train
+from pneumothorax.train import Interrupted
+
+TINY = ["data.sizes=[32, 64]", "data.n_folds=2"]
+
+
+@pytest.mark.slow
+def test_short_run_learns_and_beats_all_empty(processed, tmp_path):
+    cfg = config.load(
+        "demo",
+        [
+            *TINY,
+            "segmentation.stages=[{size: 64, epochs: 14, batch_size: 8, lr: 0.003, positive_rate: 0.5, augment: [A1]}]",
+        ],
+    )
+    out = tmp_path / "fold0"
+    summary = train.train_fold(cfg, 0, processed, out, device="cpu", progress=False)
+    metrics = pd.read_csv(out / "metrics.csv")
+    assert len(metrics) == 14
+    assert metrics["train_loss"].iloc[-3:].mean() < metrics["train_loss"].iloc[:3].mean() * 0.8
+    assert summary["oof_dice_at_0.5"] > summary["all_empty_dice"] + 0.02
+    ids = pd.read_csv(out / "oof_ids.csv")
+    oof = np.load(out / "oof.npy")
+    assert oof.shape == (len(ids), 64, 64) and oof.dtype == np.uint8
+    masks = prepare.load_cache(processed, "masks", "train", 64)[ids["index"].to_numpy()]
+    assert metric.mean_dice(oof > 127, masks > 0) == pytest.approx(summary["oof_dice_at_0.5"])
+    for name in ("config.yaml", "best.pt", "last.pt", "model.pt", "train.log", "curves.png"):
+        assert (out / name).exists(), name
+    assert config.from_yaml((out / "config.yaml").read_text()) == cfg
+
+
+def _states_equal(a, b):
+    return all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_after_interruption_matches_uninterrupted(processed, tmp_path):
+    cfg = config.load("tiny", ["segmentation.stages.0.epochs=2"])  # 2 + 1 epochs, SWA in stage 2
+    whole = tmp_path / "whole"
+    train.train_fold(cfg, 1, processed, whole, device="cpu", progress=False)
+    parts = tmp_path / "parts"
+    with pytest.raises(Interrupted):
+        train.train_fold(cfg, 1, processed, parts, device="cpu", progress=False, max_epochs=1)
+    assert not (parts / "model.pt").exists() and (parts / "state.pt").exists()
+    with pytest.raises(Interrupted):  # resumes at epoch 2, stops again after the stage boundary
+        train.train_fold(cfg, 1, processed, parts, device="cpu", progress=False, max_epochs=1)
+    train.train_fold(cfg, 1, processed, parts, device="cpu", progress=False)
+    a, b = pd.read_csv(whole / "metrics.csv"), pd.read_csv(parts / "metrics.csv")
+    assert len(a) == len(b) == 4  # 3 epochs + one SWA evaluation
+    np.testing.assert_allclose(a["train_loss"], b["train_loss"], rtol=1e-5)
+    wa = torch.load(whole / "model.pt", weights_only=True)
+    wb = torch.load(parts / "model.pt", weights_only=True)
+    assert _states_equal(wa, wb)
+
+
+def test_classifier_learns_and_resumes(processed, tmp_path):
+    cfg = config.load("demo", [*TINY, "classifier.size=64", "classifier.epochs=3"])
+    out = tmp_path / "cls"
+    with pytest.raises(Interrupted):
+        classifier.train_classifier_fold(cfg, 0, processed, out, device="cpu", progress=False, max_epochs=2)
+    summary = classifier.train_classifier_fold(cfg, 0, processed, out, device="cpu", progress=False)
+    assert len(pd.read_csv(out / "metrics.csv")) == 3
+    oof = pd.read_csv(out / "oof.csv")
+    folds = pd.read_csv(processed / "folds.csv")
+    assert len(oof) == (folds["fold"] == 0).sum() and oof["prob"].between(0, 1).all()
+    for key in ("auc", "mcc", "precision", "recall", "accuracy"):
+        assert key in summary
+    assert (out / "metrics.json").exists() and (out / "model.pt").exists()
+
+
+@pytest.mark.slow
+def test_classifier_auc_beats_chance(processed, tmp_path):
+    cfg = config.load("demo", [*TINY, "classifier.size=64", "classifier.epochs=12"])
+    summary = classifier.train_classifier_fold(cfg, 1, processed, tmp_path / "cls", device="cpu", progress=False)
+    assert summary["auc"] > 0.65
+
+
+@pytest.mark.slow
+def test_ddp_gloo_two_processes(processed, tmp_path):
+    out = tmp_path / "ddp"
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [
+            torchrun,
+            "--standalone",
+            "--nproc_per_node=2",
+            str(paths.ROOT / "scripts" / "04_train_segmentation.py"),
+            "--config",
+            "tiny",
+            "--fold",
+            "0",
+            "--processed",
+            str(processed),
+            "--out",
+            str(out),
+            "--device",
+            "cpu",
+            "--quiet",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = pd.read_csv(out / "metrics.csv")
+    assert len(metrics) == 3  # 2 epochs + SWA, written once (rank 0 only)
+    assert (out / "model.pt").exists() and len(list(out.glob("*.tmp"))) == 0
+    log = (out / "train.log").read_text()
+    assert log.count("done:") == 1
