@@ -41,6 +41,7 @@ CONFIG_DEPS := $(or $(call cfg,deps),configs/base.yaml $(CONFIG))
 N_FOLDS     := $(or $(call cfg,get data.n_folds),5)
 CLS_ENABLED := $(call cfg,get classifier.enabled)
 ENC_INIT    := $(call cfg,get segmentation.encoder_init)
+EXTERNAL_CSV := $(filter-out none,$(call cfg,get classifier.external_csv))
 FOLDS       := $(if $(FOLD),$(FOLD),$(shell seq 0 $$(($(N_FOLDS) - 1))))
 ALL_FOLDS   := $(shell seq 0 $$(($(N_FOLDS) - 1)))
 RUN         := $(if $(filter-out 1,$(NPROC)),$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC),$(PY))
@@ -52,7 +53,7 @@ ALL_SEG    := $(foreach k,$(ALL_FOLDS),$(MODELS)/fold$(k)/model.pt)
 ALL_CLS    := $(if $(CLS_ENABLED),$(foreach k,$(ALL_FOLDS),$(MODELS)/classifier/fold$(k)/model.pt))
 PREPARED   := $(PROCESSED)/prepared-$(EXP).stamp
 
-.PHONY: help install demo synthetic prepare folds train train-seg train-cls infer search submit score report \
+.PHONY: help install demo synthetic prepare folds pretrain train train-seg train-cls infer search submit score report \
         test test-fast lint bench bench-data bench-train bench-post clean clean-models
 
 help: ## list the targets
@@ -95,7 +96,13 @@ train-cls: $(CLS_MODELS) ## classifier folds only
 $(MODELS)/classifier/fold%/model.pt: $(CONFIG_DEPS) $(PROCESSED)/folds.csv | $(PREPARED)
 	$(RUN) scripts/03_train_classifier.py --config $(EXP) --fold $* --processed $(PROCESSED) --out $(@D) $(Q)
 
-$(MODELS)/fold%/model.pt: $(CONFIG_DEPS) $(PROCESSED)/folds.csv $(if $(filter classifier,$(ENC_INIT)),$(MODELS)/classifier/fold%/model.pt) | $(PREPARED)
+pretrain: $(MODELS)/pretrain/model.pt ## classifier on the config's classifier.external_csv (encoder_init: pretrain)
+$(MODELS)/pretrain/model.pt: $(CONFIG_DEPS) $(EXTERNAL_CSV) | $(INSTALLED)
+	$(RUN) scripts/03_train_classifier.py --config $(EXP) --pretrain --out $(@D) $(Q)
+
+SEG_INIT = $(if $(filter classifier,$(ENC_INIT)),$(MODELS)/classifier/fold%/model.pt) \
+           $(if $(filter pretrain,$(ENC_INIT)),$(MODELS)/pretrain/model.pt)
+$(MODELS)/fold%/model.pt: $(CONFIG_DEPS) $(PROCESSED)/folds.csv $(SEG_INIT) | $(PREPARED)
 	$(RUN) scripts/04_train_segmentation.py --config $(EXP) --fold $* --processed $(PROCESSED) --out $(@D) $(Q)
 
 infer: $(MODELS)/test/ids.csv ## test probabilities: folds ensembled, flip TTA, gate

@@ -1,17 +1,30 @@
-"""Train one classifier (gate) fold; resumes from its state.pt. Works under torchrun (DDP)."""
+"""Train one classifier (gate) fold, or pre-train on classifier.external_csv; resumes; DDP under torchrun."""
 
 from pneumothorax import classifier, cli
 
 
 def main() -> None:
     p = cli.parser(__doc__)
-    p.add_argument("--fold", type=int, required=True)
-    p.add_argument("--processed", required=True)
-    p.add_argument("--out", required=True, help="models/<exp>/classifier/fold<k>")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--fold", type=int, help="train this fold on the prepared caches")
+    which.add_argument("--pretrain", action="store_true", help="train on the config's classifier.external_csv")
+    p.add_argument("--processed", help="prepared data (with --fold)")
+    p.add_argument("--out", required=True, help="models/<exp>/classifier/fold<k> or models/<exp>/pretrain")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     args = p.parse_args()
     cfg = cli.load_config(args)
-    summary = classifier.train_classifier_fold(cfg, args.fold, args.processed, args.out, args.device, not args.quiet)
+    if args.pretrain:
+        if cfg.classifier.external_csv == "none":
+            p.error("--pretrain needs classifier.external_csv in the config")
+        summary = classifier.pretrain_external(
+            cfg, cfg.classifier.external_csv, args.out, device=args.device, progress=not args.quiet
+        )
+    else:
+        if not args.processed:
+            p.error("--fold needs --processed")
+        summary = classifier.train_classifier_fold(
+            cfg, args.fold, args.processed, args.out, args.device, not args.quiet
+        )
     print(summary)
 
 

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import torch
 
-from pneumothorax import classifier, config, metric, paths, prepare, train
+from pneumothorax import config, metric, paths, prepare, train
 from pneumothorax.train import Interrupted
 
 TINY = ["data.sizes=[32, 64]", "data.n_folds=2"]
@@ -23,7 +23,8 @@ def test_short_run_learns_and_beats_all_empty(processed, tmp_path):
         "demo",
         [
             *TINY,
-            "segmentation.stages=[{size: 64, epochs: 14, batch_size: 8, lr: 0.003, positive_rate: 0.5, augment: [A1]}]",
+            "segmentation.stages=[{size: 64, epochs: 14, batch_size: 8, lr: 0.003, positive_rate: 0.5, "
+            "positive_rate_end: 0.25, augment: [A1]}]",
         ],
     )
     out = tmp_path / "fold0"
@@ -63,28 +64,6 @@ def test_resume_after_interruption_matches_uninterrupted(processed, tmp_path):
     wa = torch.load(whole / "model.pt", weights_only=True)
     wb = torch.load(parts / "model.pt", weights_only=True)
     assert _states_equal(wa, wb)
-
-
-def test_classifier_learns_and_resumes(processed, tmp_path):
-    cfg = config.load("demo", [*TINY, "classifier.size=64", "classifier.epochs=3"])
-    out = tmp_path / "cls"
-    with pytest.raises(Interrupted):
-        classifier.train_classifier_fold(cfg, 0, processed, out, device="cpu", progress=False, max_epochs=2)
-    summary = classifier.train_classifier_fold(cfg, 0, processed, out, device="cpu", progress=False)
-    assert len(pd.read_csv(out / "metrics.csv")) == 3
-    oof = pd.read_csv(out / "oof.csv")
-    folds = pd.read_csv(processed / "folds.csv")
-    assert len(oof) == (folds["fold"] == 0).sum() and oof["prob"].between(0, 1).all()
-    for key in ("auc", "mcc", "precision", "recall", "accuracy"):
-        assert key in summary
-    assert (out / "metrics.json").exists() and (out / "model.pt").exists()
-
-
-@pytest.mark.slow
-def test_classifier_auc_beats_chance(processed, tmp_path):
-    cfg = config.load("demo", [*TINY, "classifier.size=64", "classifier.epochs=12"])
-    summary = classifier.train_classifier_fold(cfg, 1, processed, tmp_path / "cls", device="cpu", progress=False)
-    assert summary["auc"] > 0.65
 
 
 @pytest.mark.slow

@@ -4,6 +4,11 @@ Outputs under ``models/<exp>/classifier/fold<k>/``: ``config.yaml``, ``state.pt`
 ``last.pt``, ``best.pt`` (by validation AUC), ``metrics.csv``, ``train.log``, ``curves.png``,
 ``oof.csv`` (image_id, label, prob), ``metrics.json`` (AUC, MCC, precision, recall, accuracy
 at ``classifier.threshold``) and ``model.pt`` (best weights), written last.
+
+:func:`pretrain_external` trains the same classifier on an external weakly-labelled set (a CSV
+of image paths and labels, e.g. ChestX-ray14 or CheXpert downloads) into
+``models/<exp>/pretrain/``; a segmentation config then initialises its encoder from it with
+``segmentation.encoder_init: pretrain``.
 """
 
 from __future__ import annotations
@@ -78,28 +83,8 @@ def _train(
     c = cfg.classifier
     if c.size not in cfg.data.sizes:
         raise config_mod.ConfigError(f"classifier.size {c.size} is not in data.sizes {cfg.data.sizes}")
-    if runtime.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        files.write_text(out_dir / "config.yaml", config_mod.dump(cfg))
-    log = engine.make_logger(out_dir / "train.log", f"cls{fold}", runtime.is_main)
     rows = data.train_rows(processed)
     train_df, valid_df = rows[rows["fold"] != fold], rows[rows["fold"] == fold]
-    engine.seed_everything(cfg.seed + 100 + fold)
-    model = models.create_classifier(c, cfg.data.channels).to(runtime.device)
-    if c.channels_last and runtime.device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    opt = engine.optimizer_for(model.parameters(), c.lr, c.weight_decay)
-    sched = engine.scheduler_for(opt, "cosine", c.epochs, c.min_lr)
-    state_path = out_dir / "state.pt"
-    done, history, best = 0, [], -1.0
-    if state_path.exists():
-        state = engine.load_checkpoint(state_path)
-        done, history, best = state["done"], state["history"], state["best"]
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        engine.set_rng_state(state["rng"])
-        log.info("resuming classifier fold %d after epoch %d of %d", fold, done, c.epochs)
     train_ds = data.CacheDataset(
         processed,
         "train",
@@ -119,14 +104,48 @@ def _train(
         target="label",
         labels=valid_df["has_pneumothorax"].to_numpy(),
     )
+    train_part = (train_ds, train_df["has_pneumothorax"].to_numpy())
+    valid_part = (valid_ds, valid_df["has_pneumothorax"].to_numpy(), valid_df["image_id"].to_numpy())
+    return _fit(cfg, f"fold {fold}", fold, train_part, valid_part, out_dir, runtime, progress, max_epochs)
+
+
+def _fit(
+    cfg: Config,
+    name: str,
+    key: int,
+    train_part: tuple[Any, np.ndarray],
+    valid_part: tuple[Any, np.ndarray, np.ndarray],
+    out_dir: Path,
+    runtime: engine.Runtime,
+    progress: bool,
+    max_epochs: int | None,
+) -> dict[str, Any]:
+    """The training loop shared by fold training and external pre-training (``key`` seeds it)."""
+    c = cfg.classifier
+    train_ds, train_labels = train_part
+    valid_ds, labels, valid_ids = valid_part
+    if runtime.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        files.write_text(out_dir / "config.yaml", config_mod.dump(cfg))
+    log = engine.make_logger(out_dir / "train.log", f"cls{key}", runtime.is_main)
+    engine.seed_everything(cfg.seed + 100 + key)
+    model = models.create_classifier(c, cfg.data.channels).to(runtime.device)
+    if c.channels_last and runtime.device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    opt = engine.optimizer_for(model.parameters(), c.lr, c.weight_decay)
+    sched = engine.scheduler_for(opt, "cosine", c.epochs, c.min_lr)
+    state_path = out_dir / "state.pt"
+    done, history, best = 0, [], -1.0
+    if state_path.exists():
+        state = engine.load_checkpoint(state_path)
+        done, history, best = state["done"], state["history"], state["best"]
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        engine.set_rng_state(state["rng"])
+        log.info("resuming classifier %s after epoch %d of %d", name, done, c.epochs)
     sampler = data.PositiveRateSampler(
-        train_df["has_pneumothorax"].to_numpy(),
-        c.positive_rate,
-        None,
-        c.epochs,
-        cfg.seed + 100 + fold,
-        runtime.rank,
-        runtime.world_size,
+        train_labels, c.positive_rate, None, c.epochs, cfg.seed + 100 + key, runtime.rank, runtime.world_size
     )
     net: torch.nn.Module = model
     if runtime.distributed:
@@ -137,6 +156,7 @@ def _train(
     ran = 0
     for epoch in range(done, c.epochs):
         sampler.set_epoch(epoch)
+        train_ds.transform.set_random_seed(cfg.seed + 7919 * key + epoch)
         loader = _loader(
             train_ds,
             c.batch_size,
@@ -150,7 +170,7 @@ def _train(
         started, total, count = time.time(), 0.0, 0
         for x, y in tqdm(
             loader,
-            desc=f"classifier fold {fold} epoch {epoch + 1}/{c.epochs}",
+            desc=f"classifier {name} epoch {epoch + 1}/{c.epochs}",
             unit="batch",
             disable=not (progress and runtime.is_main),
             leave=False,
@@ -177,7 +197,6 @@ def _train(
         }
         if runtime.is_main:
             probs = infer.predict_labels([model], valid_ds, (), runtime.device, c.batch_size, c.amp, progress=False)
-            labels = valid_df["has_pneumothorax"].to_numpy()
             row.update({f"val_{k}": v for k, v in gate_metrics(labels, probs, c.threshold).items() if k != "threshold"})
             row["val_loss"] = float(
                 F.binary_cross_entropy(
@@ -191,8 +210,8 @@ def _train(
             engine.save_checkpoint(out_dir / "last.pt", engine.cpu_state(model))
             history.append(row)
             log.info(
-                "classifier fold %d epoch %d/%d: loss %.4f val_auc %.4f val_mcc %.4f",
-                fold,
+                "classifier %s epoch %d/%d: loss %.4f val_auc %.4f val_mcc %.4f",
+                name,
                 epoch + 1,
                 c.epochs,
                 row["train_loss"],
@@ -222,7 +241,7 @@ def _train(
         ran += 1  # noqa: SIM113 (epochs run by this call, not the loop index)
         if max_epochs is not None and ran >= max_epochs and epoch + 1 < c.epochs:
             raise Interrupted(f"stopped after {ran} epoch(s) as asked")
-    summary: dict[str, Any] = {"fold": fold}
+    summary: dict[str, Any] = {"fold": key} if name.startswith("fold") else {}
     if runtime.is_main:
         best_model = load_fold_classifier(cfg, out_dir, runtime.device, "best")
         probs = infer.predict_labels(
@@ -230,8 +249,8 @@ def _train(
         )
         oof = pd.DataFrame(
             {
-                "image_id": valid_df["image_id"].to_numpy(),
-                "label": valid_df["has_pneumothorax"].to_numpy(),
+                "image_id": valid_ids,
+                "label": labels,
                 "prob": probs,
             }
         )
@@ -239,5 +258,74 @@ def _train(
         summary.update(gate_metrics(oof["label"].to_numpy(), probs, c.threshold))
         files.write_json(out_dir / "metrics.json", summary)
         engine.save_checkpoint(out_dir / "model.pt", models.load_state_dict_file(out_dir / "best.pt"))
-        log.info("classifier fold %d done: %s", fold, summary)
+        log.info("classifier %s done: %s", name, summary)
     return summary
+
+
+def read_external_csv(path: str | Path) -> pd.DataFrame:
+    """An external label list: columns ``path`` and ``label`` (0/1); relative paths are beside the CSV.
+
+    Raises:
+        ValueError: naming the file and the first bad row (missing column, label not 0/1,
+            missing image).
+    """
+    path = Path(path)
+    table = pd.read_csv(path, skipinitialspace=True)
+    table.columns = [str(col).strip() for col in table.columns]
+    if not {"path", "label"} <= set(table.columns):
+        raise ValueError(f"{path}: expected columns path,label, got {list(table.columns)}")
+    bad = ~table["label"].isin([0, 1])
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise ValueError(f"{path}: line {i + 2}: label {table['label'].iloc[i]} is not 0 or 1")
+    table["path"] = [str(p) if Path(p).is_absolute() else str(path.parent / p) for p in table["path"].astype(str)]
+    missing = [i for i, p in enumerate(table["path"]) if not Path(p).exists()]
+    if missing:
+        raise ValueError(f"{path}: line {missing[0] + 2}: image {table['path'].iloc[missing[0]]} not found")
+    return table
+
+
+def pretrain_external(
+    cfg: Config,
+    csv_path: str | Path,
+    out_dir: str | Path,
+    holdout: float = 0.1,
+    device: str | None = None,
+    progress: bool = True,
+    max_epochs: int | None = None,
+) -> dict[str, Any]:
+    """Train the configured classifier on an external CSV of image paths and 0/1 labels.
+
+    Images (PNG/JPEG/DICOM) are read and resized to ``classifier.size``; a seeded
+    ``holdout`` share validates. Writes the same files as a fold into ``out_dir``.
+    """
+    c = cfg.classifier
+    table = read_external_csv(csv_path)
+    rng = np.random.default_rng(cfg.seed)
+    valid = rng.random(len(table)) < holdout
+    if valid.all() or not valid.any():
+        valid = np.arange(len(table)) % 10 == 0
+    train_df, valid_df = table[~valid], table[valid]
+    train_ds = data.ImageListDataset(
+        train_df["path"].tolist(),
+        train_df["label"].to_numpy(),
+        c.size,
+        cfg.data.channels,
+        data.classifier_augment(c.size, c.augment_p),
+    )
+    valid_ds = data.ImageListDataset(valid_df["path"].tolist(), valid_df["label"].to_numpy(), c.size, cfg.data.channels)
+    runtime = engine.setup_runtime(device)
+    try:
+        return _fit(
+            cfg,
+            "pretrain",
+            999,
+            (train_ds, train_df["label"].to_numpy()),
+            (valid_ds, valid_df["label"].to_numpy(), valid_df["path"].to_numpy()),
+            Path(out_dir),
+            runtime,
+            progress,
+            max_epochs,
+        )
+    finally:
+        engine.teardown(runtime)

@@ -73,7 +73,7 @@ class SegmentationConfig:
     arch: str = "unet"
     encoder: str = "resnet34"
     encoder_weights: str = "imagenet"  # imagenet | none | path to a local encoder state dict
-    encoder_init: str = "none"  # none | classifier (this experiment's classifier fold) | path
+    encoder_init: str = "none"  # none | classifier (this fold's classifier) | pretrain (external) | path
     decoder_channels: tuple[int, ...] = (256, 128, 64, 32, 16)
     loss: LossConfig = field(default_factory=LossConfig)
     stages: tuple[StageConfig, ...] = (StageConfig(),)
@@ -101,7 +101,7 @@ class ClassifierConfig:
     threshold: float = 0.5  # for the metrics.json summary; the gate itself is searched
     amp: Literal["none", "bf16", "fp16"] = "bf16"
     channels_last: bool = True
-    external_csv: str = "none"  # pre-train on an external CSV of image paths and labels
+    external_csv: str = "none"  # CSV (path,label) of an external weakly-labelled set for `make pretrain`
 
 
 @dataclass(frozen=True)

@@ -191,3 +191,41 @@ def train_rows(processed: str | Path) -> pd.DataFrame:
     folds = pd.read_csv(processed / "folds.csv", dtype={"image_id": str})
     meta = meta[(meta["split"] == "train") & (meta["error"] == "")]
     return meta.merge(folds[["image_id", "fold"]], on="image_id", how="inner").reset_index(drop=True)
+
+
+def read_image(path: str | Path, size: int) -> np.ndarray:
+    """A grayscale uint8 image (PNG/JPEG, or DICOM by suffix) resized to ``size`` x ``size``."""
+    from . import dicom
+
+    path = Path(path)
+    if path.suffix.lower() == ".dcm":
+        image, _ = dicom.read(path)
+    else:
+        image = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+        if image is None:
+            raise ValueError(f"{path}: not a readable image")
+    return cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA)
+
+
+class ImageListDataset(Dataset):
+    """Images from a list of files with 0/1 labels (external pre-training sets)."""
+
+    def __init__(
+        self,
+        paths: Sequence[str],
+        labels: Sequence[int],
+        size: int,
+        channels: int,
+        transform: A.Compose | None = None,
+    ) -> None:
+        self.paths, self.labels = list(paths), np.asarray(labels, dtype=np.float32)
+        self.size, self.channels, self.transform = size, channels, transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image = read_image(self.paths[i], self.size)
+        if self.transform is not None:
+            image = self.transform(image=image)["image"]
+        return to_tensor(image, self.channels), torch.tensor([self.labels[i]])

@@ -135,7 +135,8 @@ def infer_test(cfg: Any, exp_dir: Path, processed: Path, device: str | None = No
     size = seg.stages[-1].size
     folds = range(cfg.data.n_folds)
     fold_models = [train.load_fold_model(cfg, exp_dir / f"fold{k}", cfg.infer.weights, runtime.device) for k in folds]
-    dataset = data.CacheDataset(processed, "test", size, good["index"].to_numpy(), cfg.data.channels)
+    # test images have no masks: the "label" target with no labels yields zeros
+    dataset = data.CacheDataset(processed, "test", size, good["index"].to_numpy(), cfg.data.channels, target="label")
     if len(good):
         predict_to_file(
             fold_models,

@@ -166,6 +166,14 @@ def _run_split(
         if state.get("signature") == signature:
             metas = {int(k): v for k, v in state["metas"].items()}
             done[list(metas)] = True
+    tmp_files = [
+        files.tmp_path(cache_path(out_dir, kind, split, size))
+        for size in missing
+        for kind in (("images", "masks") if labels is not None else ("images",))
+    ]
+    if not all(p.exists() for p in tmp_files):  # a partial cache went missing: start this split over
+        done[:] = False
+        metas = {}
     targets = []
     for size in missing:
         image_tmp = files.tmp_path(cache_path(out_dir, "images", split, size))

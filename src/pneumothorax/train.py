@@ -124,17 +124,14 @@ def _train(
     engine.seed_everything(cfg.seed + fold)
     model = models.create_segmenter(seg, cfg.data.channels)
     if seg.encoder_init != "none":
-        source = (
-            out_dir.parent / "classifier" / f"fold{fold}" / "model.pt"
-            if seg.encoder_init == "classifier"
-            else Path(seg.encoder_init)
-        )
+        source = encoder_init_source(seg.encoder_init, out_dir, fold)
         report = models.init_encoder_from_classifier(model, models.load_state_dict_file(source))
         log.info(
-            "encoder initialised from %s: %d tensors loaded, %d unused",
+            "encoder initialised from %s: all %d encoder tensors loaded, %d classifier tensors unused (%s...)",
             source,
             len(report["loaded"]),
             len(report["unused"]),
+            ", ".join(report["unused"][:3]),
         )
     model.to(runtime.device)
     if seg.channels_last and runtime.device.type == "cuda":
@@ -172,11 +169,12 @@ def _train(
         stage = seg.stages[s]
         if s != current_stage:
             opt, sched, swa = build_stage(s)
-            if state is not None and state["stage"] == s and e > 0:
-                opt.load_state_dict(state["optimizer"])
-                sched.load_state_dict(state["scheduler"])
-                if swa is not None and state.get("swa") is not None:
-                    swa.load_state_dict(state["swa"])
+            if state is not None and step == done:  # resuming: continue exactly where the run stopped
+                if state["stage"] == s and e > 0:
+                    opt.load_state_dict(state["optimizer"])
+                    sched.load_state_dict(state["scheduler"])
+                    if swa is not None and state.get("swa") is not None:
+                        swa.load_state_dict(state["swa"])
                 engine.set_rng_state(state["rng"])
             current_stage = s
             train_ds = data.CacheDataset(
@@ -201,6 +199,7 @@ def _train(
             )
             valid_loader = _loader(valid_ds, stage.batch_size, workers=cfg.data.workers)
         sampler.set_epoch(e)
+        train_ds.transform.set_random_seed(cfg.seed + 7919 * fold + step)  # augmentations depend on (seed, epoch)
         train_loader = _loader(
             train_ds,
             stage.batch_size,
@@ -344,6 +343,16 @@ def _train(
         summary.update(_finish(cfg, fold, processed, out_dir, valid_df, runtime, progress))
         log.info("fold %d done: %s", fold, summary)
     return summary
+
+
+def encoder_init_source(value: str, out_dir: Path, fold: int) -> Path:
+    """``classifier`` (this experiment's classifier fold), ``pretrain`` (its external pre-training) or a path."""
+    exp_dir = out_dir.parent
+    if value == "classifier":
+        return exp_dir / "classifier" / f"fold{fold}" / "model.pt"
+    if value == "pretrain":
+        return exp_dir / "pretrain" / "model.pt"
+    return Path(value)
 
 
 def weights_path(out_dir: Path, which: str) -> Path:
