@@ -5,7 +5,6 @@
 SHELL := bash
 .SHELLFLAGS := -eu -o pipefail -c
 .DELETE_ON_ERROR:
-.SECONDARY:
 MAKEFLAGS += --no-builtin-rules
 
 EXP       ?= demo
@@ -81,12 +80,10 @@ $(PREPARED): $(CONFIG_DEPS) | $(INSTALLED)
 	  $(if $(TEST_DIR),--test-dir $(TEST_DIR)) $(if $(SKIP_BAD),--skip-bad) $(Q)
 	touch $@
 
-# metadata.csv is rewritten only when prepare did new work; the stamp records that prepare ran.
-$(PROCESSED)/metadata.csv: $(PREPARED)
-	@test -f $@
-
+# prepare rewrites metadata.csv only when it did new work (the stamp records that it ran for this
+# config), so folds follow the data, not every config change.
 folds: $(PROCESSED)/folds.csv ## patient-grouped, stratified folds
-$(PROCESSED)/folds.csv: $(PROCESSED)/metadata.csv
+$(PROCESSED)/folds.csv: $(wildcard $(PROCESSED)/metadata.csv) | $(PREPARED)
 	$(PY) scripts/02_folds.py --config $(EXP) --processed $(PROCESSED) --out $@
 
 train: train-cls train-seg ## train gate and segmenter folds that are out of date (FOLD=k for one)

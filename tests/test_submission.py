@@ -61,3 +61,9 @@ def test_final_mask_gate_and_resize():
     assert abs(int(full.sum()) - 20 * 15 * 256) < 0.05 * 20 * 15 * 256
     assert not submission.final_mask(probs, post, gate_prob=0.2).any()  # gated
     assert not submission.final_mask(probs, {**post, "r_th": 10**6}, gate_prob=0.9).any()  # removed
+
+
+def test_empty_rule_predicts_nothing():
+    probs = np.full((64, 64), 255, np.uint8)
+    post = {"rule": "empty", "b_th": 0.5, "r_th": 0, "gate": 0.0, "min_component": 0}
+    assert not submission.final_mask(probs, post, gate_prob=1.0).any()

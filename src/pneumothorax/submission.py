@@ -24,6 +24,8 @@ def final_mask(
     probs: np.ndarray, post: dict[str, Any], gate_prob: float | None, shape: tuple[int, int] = rle.SHAPE
 ) -> np.ndarray:
     """The 1024x1024 mask of one map: decide at inference resolution (as searched), shape at full size."""
+    if post.get("rule") == "empty":  # the search found nothing better than predicting no pneumothorax
+        return np.zeros(shape, dtype=bool)
     triplet = tuple(post["triplet"]) if post.get("rule") == "triplet" else None
     decision = thresholds.apply(
         probs,

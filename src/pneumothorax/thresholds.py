@@ -341,11 +341,14 @@ def search(cfg: Any, exp_dir: Path, processed: Path) -> dict[str, Any]:
         c_best = max(comp_scores, key=comp_scores.get)
         if comp_scores[c_best] > best["score"]:
             best.update(min_component=c_best, score=comp_scores[c_best])
+    all_empty = float((counts.true_area == 0).mean())
+    if all_empty > best["score"]:  # no candidate beats predicting nothing: say so and predict nothing
+        best.update(rule="empty", score=all_empty)
     j05 = all_th.index(0.5)
     plain = float(dice_from_counts(counts.inter[:, j05], counts.pred[:, j05], counts.true_area).mean())
     result = {
         **best,
-        "all_empty_score": float((counts.true_area == 0).mean()),
+        "all_empty_score": all_empty,
         "no_postprocess_score": plain,
         "n_images": int(len(ids)),
         "size": int(size),
