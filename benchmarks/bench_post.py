@@ -32,7 +32,7 @@ def bench_grid(n: int = 2000, size: int = 256, sample: int = 10) -> dict:
         masks.flush()
         probs = np.load(Path(tmp) / "p.npy", mmap_mode="r")
         masks = np.load(Path(tmp) / "m.npy", mmap_mode="r")
-        b_th = thresholds.Grid(0.2, 0.9, 0.001).values()
+        b_th = config.Grid(0.2, 0.9, 0.001).values()
         r_th = [0, 512, 1024, 2048, 3072, 4096, 6144, 8192]
         thresholds.grid_search(probs[:4], masks[:4], b_th, r_th)  # numba cache
         read_s, _ = _time(lambda: (np.asarray(probs).sum(), np.asarray(masks).sum()))

@@ -126,11 +126,15 @@ def _process(task: tuple[int, str, list[str] | None, list[tuple[int, str, str | 
         mask = rle.decode_union(rows, shape=pixels.shape) if rows is not None else None
     except (dicom.DicomError, rle.RLEError) as exc:
         return {"index": index, "error": str(exc)}
+    # decode() returns a transposed view of a column-major buffer: resize that C-ordered buffer and
+    # transpose the small result (same pixels, no 1 MB transpose copy). Empty masks stay zero.
+    scaled = mask.T * np.uint8(255) if mask is not None and rows else None
     for size, image_path, mask_path in targets:
-        _memmap(image_path)[index] = cv2.resize(pixels, (size, size), interpolation=cv2.INTER_AREA)
-        if mask_path is not None and mask is not None:
-            small = cv2.resize(mask * np.uint8(255), (size, size), interpolation=cv2.INTER_AREA)
-            _memmap(mask_path)[index] = small >= 128
+        same = pixels.shape == (size, size)
+        _memmap(image_path)[index] = pixels if same else cv2.resize(pixels, (size, size), interpolation=cv2.INTER_AREA)
+        if mask_path is not None and scaled is not None:
+            small = scaled if same else cv2.resize(scaled, (size, size), interpolation=cv2.INTER_AREA)
+            _memmap(mask_path)[index] = small.T >= 128
     if mask is not None:
         meta["mask_area"] = int(mask.sum())
     meta["index"] = index

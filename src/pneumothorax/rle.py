@@ -191,7 +191,11 @@ def runs(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     if transposed.flags.c_contiguous:  # Fortran-ordered (e.g. from decode): one linear scan
         flat = transposed.reshape(-1)
         usable = flat.size - flat.size % 8
-        return _runs_flat(flat, flat[:usable].view(np.uint64))
+        words = flat[:usable].view(np.uint64)
+        if not words.any() and not flat[usable:].any():  # empty: skip the scan
+            empty = np.zeros(0, dtype=np.int64)
+            return empty, empty
+        return _runs_flat(flat, words)
     mask = np.ascontiguousarray(mask)
     if mask.shape[1] % 8 == 0:
         columns = np.bitwise_or.reduce(mask.view(np.uint64), axis=0).view(np.uint8)
