@@ -196,6 +196,7 @@ def _run_split(
         files.write_json(state_path, {"signature": signature, "metas": {str(k): v for k, v in metas.items()}})
 
     bad: list[dict[str, str]] = []
+    workers = min(workers, len(tasks))  # no pool for an empty split or a finished one
     bar = tqdm(total=n, initial=int(done.sum()), desc=f"prepare {split}", unit="img", disable=not progress)
     results = (
         map(_process, tasks)
