@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pneumothorax import dicom, prepare, rle
+from pneumothorax import dicom, prepare, rle, scale
 
 
 def test_metadata_and_caches(world, processed):
@@ -43,10 +43,14 @@ def test_metadata_and_caches(world, processed):
     assert images.shape == (300, 64, 64) and images.dtype == np.uint8 and masks.shape == (300, 64, 64)
     row = train[train["has_pneumothorax"] == 1].iloc[0]
     pixels, _ = dicom.read(row["path"])
-    assert (images[row["index"]] == cv2.resize(pixels, (64, 64), interpolation=cv2.INTER_AREA)).all()
+    assert (images[row["index"]] == scale.downscale(pixels, 64)).all()
+    direct = cv2.resize(pixels, (64, 64), interpolation=cv2.INTER_AREA)  # the halving chain rounds twice
+    assert np.abs(images[row["index"]].astype(int) - direct).max() <= 1
     full = rle.decode_union(labels[row.name])
-    expected = cv2.resize(full * np.uint8(255), (64, 64), interpolation=cv2.INTER_AREA) >= 128
+    expected = scale.downscale(full * np.uint8(255), 64) >= 128
     assert (masks[row["index"]].astype(bool) == expected).all()
+    direct_mask = cv2.resize(full * np.uint8(255), (64, 64), interpolation=cv2.INTER_AREA) >= 128
+    assert (masks[row["index"]].astype(bool) != direct_mask).sum() <= 0.02 * direct_mask.sum()
     assert prepare.load_cache(processed, "images", "test", 32).shape == (30, 32, 32)
     assert not list(processed.glob("*.tmp"))
 
@@ -90,7 +94,7 @@ def test_bad_training_file_fails_then_resumes_with_skip_bad(world, tmp_path):
     assert "2 unreadable training file(s)" in message and keep[3] in message and keep[5] in message
     # nothing that looks finished; the partial cache and its progress are kept for resuming
     assert not (out / "metadata.csv").exists() and not (out / "images_train_32.npy").exists()
-    assert (out / "images_train_32.npy.tmp").exists() and (out / ".prepare-train.json").exists()
+    assert (out / "images_train_32.npy.tmp").exists() and (out / ".prepare-train.jsonl").exists()
     table = prepare.prepare(layout, out, sizes=(32,), workers=1, skip_bad=True, progress=False)
     bad = table[table["error"] != ""]
     assert set(bad["image_id"]) == {keep[3], keep[5]}
@@ -111,3 +115,39 @@ def test_bad_test_file_is_recorded(world, tmp_path):
 def test_missing_inputs(tmp_path):
     with pytest.raises(prepare.PrepareError, match="label CSV not found"):
         prepare.prepare(prepare.Layout.stage1(tmp_path), tmp_path / "out", sizes=(32,))
+
+
+def test_killed_run_resumes_where_it_stopped(world, tmp_path, monkeypatch):
+    data, keep, _ = _small_copy(world, tmp_path)
+    layout = prepare.Layout.stage1(data)
+    reference = prepare.prepare(layout, tmp_path / "clean", sizes=(32, 64), workers=1, progress=False)
+    out = tmp_path / "killed"
+    real = prepare._process
+    seen: list[int] = []
+
+    def dies_after_five(task):
+        if len(seen) == 5:
+            raise KeyboardInterrupt  # the user's Ctrl-C, in the middle of the train split
+        seen.append(task[0])
+        return real(task)
+
+    monkeypatch.setattr(prepare, "_process", dies_after_five)
+    with pytest.raises(KeyboardInterrupt):
+        prepare.prepare(layout, out, sizes=(32, 64), workers=1, progress=False)
+    log = (out / ".prepare-train.jsonl").read_text().splitlines()
+    assert len(log) == 1 + 5 and not (out / "metadata.csv").exists()
+    with open(out / ".prepare-train.jsonl", "a") as fh:
+        fh.write('{"index": 7, "sex": "M", "ag')  # a line cut short by the kill is not trusted
+
+    redone: list[int] = []
+    monkeypatch.setattr(prepare, "_process", lambda task: redone.append(task[0]) or real(task))
+    table = prepare.prepare(layout, out, sizes=(32, 64), workers=1, progress=False)
+    train_redone, test_done = redone[: len(keep) - 5], redone[len(keep) - 5 :]  # the train split comes first
+    assert sorted(train_redone) == sorted(set(range(len(keep))) - set(seen))  # only what was not finished
+    assert sorted(test_done) == [0, 1, 2, 3]
+    assert not list(out.glob(".prepare-*")) and not list(out.glob("*.tmp"))
+    for kind, split, size in (("images", "train", 64), ("masks", "train", 32), ("images", "test", 32)):
+        again = prepare.load_cache(out, kind, split, size)
+        assert (again == prepare.load_cache(tmp_path / "clean", kind, split, size)).all()
+    columns = ["image_id", "split", "index", "has_pneumothorax", "mask_area", "sex", "age", "view", "error"]
+    pd.testing.assert_frame_equal(table[columns], reference[columns])

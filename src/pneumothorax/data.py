@@ -13,7 +13,7 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from . import prepare
+from . import prepare, scale
 
 MEAN, STD = 0.449, 0.226  # ImageNet's mean and std averaged over channels (gray input)
 
@@ -204,7 +204,7 @@ def read_image(path: str | Path, size: int) -> np.ndarray:
         image = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
         if image is None:
             raise ValueError(f"{path}: not a readable image")
-    return cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA)
+    return scale.downscale(image, size)
 
 
 class ImageListDataset(Dataset):

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -69,3 +71,104 @@ def start_method() -> str:
     import multiprocessing as mp
 
     return "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+
+
+def create_npy(path: str | Path, dtype: Any, shape: tuple[int, ...], align: int = 4096) -> int:
+    """Create a zero-filled (sparse) ``.npy`` file of ``shape``; return the byte offset of its data.
+
+    The header is padded so that the data starts at ``align`` bytes (a page): rows of a
+    power-of-two size then start on page boundaries, which makes writing them about a third
+    cheaper, and reading a row touches no extra page. ``np.load`` reads it as usual.
+    """
+    dtype = np.dtype(dtype)
+    header = repr({"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": tuple(shape)})
+    prefix = np.lib.format.MAGIC_PREFIX + bytes([1, 0])
+    length = align - len(prefix) - 2
+    if len(header) + 1 > length:
+        raise ValueError(f"{path}: .npy header of {len(header)} bytes does not fit in {align}")
+    body = (header + " " * (length - len(header) - 1) + "\n").encode("latin1")
+    with open(path, "wb") as fh:
+        fh.write(prefix + length.to_bytes(2, "little") + body)
+        fh.truncate(align + int(np.prod(shape)) * dtype.itemsize)
+    return align
+
+
+def npy_data_offset(path: str | Path) -> int:
+    """Byte offset of the data in an existing ``.npy`` file (after its header)."""
+    array = np.load(path, mmap_mode="r")
+    offset = int(array.offset)
+    del array
+    return offset
+
+
+def reserve(path: str | Path, ranges: Iterable[tuple[int, int]]) -> None:
+    """Allocate disk blocks for ``(offset, length)`` ranges of a sparse file before it is written.
+
+    Writing into a hole makes the filesystem allocate blocks page by page, which costs more
+    than the copy itself (ext4 here: 1.4 ms against 0.17 ms per MB); a full disk also fails
+    here, with an error, instead of halfway through. Filesystems without ``fallocate`` are
+    left sparse.
+    """
+    merged: list[list[int]] = []
+    for offset, length in sorted(ranges):
+        if merged and offset <= merged[-1][0] + merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], offset + length - merged[-1][0])
+        else:
+            merged.append([offset, length])
+    if not merged or not hasattr(os, "posix_fallocate"):
+        return
+    fd = os.open(path, os.O_RDWR)
+    try:
+        for offset, length in merged:
+            try:
+                os.posix_fallocate(fd, offset, length)
+            except OSError as exc:
+                if exc.errno in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                    return
+                raise OSError(exc.errno, f"{path}: cannot reserve {length} bytes ({exc.strerror})") from None
+    finally:
+        os.close(fd)
+
+
+class RowWriter:
+    """Writes rows of ``.npy`` files in place with ``pwrite`` (no memory map, no page faults).
+
+    Keys are ``(path, data offset)``; row ``i`` of an array whose rows are ``row.nbytes`` long
+    lands at ``offset + i * row.nbytes``. Used by worker processes, each with its own handles.
+    """
+
+    def __init__(self) -> None:
+        self._fds: dict[str, int] = {}
+
+    def write(self, path: str, offset: int, index: int, row: np.ndarray) -> None:
+        """Write ``row`` (C-contiguous, the array's dtype) as row ``index``."""
+        fd = self._fds.get(path)
+        if fd is None:
+            fd = self._fds[path] = os.open(path, os.O_WRONLY)
+        data = np.ascontiguousarray(row)
+        written = os.pwrite(fd, data, offset + index * data.nbytes)
+        if written != data.nbytes:
+            raise OSError(f"{path}: short write of row {index} ({written} of {data.nbytes} bytes)")
+
+    def close(self) -> None:
+        """Close every handle."""
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+
+def steady_malloc(mmap_threshold: int = 32 << 20, trim_threshold: int = 128 << 20) -> bool:
+    """Let glibc's ``malloc`` keep freed image-sized blocks in the heap (call in worker processes).
+
+    glibc serves a block of 128 KB or more with a fresh ``mmap`` and unmaps it on ``free``; its
+    dynamic threshold only grows past a size once a *larger* block is freed. A loop that
+    decodes one 1024x1024 image after another then pays 256 page faults per image: a bare
+    ``dicom.read`` loop ran at 255 images/s here, and at 440 with these settings. Returns
+    False where ``mallopt`` does not exist (not glibc), changing nothing.
+    """
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
+    return bool(mallopt(m_mmap_threshold, mmap_threshold)) and bool(mallopt(m_trim_threshold, trim_threshold))

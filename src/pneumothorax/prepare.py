@@ -3,9 +3,9 @@
 Caches are memory-mapped ``.npy`` arrays, one per split and size (``images_train_256.npy``
 of shape (N, 256, 256) uint8, ``masks_train_256.npy`` 0/1), which the training loader
 slices without decoding DICOM again. Work runs on all cores; each worker writes its rows
-straight into the memory maps. Caches are written as ``*.npy.tmp`` with a progress file, so
-a killed run resumes where it stopped, and renamed only when complete; ``metadata.csv`` is
-written last. A size already cached is not redone.
+straight into the cache files (``pwrite`` into blocks reserved beforehand). Caches are
+written as ``*.npy.tmp`` with a progress file, so a killed run resumes where it stopped, and
+renamed only when complete; ``metadata.csv`` is written last. A size already cached is not redone.
 """
 
 from __future__ import annotations
@@ -23,10 +23,9 @@ from typing import Any
 import cv2
 import numpy as np
 import pandas as pd
-from numpy.lib.format import open_memmap
 from tqdm import tqdm
 
-from . import dicom, files, rle
+from . import dicom, files, rle, scale
 
 SPLITS = ("train", "test")
 
@@ -104,39 +103,37 @@ def cache_path(out_dir: Path, kind: str, split: str, size: int) -> Path:
 
 
 # --- workers ---------------------------------------------------------------------------
-_MAPS: dict[str, np.memmap] = {}
+# (size, image cache .tmp, its data offset, mask cache .tmp or None, its data offset)
+Target = tuple[int, str, int, str | None, int]
+_WRITER = files.RowWriter()
 
 
 def _init_worker() -> None:
     cv2.setNumThreads(1)
-    _MAPS.clear()
+    files.steady_malloc()
+    _WRITER.close()
 
 
-def _memmap(path: str) -> np.memmap:
-    if path not in _MAPS:
-        _MAPS[path] = open_memmap(path, mode="r+")
-    return _MAPS[path]
-
-
-def _process(task: tuple[int, str, list[str] | None, list[tuple[int, str, str | None]]]) -> dict[str, Any]:
+def _process(task: tuple[int, str, list[str] | None, list[Target]]) -> dict[str, Any]:
     """Decode one DICOM, write its resized image (and mask) rows; return its metadata."""
     index, path, rows, targets = task
     try:
         pixels, meta = dicom.read(path)
-        mask = rle.decode_union(rows, shape=pixels.shape) if rows is not None else None
+        mask = rle.decode_union(rows, shape=pixels.shape) if rows else None  # None: a test image or a negative
     except (dicom.DicomError, rle.RLEError) as exc:
         return {"index": index, "error": str(exc)}
-    # decode() returns a transposed view of a column-major buffer: resize that C-ordered buffer and
-    # transpose the small result (same pixels, no 1 MB transpose copy). Empty masks stay zero.
-    scaled = mask.T * np.uint8(255) if mask is not None and rows else None
-    for size, image_path, mask_path in targets:
-        same = pixels.shape == (size, size)
-        _memmap(image_path)[index] = pixels if same else cv2.resize(pixels, (size, size), interpolation=cv2.INTER_AREA)
-        if mask_path is not None and scaled is not None:
-            small = scaled if same else cv2.resize(scaled, (size, size), interpolation=cv2.INTER_AREA)
-            _memmap(mask_path)[index] = small.T >= 128
-    if mask is not None:
-        meta["mask_area"] = int(mask.sum())
+    # decode_union() returns a transposed view of a column-major buffer: scale that C-ordered
+    # buffer and transpose the results with OpenCV (15x faster than NumPy's transposed copy,
+    # 0.08 against 1.3 ms at 1024). Empty masks are not written: the cache is zero there.
+    sizes = [target[0] for target in targets]
+    images = scale.pyramid(pixels, sizes)
+    masks = scale.mask_pyramid(mask.T * np.uint8(255), sizes) if mask is not None else None
+    for size, image_path, image_offset, mask_path, mask_offset in targets:
+        _WRITER.write(image_path, image_offset, index, images[size])
+        if mask_path is not None and masks is not None:
+            _WRITER.write(mask_path, mask_offset, index, cv2.transpose(masks[size]))
+    if rows is not None:
+        meta["mask_area"] = int(np.count_nonzero(mask)) if mask is not None else 0
     meta["index"] = index
     return meta
 
@@ -161,15 +158,11 @@ def _run_split(
     ids = list(dicoms)
     n = len(ids)
     missing = [s for s in sizes if not cache_path(out_dir, "images", split, s).exists()]
-    state_path = out_dir / f".prepare-{split}.json"
+    state_path = out_dir / f".prepare-{split}.jsonl"
     signature = _plan_signature(ids, missing)
     done = np.zeros(n, dtype=bool)
-    metas: dict[int, dict[str, Any]] = {}
-    if state_path.exists():
-        state = json.loads(state_path.read_text())
-        if state.get("signature") == signature:
-            metas = {int(k): v for k, v in state["metas"].items()}
-            done[list(metas)] = True
+    metas = _read_progress(state_path, signature)
+    done[list(metas)] = True
     tmp_files = [
         files.tmp_path(cache_path(out_dir, kind, split, size))
         for size in missing
@@ -178,48 +171,65 @@ def _run_split(
     if not all(p.exists() for p in tmp_files):  # a partial cache went missing: start this split over
         done[:] = False
         metas = {}
-    targets = []
+    targets: list[Target] = []
+    pending = np.flatnonzero(~done)
+    positive = np.array([bool(labels.get(image_id)) for image_id in ids]) if labels is not None else None
     for size in missing:
+        row_bytes = size * size
         image_tmp = files.tmp_path(cache_path(out_dir, "images", split, size))
         mask_tmp = files.tmp_path(cache_path(out_dir, "masks", split, size)) if labels is not None else None
-        for path, dtype in ((image_tmp, np.uint8), (mask_tmp, np.uint8)):
-            if path is not None and (not path.exists() or not done.any()):
-                open_memmap(path, mode="w+", dtype=dtype, shape=(n, size, size)).flush()
-        targets.append((size, str(image_tmp), str(mask_tmp) if mask_tmp else None))
+        offsets = []
+        for path in (image_tmp, mask_tmp):
+            if path is None:
+                offsets.append(0)
+            elif not path.exists() or not done.any():
+                offsets.append(files.create_npy(path, np.uint8, (n, size, size)))
+            else:
+                offsets.append(files.npy_data_offset(path))
+        # Reserve the blocks the workers will write: every pending image row, and the mask rows
+        # of pending positives (negative masks stay holes, read as zeros, and take no disk).
+        files.reserve(image_tmp, [(offsets[0] + int(i) * row_bytes, row_bytes) for i in pending])
+        if mask_tmp is not None and positive is not None:
+            rows = pending[positive[pending]]
+            files.reserve(mask_tmp, [(offsets[1] + int(i) * row_bytes, row_bytes) for i in rows])
+        targets.append((size, str(image_tmp), offsets[0], str(mask_tmp) if mask_tmp else None, offsets[1]))
     tasks = [
         (i, str(dicoms[image_id]), (labels.get(image_id, []) if labels is not None else None), targets)
         for i, image_id in enumerate(ids)
         if not done[i]
     ]
 
-    def save_state() -> None:
-        files.write_json(state_path, {"signature": signature, "metas": {str(k): v for k, v in metas.items()}})
-
     bad: list[dict[str, str]] = []
     workers = min(workers, len(tasks))  # no pool for an empty split or a finished one
-    bar = tqdm(total=n, initial=int(done.sum()), desc=f"prepare {split}", unit="img", disable=not progress)
-    results = (
-        map(_process, tasks)
-        if workers <= 1
-        else (pool := mp.get_context(files.start_method()).Pool(workers, _init_worker)).imap_unordered(
-            _process, tasks, chunksize=8
-        )
-    )
     if workers <= 1:
         _init_worker()
+    else:
+        rle.decode("1 1", shape=(1, 2))  # load the numba kernels once, before the workers fork
+    bar = tqdm(total=n, initial=int(done.sum()), desc=f"prepare {split}", unit="img", disable=not progress)
+    log = _open_progress(state_path, signature, metas)
+    pool = None
     try:
+        if workers > 1:
+            pool = mp.get_context(files.start_method()).Pool(workers, _init_worker)
+        chunk = _chunksize(len(tasks), workers)
+        results = map(_process, tasks) if pool is None else pool.imap_unordered(_process, tasks, chunksize=chunk)
         for count, result in enumerate(results, start=1):
             metas[result["index"]] = result
+            log.write(json.dumps(result) + "\n")
             bar.update()
-            if count % 256 == 0:
-                save_state()
+            if count % 64 == 0:
+                log.flush()
+    except BaseException:
+        if pool is not None:  # a failure or Ctrl-C: stop now; what was logged is kept for the next run
+            pool.terminate()
+        raise
     finally:
         bar.close()
-        if workers > 1:
+        log.close()
+        if pool is not None:
             pool.close()
             pool.join()
-        _MAPS.clear()
-        save_state()
+        _WRITER.close()
     for meta in metas.values():
         if "error" in meta:
             bad.append(
@@ -234,6 +244,45 @@ def _run_split(
     return ordered, bad
 
 
+def _chunksize(n_tasks: int, workers: int) -> int:
+    """Tasks per message to a worker: fewer messages on big jobs, yet about 16 chunks per worker."""
+    return max(1, min(32, n_tasks // (16 * max(workers, 1))))
+
+
+def _read_progress(path: Path, signature: str) -> dict[int, dict[str, Any]]:
+    """Metadata of the images a previous run finished, from its progress log (if it planned the same work).
+
+    The log is a signature line, then one JSON line per finished image; a line cut short by a
+    kill ends the reading (that image is done again).
+    """
+    if not path.exists():
+        return {}
+    lines = path.read_text().splitlines()
+    try:
+        if not lines or json.loads(lines[0]).get("signature") != signature:
+            return {}
+    except json.JSONDecodeError:
+        return {}
+    metas: dict[int, dict[str, Any]] = {}
+    for line in lines[1:]:
+        try:
+            meta = json.loads(line)
+        except json.JSONDecodeError:
+            break
+        metas[int(meta["index"])] = meta
+    return metas
+
+
+def _open_progress(path: Path, signature: str, metas: dict[int, dict[str, Any]]) -> Any:
+    """Start the progress log afresh with what is already done (atomically), and open it to append.
+
+    Appending a line per image keeps the cost of the log linear in the number of images.
+    """
+    lines = [json.dumps({"signature": signature})] + [json.dumps(meta) for meta in metas.values()]
+    files.write_text(path, "\n".join(lines) + "\n")
+    return open(path, "a")  # noqa: SIM115 - closed by the caller's finally
+
+
 def _finish_split(split: str, sizes: Sequence[int], out_dir: Path, with_masks: bool) -> None:
     for size in sizes:
         kinds = ("images", "masks") if with_masks else ("images",)
@@ -242,7 +291,7 @@ def _finish_split(split: str, sizes: Sequence[int], out_dir: Path, with_masks: b
             tmp = files.tmp_path(final)
             if tmp.exists():
                 os.replace(tmp, final)
-    (out_dir / f".prepare-{split}.json").unlink(missing_ok=True)
+    (out_dir / f".prepare-{split}.jsonl").unlink(missing_ok=True)
 
 
 def prepare(

@@ -215,6 +215,7 @@ def _init_worker(shapes: list[list[str]]) -> None:
     global _SHAPES
     _SHAPES = shapes
     cv2.setNumThreads(1)
+    files.steady_malloc()
 
 
 def _make_one(args: tuple[_Item, str, int]) -> None:

@@ -1,0 +1,64 @@
+"""Atomic writes, page-aligned .npy caches written row by row, reserved blocks."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from pneumothorax import files
+
+
+def test_create_npy_is_page_aligned_and_loads(tmp_path):
+    path = tmp_path / "a.npy"
+    offset = files.create_npy(path, np.uint8, (3, 16, 16))
+    assert offset == 4096 and files.npy_data_offset(path) == 4096
+    array = np.load(path, mmap_mode="r")
+    assert array.shape == (3, 16, 16) and array.dtype == np.uint8 and not array.any()
+    assert os.stat(path).st_blocks * 512 <= 8192  # sparse: the data takes no disk until written
+    assert files.create_npy(tmp_path / "f.npy", np.float32, (2, 5)) == 4096
+    assert np.load(tmp_path / "f.npy").dtype == np.float32
+
+
+def test_row_writer_writes_rows_in_place(tmp_path):
+    path = tmp_path / "rows.npy"
+    offset = files.create_npy(path, np.uint8, (4, 8, 8))
+    files.reserve(path, [(offset + 8 * 64, 64), (offset + 64, 64), (offset, 64)])  # merged into two ranges
+    rows = np.arange(4 * 64, dtype=np.uint8).reshape(4, 8, 8)
+    writer = files.RowWriter()
+    writer.write(str(path), offset, 2, rows[2])
+    writer.write(str(path), offset, 0, rows[0].T.T)
+    writer.write(str(path), offset, 3, np.asfortranarray(rows[3]))  # made C-contiguous before writing
+    writer.close()
+    out = np.load(path)
+    assert (out[0] == rows[0]).all() and not out[1].any() and (out[2] == rows[2]).all() and (out[3] == rows[3]).all()
+
+
+def test_reserve_allocates_blocks(tmp_path):
+    path = tmp_path / "big.npy"
+    offset = files.create_npy(path, np.uint8, (8, 256, 256))
+    before = os.stat(path).st_blocks
+    files.reserve(path, [(offset + i * 65536, 65536) for i in (1, 2, 5)])
+    after = os.stat(path).st_blocks
+    if after == before:
+        pytest.skip("this filesystem does not allocate with fallocate")
+    assert (after - before) * 512 >= 3 * 65536
+    assert not np.load(path).any()  # reserved blocks read as zeros
+
+
+def test_steady_malloc_on_glibc():
+    import platform
+
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("mallopt is glibc's")
+    assert files.steady_malloc() is True
+
+
+def test_atomic_path_leaves_nothing_on_error(tmp_path):
+    target = tmp_path / "out.txt"
+    files.write_text(target, "old")
+    with pytest.raises(RuntimeError), files.atomic_path(target) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("killed")
+    assert target.read_text() == "old" and not files.tmp_path(target).exists()
