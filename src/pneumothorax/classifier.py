@@ -64,11 +64,8 @@ def train_classifier_fold(
     max_epochs: int | None = None,
 ) -> dict[str, Any]:
     """Train one classifier fold (resuming from ``state.pt``); return its OOF metrics."""
-    runtime = engine.setup_runtime(device)
-    try:
+    with engine.running(device) as runtime:
         return _train(cfg, fold, Path(processed), Path(out_dir), runtime, progress, max_epochs)
-    finally:
-        engine.teardown(runtime)
 
 
 def _train(
@@ -314,8 +311,7 @@ def pretrain_external(
         data.classifier_augment(c.size, c.augment_p),
     )
     valid_ds = data.ImageListDataset(valid_df["path"].tolist(), valid_df["label"].to_numpy(), c.size, cfg.data.channels)
-    runtime = engine.setup_runtime(device)
-    try:
+    with engine.running(device) as runtime:
         return _fit(
             cfg,
             "pretrain",
@@ -327,5 +323,3 @@ def pretrain_external(
             progress,
             max_epochs,
         )
-    finally:
-        engine.teardown(runtime)

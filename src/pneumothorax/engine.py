@@ -6,6 +6,7 @@ import contextlib
 import logging
 import os
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -61,6 +62,16 @@ def teardown(runtime: Runtime) -> None:
     if runtime.distributed and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def running(device: str | None = None) -> Iterator[Runtime]:
+    """:func:`setup_runtime` for the block, :func:`teardown` however it ends."""
+    runtime = setup_runtime(device)
+    try:
+        yield runtime
+    finally:
+        teardown(runtime)
 
 
 def barrier(runtime: Runtime) -> None:

@@ -93,11 +93,8 @@ def train_fold(
     ``max_epochs`` stops this call after that many epochs (to test resuming).
     """
     processed, out_dir = Path(processed), Path(out_dir)
-    runtime = engine.setup_runtime(device)
-    try:
+    with engine.running(device) as runtime:
         return _train(cfg, fold, processed, out_dir, runtime, progress, max_epochs)
-    finally:
-        engine.teardown(runtime)
 
 
 def _train(
