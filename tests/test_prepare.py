@@ -151,3 +151,14 @@ def test_killed_run_resumes_where_it_stopped(world, tmp_path, monkeypatch):
         assert (again == prepare.load_cache(tmp_path / "clean", kind, split, size)).all()
     columns = ["image_id", "split", "index", "has_pneumothorax", "mask_area", "sex", "age", "view", "error"]
     pd.testing.assert_frame_equal(table[columns], reference[columns])
+
+
+def test_find_dicoms_walks_nested_folders_and_skips_hidden_files(tmp_path):
+    for rel in ("1.2.3/1.2.4/b.dcm", "1.2.5/1.2.6/a.dcm", "x/._a.dcm", "z/b.dcm", "notes.txt"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"")
+    found = prepare.find_dicoms(tmp_path)
+    assert list(found) == ["a", "b"]  # macOS "._" files are not images
+    assert found["b"] == tmp_path / "1.2.3/1.2.4/b.dcm"  # the first in path order wins
+    with pytest.raises(prepare.PrepareError, match="does not exist"):
+        prepare.find_dicoms(tmp_path / "missing")
