@@ -197,7 +197,8 @@ def _fit(
             row.update({f"val_{k}": v for k, v in gate_metrics(labels, probs, c.threshold).items() if k != "threshold"})
             row["val_loss"] = float(
                 F.binary_cross_entropy(
-                    torch.from_numpy(probs).clamp(1e-6, 1 - 1e-6).double(), torch.from_numpy(labels).double()
+                    torch.tensor(probs, dtype=torch.float64).clamp(1e-6, 1 - 1e-6),
+                    torch.tensor(labels, dtype=torch.float64),
                 )
             )
             score = row["val_auc"] if not np.isnan(row["val_auc"]) else -row["val_loss"]

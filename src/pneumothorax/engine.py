@@ -220,7 +220,10 @@ def plot_curves(metrics: Any, path: Path, columns: list[tuple[str, str]]) -> Non
         ax.set_title(title)
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+        else:  # e.g. a validation column before any validation ran
+            ax.text(0.5, 0.5, "no values", ha="center", va="center", transform=ax.transAxes)
     fig.tight_layout()
     with files.atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=90)
