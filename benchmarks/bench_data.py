@@ -14,8 +14,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parent))
 from common import save, timed  # noqa: E402
 
-from pneumothorax import dicom, paths, prepare, rle, synthetic
-from pneumothorax import files as pfiles  # noqa: E402
+from pneumothorax import dicom, files, paths, prepare, rle, synthetic  # noqa: E402
 
 REAL = paths.ROOT / "tests" / "fixtures" / "train-rle.csv.gz"
 
@@ -89,29 +88,29 @@ def bench_prepare(n: int = 500, rounds: int = 5) -> dict:
     runs with the allocator settings that prepare's workers use (``files.steady_malloc``):
     without them it is 1.7x slower here, which would flatter the ratio.
     """
-    pfiles.steady_malloc()
+    files.steady_malloc()
     with tempfile.TemporaryDirectory() as tmp:
         world = synthetic.make_world(Path(tmp) / "w", synthetic.WorldSpec(n_train=n, n_test=0, seed=2), progress=False)
-        files = sorted((world / "dicom-images-train").rglob("*.dcm"))
+        dicoms = list(prepare.find_dicoms(world / "dicom-images-train").values())  # what prepare reads
         cores = os.cpu_count() or 1
         bare_rates, prepare_rates = [], []
         for round_ in range(rounds):
             start = time.perf_counter()
-            for path in files:
+            for path in dicoms:
                 dicom.read(path)
-            bare_rates.append(len(files) / (time.perf_counter() - start))
+            bare_rates.append(len(dicoms) / (time.perf_counter() - start))
             out = Path(tmp) / f"p{round_}"
             os.sync()
             start = time.perf_counter()
             prepare.prepare(prepare.Layout.stage1(world), out, sizes=(256, 512, 1024), workers=cores, progress=False)
-            prepare_rates.append(len(files) / (time.perf_counter() - start))
+            prepare_rates.append(len(dicoms) / (time.perf_counter() - start))
             # Removed before the next round, whose writes then reuse the memory this one freed.
             # Observed on the 2-core VM: with every round's output kept (so each round writes
             # into other free memory), rounds after the first ran at 200-240 images/s, not 375-600.
             shutil.rmtree(out)
     bare, rate = max(bare_rates), max(prepare_rates)
     return {
-        "dicoms": len(files),
+        "dicoms": len(dicoms),
         "cores": cores,
         "bare_decode_images_per_s_one_core": [round(r, 1) for r in bare_rates],
         "prepare_images_per_s": [round(r, 1) for r in prepare_rates],
