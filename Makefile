@@ -9,9 +9,11 @@ MAKEFLAGS += --no-builtin-rules
 
 EXP       ?= demo
 DATA_DIR  ?= data/raw/synthetic
+# The layout is found from DATA_DIR alone (README, "Getting the data"); these override one part.
 TRAIN_CSV ?=
 TRAIN_DIR ?=
 TEST_DIR  ?=
+SAMPLE_SUBMISSION ?=
 LABELS    ?= $(DATA_DIR)/test-labels.csv
 FOLD      ?=
 NPROC     ?= 1
@@ -20,6 +22,7 @@ QUIET     ?=
 SYNTH_SEED  ?= 0
 SYNTH_TRAIN ?= 500
 SYNTH_TEST  ?= 100
+SYNTH_LAYOUT ?= stage2
 
 VENV     := .venv
 PY       := $(VENV)/bin/python
@@ -35,7 +38,7 @@ export HF_HUB_OFFLINE ?=
 export PYTHONUNBUFFERED := 1
 
 # Config queries need the venv; before it exists they fall back to the defaults.
-cfg = $(shell [ -x $(PY) ] && $(PY) -m pneumothorax.cli $(1) --config $(EXP) 2>/dev/null)
+cfg = $(shell [ -x $(PY) ] && $(PY) -m pneumothorax.query $(1) --config $(EXP) 2>/dev/null)
 CONFIG_DEPS := $(or $(call cfg,deps),configs/base.yaml $(CONFIG))
 N_FOLDS     := $(or $(call cfg,get data.n_folds),5)
 CLS_ENABLED := $(call cfg,get classifier.enabled)
@@ -51,6 +54,28 @@ CLS_MODELS := $(if $(CLS_ENABLED),$(foreach k,$(FOLDS),$(MODELS)/classifier/fold
 ALL_SEG    := $(foreach k,$(ALL_FOLDS),$(MODELS)/fold$(k)/model.pt)
 ALL_CLS    := $(if $(CLS_ENABLED),$(foreach k,$(ALL_FOLDS),$(MODELS)/classifier/fold$(k)/model.pt))
 PREPARED   := $(PROCESSED)/prepared-$(EXP).stamp
+FOLDS_CSV  := $(PROCESSED)/folds.csv
+
+ifneq ($(FOLD),)
+ifeq ($(filter $(FOLD),$(ALL_FOLDS)),)
+$(error FOLD=$(FOLD) is not a fold of EXP=$(EXP), whose data.n_folds is $(N_FOLDS): use FOLD=0 to FOLD=$(lastword $(ALL_FOLDS)))
+endif
+endif
+
+# Input manifests (files with sizes and times, label hash, layout), rewritten at parse time only
+# when they change: steps that read the data depend on them, so a new test folder, an edited
+# label file or a replaced DICOM reruns exactly what depends on it.
+TRAIN_INPUTS := $(PROCESSED)/inputs-train.json
+TEST_INPUTS  := $(PROCESSED)/inputs-test.json
+NO_DATA_GOALS := help install test test-fast lint bench bench-data bench-train bench-post clean clean-models synthetic demo
+ifneq ($(filter-out $(NO_DATA_GOALS),$(or $(MAKECMDGOALS),help)),)
+MANIFEST_ERROR := $(shell [ -x $(PY) ] && $(PY) -m pneumothorax.query manifest --data-dir $(DATA_DIR) \
+  --processed $(PROCESSED) --patient-map $(PATIENT_MAP) $(if $(TRAIN_CSV),--train-csv $(TRAIN_CSV)) \
+  $(if $(TRAIN_DIR),--train-dir "$(TRAIN_DIR)") $(if $(TEST_DIR),--test-dir $(TEST_DIR)) \
+  $(if $(SAMPLE_SUBMISSION),--sample-submission $(SAMPLE_SUBMISSION)))
+endif
+LAYOUT_ARGS := $(if $(TRAIN_CSV),--train-csv $(TRAIN_CSV)) $(foreach d,$(TRAIN_DIR),--train-dir $(d)) \
+  $(if $(TEST_DIR),--test-dir $(TEST_DIR)) $(if $(SAMPLE_SUBMISSION),--sample-submission $(SAMPLE_SUBMISSION))
 
 .PHONY: help install demo synthetic prepare folds pretrain train train-seg train-cls infer search submit score report \
         test test-fast lint bench bench-data bench-train bench-post clean clean-models
@@ -67,30 +92,33 @@ $(INSTALLED): requirements.txt pyproject.toml
 	touch $@
 
 demo: install ## the whole pipeline on a synthetic world, on CPU, in minutes
-	$(MAKE) --no-print-directory synthetic prepare folds train infer search submit score report EXP=demo
+	$(MAKE) --no-print-directory synthetic EXP=demo
+	$(MAKE) --no-print-directory prepare folds train infer search submit score report EXP=demo
 
-synthetic: $(DATA_DIR)/world.json ## write a synthetic SIIM-layout world into DATA_DIR (SYNTH_SEED, SYNTH_TRAIN, SYNTH_TEST)
+synthetic: $(DATA_DIR)/world.json ## write a synthetic world into DATA_DIR (SYNTH_SEED, SYNTH_TRAIN, SYNTH_TEST, SYNTH_LAYOUT=stage2|stage1)
 $(DATA_DIR)/world.json: | $(INSTALLED)
-	$(PY) scripts/00_make_synthetic.py --out $(DATA_DIR) --seed $(SYNTH_SEED) --n-train $(SYNTH_TRAIN) --n-test $(SYNTH_TEST) $(Q)
+	$(PY) scripts/00_make_synthetic.py --out $(DATA_DIR) --seed $(SYNTH_SEED) --n-train $(SYNTH_TRAIN) --n-test $(SYNTH_TEST) \
+	  --layout $(SYNTH_LAYOUT) $(Q)
+
+$(TRAIN_INPUTS) $(TEST_INPUTS):
+	@echo "error: $(or $(MANIFEST_ERROR),$@ is missing: cannot tell which inputs DATA_DIR=$(DATA_DIR) holds)" >&2; exit 2
 
 prepare: $(PREPARED) ## DICOMs + labels -> $(PROCESSED)/metadata.csv and caches at the config's sizes
-$(PREPARED): $(CONFIG_DEPS) | $(INSTALLED)
+$(PREPARED): $(TRAIN_INPUTS) $(TEST_INPUTS) $(CONFIG_DEPS) | $(INSTALLED)
 	$(PY) scripts/01_prepare.py --config $(EXP) --data-dir $(DATA_DIR) --out $(PROCESSED) --patient-map $(PATIENT_MAP) \
-	  $(if $(TRAIN_CSV),--train-csv $(TRAIN_CSV)) $(if $(TRAIN_DIR),--train-dir $(TRAIN_DIR)) \
-	  $(if $(TEST_DIR),--test-dir $(TEST_DIR)) $(if $(SKIP_BAD),--skip-bad) $(Q)
+	  $(LAYOUT_ARGS) $(if $(SKIP_BAD),--skip-bad) $(Q)
 	touch $@
 
-# prepare rewrites metadata.csv only when it did new work (the stamp records that it ran for this
-# config), so folds follow the data, not every config change.
-folds: $(PROCESSED)/folds.csv ## patient-grouped, stratified folds
-$(PROCESSED)/folds.csv: $(wildcard $(PROCESSED)/metadata.csv) | $(PREPARED)
+# Folds follow the training inputs (not metadata.csv, which a new test folder changes too).
+folds: $(FOLDS_CSV) ## patient-grouped, stratified folds
+$(FOLDS_CSV): $(TRAIN_INPUTS) | $(PREPARED)
 	$(PY) scripts/02_folds.py --config $(EXP) --processed $(PROCESSED) --out $@
 
 train: train-cls train-seg ## train gate and segmenter folds that are out of date (FOLD=k for one)
 train-seg: $(SEG_MODELS) ## segmentation folds only
 train-cls: $(CLS_MODELS) ## classifier folds only
 
-$(MODELS)/classifier/fold%/model.pt: $(CONFIG_DEPS) $(PROCESSED)/folds.csv | $(PREPARED)
+$(MODELS)/classifier/fold%/model.pt: $(CONFIG_DEPS) $(FOLDS_CSV) | $(PREPARED)
 	$(RUN) scripts/03_train_classifier.py --config $(EXP) --fold $* --processed $(PROCESSED) --out $(@D) $(Q)
 
 pretrain: $(MODELS)/pretrain/model.pt ## classifier on the config's classifier.external_csv (encoder_init: pretrain)
@@ -99,15 +127,15 @@ $(MODELS)/pretrain/model.pt: $(CONFIG_DEPS) $(EXTERNAL_CSV) | $(INSTALLED)
 
 SEG_INIT = $(if $(filter classifier,$(ENC_INIT)),$(MODELS)/classifier/fold%/model.pt) \
            $(if $(filter pretrain,$(ENC_INIT)),$(MODELS)/pretrain/model.pt)
-$(MODELS)/fold%/model.pt: $(CONFIG_DEPS) $(PROCESSED)/folds.csv $(SEG_INIT) | $(PREPARED)
+$(MODELS)/fold%/model.pt: $(CONFIG_DEPS) $(FOLDS_CSV) $(SEG_INIT) | $(PREPARED)
 	$(RUN) scripts/04_train_segmentation.py --config $(EXP) --fold $* --processed $(PROCESSED) --out $(@D) $(Q)
 
 infer: $(MODELS)/test/ids.csv ## test probabilities: folds ensembled, flip TTA, gate
-$(MODELS)/test/ids.csv: $(ALL_SEG) $(ALL_CLS)
+$(MODELS)/test/ids.csv: $(ALL_SEG) $(ALL_CLS) $(TEST_INPUTS) | $(PREPARED)
 	$(PY) scripts/05_infer.py --config $(EXP) --processed $(PROCESSED) --exp-dir $(MODELS) $(Q)
 
 search: $(MODELS)/thresholds.json ## exact B-TH x R-TH x gate search on out-of-fold predictions
-$(MODELS)/thresholds.json: $(ALL_SEG) $(ALL_CLS)
+$(MODELS)/thresholds.json: $(ALL_SEG) $(ALL_CLS) $(CONFIG_DEPS)
 	$(PY) scripts/06_search_thresholds.py --config $(EXP) --processed $(PROCESSED) --exp-dir $(MODELS)
 
 submit: $(SUBMISSION) ## validated submission CSV

@@ -14,7 +14,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parent))
 from common import save, timed  # noqa: E402
 
-from pneumothorax import dicom, files, paths, prepare, rle, synthetic  # noqa: E402
+from pneumothorax import dicom, files, layout, paths, prepare, rle, synthetic  # noqa: E402
 
 REAL = paths.ROOT / "tests" / "fixtures" / "train-rle.csv.gz"
 
@@ -91,7 +91,7 @@ def bench_prepare(n: int = 500, rounds: int = 5) -> dict:
     files.steady_malloc()
     with tempfile.TemporaryDirectory() as tmp:
         world = synthetic.make_world(Path(tmp) / "w", synthetic.WorldSpec(n_train=n, n_test=0, seed=2), progress=False)
-        dicoms = list(prepare.find_dicoms(world / "dicom-images-train").values())  # what prepare reads
+        dicoms = list(prepare.scan(layout.detect(world)).train.values())  # what prepare reads
         cores = os.cpu_count() or 1
         bare_rates, prepare_rates = [], []
         for round_ in range(rounds):
@@ -102,7 +102,7 @@ def bench_prepare(n: int = 500, rounds: int = 5) -> dict:
             out = Path(tmp) / f"p{round_}"
             os.sync()
             start = time.perf_counter()
-            prepare.prepare(prepare.Layout.stage1(world), out, sizes=(256, 512, 1024), workers=cores, progress=False)
+            prepare.prepare(layout.detect(world), out, sizes=(256, 512, 1024), workers=cores, progress=False)
             prepare_rates.append(len(dicoms) / (time.perf_counter() - start))
             # Removed before the next round, whose writes then reuse the memory this one freed.
             # Observed on the 2-core VM: with every round's output kept (so each round writes

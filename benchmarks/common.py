@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from pneumothorax import files, paths
+from pneumothorax import files, folds, layout, paths, prepare, synthetic
 
 RESULTS = paths.ROOT / "benchmarks" / "results"
 
@@ -43,14 +43,12 @@ def save(name: str, results: dict[str, Any]) -> None:
 
 def prepared_world(root: Path, n_train: int, n_test: int, sizes: tuple[int, ...], seed: int = 7) -> tuple[Path, Path]:
     """A synthetic world under ``root`` and its processed caches (with 5 folds)."""
-    from pneumothorax import folds, prepare, synthetic
-
     world = synthetic.make_world(
         root / "world", synthetic.WorldSpec(n_train=n_train, n_test=n_test, seed=seed), progress=False
     )
     processed = root / "processed"
     meta = prepare.prepare(
-        prepare.Layout.stage1(world, patient_map=world / "kaggle-to-nih-id.csv"), processed, sizes=sizes, progress=False
+        layout.detect(world, patient_map=world / "kaggle-to-nih-id.csv"), processed, sizes=sizes, progress=False
     )
     files.write_csv(processed / "folds.csv", folds.make_folds(meta[meta["split"] == "train"], 5, 0))
     return world, processed

@@ -1,4 +1,8 @@
-"""Apply the searched post-processing to the test predictions; validate; write submissions/<exp>.csv."""
+"""Apply the searched post-processing to the test predictions; validate; write submissions/<exp>.csv.
+
+The RLE is the competition's relative, column-major format: stage 2 used it too (the 1st, 4th,
+5th and 8th places' stage-2 code encodes with the official relative ``mask2rle``).
+"""
 
 from pathlib import Path
 
@@ -10,11 +14,8 @@ def main() -> None:
     p.add_argument("--processed", required=True)
     p.add_argument("--exp-dir", required=True, help="models/<exp>")
     p.add_argument("--out", required=True, help="submission CSV")
-    p.add_argument("--stage2", action="store_true", help="standard (absolute) RLE, as stage 2 asked")
     args = p.parse_args()
-    frame = submission.make_submission(
-        Path(args.exp_dir), Path(args.processed), Path(args.out), relative=not args.stage2, progress=not args.quiet
-    )
+    frame = submission.make_submission(Path(args.exp_dir), Path(args.processed), Path(args.out), progress=not args.quiet)
     empty = (frame["EncodedPixels"] == "-1").sum()
     print(f"submission: {len(frame)} images, {len(frame) - empty} with pneumothorax -> {args.out}")
 

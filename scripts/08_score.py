@@ -10,9 +10,8 @@ def main() -> None:
     p.add_argument("--submission", required=True)
     p.add_argument("--labels", required=True)
     p.add_argument("--out", default=None, help="write the scores as JSON here")
-    p.add_argument("--stage2", action="store_true", help="the submission uses absolute RLE")
     args = p.parse_args()
-    result = submission.score(Path(args.submission), Path(args.labels), relative=not args.stage2)
+    result = submission.score(Path(args.submission), Path(args.labels))
     print(
         f"score {result['score']:.4f} vs all-empty baseline {result['all_empty_score']:.4f} "
         f"({result['n_images']} images, {result['n_positive']} positive)"

@@ -42,11 +42,11 @@ def world(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def processed(world, tmp_path_factory) -> Path:
     """The world prepared at 32 and 64 pixels, with 2 folds."""
-    from pneumothorax import files, folds, prepare
+    from pneumothorax import files, folds, layout, prepare
 
     out = tmp_path_factory.mktemp("processed")
-    layout = prepare.Layout.stage1(world, patient_map=world / "kaggle-to-nih-id.csv")
-    meta = prepare.prepare(layout, out, sizes=(32, 64), workers=2, progress=False)
+    found = layout.detect(world, patient_map=world / "kaggle-to-nih-id.csv")
+    meta = prepare.prepare(found, out, sizes=(32, 64), workers=2, progress=False)
     train = meta[meta["split"] == "train"]
     files.write_csv(out / "folds.csv", folds.make_folds(train, n_folds=2, seed=0))
     return out

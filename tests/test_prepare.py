@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pneumothorax import dicom, prepare, rle, scale
+from pneumothorax import dicom, layout, prepare, rle, scale
 
 
 def test_metadata_and_caches(world, processed):
@@ -57,8 +57,8 @@ def test_metadata_and_caches(world, processed):
 
 def test_rerun_skips(world, processed):
     before = (processed / "metadata.csv").stat().st_mtime_ns
-    layout = prepare.Layout.stage1(world, patient_map=world / "kaggle-to-nih-id.csv")
-    prepare.prepare(layout, processed, sizes=(32,), workers=1, progress=False)
+    found = layout.detect(world, patient_map=world / "kaggle-to-nih-id.csv")
+    prepare.prepare(found, processed, sizes=(32,), workers=1, progress=False)
     assert (processed / "metadata.csv").stat().st_mtime_ns == before
 
 
@@ -87,15 +87,15 @@ def test_bad_training_file_fails_then_resumes_with_skip_bad(world, tmp_path):
     (data / "dicom-images-train" / f"{keep[3]}.dcm").write_bytes(b"broken")
     (data / "dicom-images-train" / f"{keep[5]}.dcm").write_bytes(b"also broken")
     out = tmp_path / "processed"
-    layout = prepare.Layout.stage1(data)
+    found = layout.detect(data)
     with pytest.raises(prepare.PrepareError) as info:
-        prepare.prepare(layout, out, sizes=(32,), workers=1, progress=False)
+        prepare.prepare(found, out, sizes=(32,), workers=1, progress=False)
     message = str(info.value)
     assert "2 unreadable training file(s)" in message and keep[3] in message and keep[5] in message
     # nothing that looks finished; the partial cache and its progress are kept for resuming
     assert not (out / "metadata.csv").exists() and not (out / "images_train_32.npy").exists()
     assert (out / "images_train_32.npy.tmp").exists() and (out / ".prepare-train.jsonl").exists()
-    table = prepare.prepare(layout, out, sizes=(32,), workers=1, skip_bad=True, progress=False)
+    table = prepare.prepare(found, out, sizes=(32,), workers=1, skip_bad=True, progress=False)
     bad = table[table["error"] != ""]
     assert set(bad["image_id"]) == {keep[3], keep[5]}
     assert (out / "images_train_32.npy").exists() and not (out / "images_train_32.npy.tmp").exists()
@@ -106,21 +106,23 @@ def test_bad_training_file_fails_then_resumes_with_skip_bad(world, tmp_path):
 def test_bad_test_file_is_recorded(world, tmp_path):
     data, _, test_files = _small_copy(world, tmp_path)
     (data / "dicom-images-test" / test_files[1].name).write_bytes(b"broken")
-    table = prepare.prepare(prepare.Layout.stage1(data), tmp_path / "p", sizes=(32,), workers=2, progress=False)
+    table = prepare.prepare(layout.detect(data), tmp_path / "p", sizes=(32,), workers=2, progress=False)
     test = table[table["split"] == "test"]
     assert len(test) == 4
     assert (test["error"] != "").sum() == 1 and test_files[1].stem in set(test.loc[test["error"] != "", "image_id"])
 
 
 def test_missing_inputs(tmp_path):
-    with pytest.raises(prepare.PrepareError, match="label CSV not found"):
-        prepare.prepare(prepare.Layout.stage1(tmp_path), tmp_path / "out", sizes=(32,))
+    with pytest.raises(layout.LayoutError, match="no label CSV: expected stage_2_train.csv"):
+        layout.detect(tmp_path)
+    with pytest.raises(layout.LayoutError, match="DATA_DIR does not exist"):
+        layout.detect(tmp_path / "nope")
 
 
 def test_killed_run_resumes_where_it_stopped(world, tmp_path, monkeypatch):
     data, keep, _ = _small_copy(world, tmp_path)
-    layout = prepare.Layout.stage1(data)
-    reference = prepare.prepare(layout, tmp_path / "clean", sizes=(32, 64), workers=1, progress=False)
+    found = layout.detect(data)
+    reference = prepare.prepare(found, tmp_path / "clean", sizes=(32, 64), workers=1, progress=False)
     out = tmp_path / "killed"
     real = prepare._process
     seen: list[int] = []
@@ -133,7 +135,7 @@ def test_killed_run_resumes_where_it_stopped(world, tmp_path, monkeypatch):
 
     monkeypatch.setattr(prepare, "_process", dies_after_five)
     with pytest.raises(KeyboardInterrupt):
-        prepare.prepare(layout, out, sizes=(32, 64), workers=1, progress=False)
+        prepare.prepare(found, out, sizes=(32, 64), workers=1, progress=False)
     log = (out / ".prepare-train.jsonl").read_text().splitlines()
     assert len(log) == 1 + 5 and not (out / "metadata.csv").exists()
     with open(out / ".prepare-train.jsonl", "a") as fh:
@@ -141,7 +143,7 @@ def test_killed_run_resumes_where_it_stopped(world, tmp_path, monkeypatch):
 
     redone: list[int] = []
     monkeypatch.setattr(prepare, "_process", lambda task: redone.append(task[0]) or real(task))
-    table = prepare.prepare(layout, out, sizes=(32, 64), workers=1, progress=False)
+    table = prepare.prepare(found, out, sizes=(32, 64), workers=1, progress=False)
     train_redone, test_done = redone[: len(keep) - 5], redone[len(keep) - 5 :]  # the train split comes first
     assert sorted(train_redone) == sorted(set(range(len(keep))) - set(seen))  # only what was not finished
     assert sorted(test_done) == [0, 1, 2, 3]
@@ -153,12 +155,14 @@ def test_killed_run_resumes_where_it_stopped(world, tmp_path, monkeypatch):
     pd.testing.assert_frame_equal(table[columns], reference[columns])
 
 
-def test_find_dicoms_walks_nested_folders_and_skips_hidden_files(tmp_path):
-    for rel in ("1.2.3/1.2.4/b.dcm", "1.2.5/1.2.6/a.dcm", "x/._a.dcm", "z/b.dcm", "notes.txt"):
+def test_dicoms_found_in_nested_folders_skipping_hidden_files(tmp_path):
+    for rel in ("1.2.3/1.2.4/b.dcm", "1.2.5/1.2.6/a.dcm", "x/._a.dcm", "z/b.dcm", "notes.txt", ".trash/c.dcm"):
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / rel).write_bytes(b"")
-    found = prepare.find_dicoms(tmp_path)
-    assert list(found) == ["a", "b"]  # macOS "._" files are not images
-    assert found["b"] == tmp_path / "1.2.3/1.2.4/b.dcm"  # the first in path order wins
-    with pytest.raises(prepare.PrepareError, match="does not exist"):
-        prepare.find_dicoms(tmp_path / "missing")
+    found = layout.index_dicoms(layout.walk_dicoms([tmp_path]))
+    assert list(found.files) == ["a", "b"]  # macOS "._" files and hidden folders are not images
+    assert found.files["b"] == tmp_path / "1.2.3/1.2.4/b.dcm"  # the first in path order wins
+    assert found.duplicates == [f"b: {tmp_path / '1.2.3/1.2.4/b.dcm'} {tmp_path / 'z/b.dcm'}"]
+    assert found.conflicting == []  # same size
+    with pytest.raises(layout.LayoutError, match="does not exist"):
+        layout.walk_dicoms([tmp_path / "missing"])

@@ -23,12 +23,16 @@ def test_validation_rejects_bad_submissions(tmp_path):
         "bad rle": (_frame([("a", "1 2 3"), ("b", "-1")]), "row 2 \\(image a\\): odd number"),
         "past image": (_frame([("a", f"{1024 * 1024} 1"), ("b", "-1")]), "past the 1024x1024"),
         "nan": (_frame([("a", None), ("b", "-1")]), "NaN"),
-        "unknown": (_frame([("a", "-1"), ("b", "-1"), ("c", "-1")]), "unknown image id"),
+        "unknown": (_frame([("a", "-1"), ("b", "-1"), ("c", "-1")]), r"1 image id\(s\) not in the test set, e.g. c"),
     }
     for name, (frame, message) in cases.items():
         with pytest.raises(submission.SubmissionError, match=message):
             submission.write(frame, tmp_path / f"{name}.csv", ["a", "b"])
         assert not (tmp_path / f"{name}.csv").exists()
+    empty = _frame([])
+    with pytest.raises(submission.SubmissionError, match="refusing to write zero rows"):
+        submission.write(empty, tmp_path / "empty.csv", [])
+    assert not (tmp_path / "empty.csv").exists()
 
 
 def test_score_by_hand(tmp_path):

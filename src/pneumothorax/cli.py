@@ -1,20 +1,26 @@
-"""Shared command-line plumbing for ``scripts/`` and a tiny config query tool for the Makefile.
+"""Shared command-line plumbing for ``scripts/``: arguments, config loading, one-line errors.
 
-``python -m pneumothorax.cli get KEY --config NAME`` prints a config value (lists space-separated);
-``python -m pneumothorax.cli deps --config NAME`` prints the YAML files the experiment reads.
+The Makefile's own queries (config values, input manifests) live in :mod:`pneumothorax.query`,
+which imports no torch and starts in a fraction of a second.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-from pathlib import Path
 from typing import Any
 
-import yaml
-
 from . import config as config_mod
+from . import dicom, files, prepare, rle, submission
+from . import layout as layout_mod
+from . import models
+from .models import WeightsError
+
+KINDS = {
+    "stage2": "stage 2 (today's download: stage_2_train.csv, stage_2_images/, stage-1 re-uploads for training)",
+    "stage1": "stage 1 (train-rle.csv, dicom-images-train/, dicom-images-test/)",
+    "custom": "custom (label CSV named by TRAIN_CSV)",
+}
 
 
 def parser(description: str, config: bool = True) -> argparse.ArgumentParser:
@@ -35,64 +41,44 @@ def parser(description: str, config: bool = True) -> argparse.ArgumentParser:
 
 
 def load_config(args: argparse.Namespace) -> config_mod.Config:
-    """The experiment config from parsed args."""
-    return config_mod.load(args.config, args.overrides)
+    """The experiment config from parsed args (every name in it checked against its registry)."""
+    cfg = config_mod.load(args.config, args.overrides)
+    models.check_names(cfg)
+    return cfg
+
+
+def describe_layout(found: layout_mod.Layout) -> str:
+    """What ``prepare`` is about to read, in a few lines."""
+    rows, images = layout_mod.label_counts(found.labels)
+    lines = [
+        f"layout: {KINDS[found.kind]}",
+        f"  labels: {found.labels} ({rows:,} rows, {images:,} images)",
+        "  training DICOMs: every labelled .dcm under " + ", ".join(str(d) for d in found.train_dirs)
+        + (f" except {found.test_dir}" if found.test_dir else ""),
+        f"  test DICOMs: {found.test_dir}" if found.test_dir else "  test DICOMs: none (training-only run)",
+    ]
+    if found.sample_submission:
+        lines.append(f"  sample submission: {found.sample_submission}")
+    return "\n".join(lines)
+
+
+ERRORS = (
+    config_mod.ConfigError,
+    layout_mod.LayoutError,
+    rle.RLEError,
+    dicom.DicomError,
+    prepare.PrepareError,
+    submission.SubmissionError,
+    WeightsError,
+    files.WriteError,
+    FileNotFoundError,
+)
 
 
 def run(main: Any) -> None:
     """Run a script's main; known errors print one line naming the problem and exit 2."""
-    from .dicom import DicomError
-    from .models import WeightsError
-    from .prepare import PrepareError
-    from .rle import RLEError
-    from .submission import SubmissionError
-
     try:
         main()
-    except (
-        config_mod.ConfigError,
-        RLEError,
-        DicomError,
-        PrepareError,
-        SubmissionError,
-        WeightsError,
-        FileNotFoundError,
-    ) as exc:
+    except ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
-
-
-def _chain(path: Path, seen: list[Path]) -> list[Path]:
-    data = yaml.safe_load(path.read_text()) or {}
-    parents = data.get("defaults", None if path.stem == "base" else ["base"]) or []
-    for parent in [parents] if isinstance(parents, str) else parents:
-        _chain(config_mod.resolve_path(parent, path.parent), seen)
-    if path not in seen:
-        seen.append(path)
-    return seen
-
-
-def main(argv: list[str] | None = None) -> None:
-    """``get KEY`` or ``deps`` for the Makefile."""
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("command", choices=["get", "deps"])
-    p.add_argument("key", nargs="?")
-    p.add_argument("--config", required=True)
-    args = p.parse_args(argv)
-    if args.command == "deps":
-        root = Path.cwd()
-        print(" ".join(os.path.relpath(f, root) for f in _chain(config_mod.resolve_path(args.config), [])))
-        return
-    value: Any = config_mod.to_dict(config_mod.load(args.config))
-    for part in (args.key or "").split("."):
-        value = value[int(part)] if isinstance(value, list) else value[part]
-    if isinstance(value, list):
-        print(" ".join(str(v) for v in value))
-    elif isinstance(value, bool):
-        print("1" if value else "")
-    else:
-        print(value)
-
-
-if __name__ == "__main__":
-    main()

@@ -24,6 +24,14 @@ class ConfigError(ValueError):
     """A config file or override that does not fit the schema; the message names the key."""
 
 
+# Registry names, checked when a config loads (the modules that own each registry test that
+# their keys are exactly these): a typo fails at once, listing the valid names.
+Arch = Literal["unet", "unetplusplus", "fpn", "deeplabv3plus", "linknet"]
+AugmentGroup = Literal["A1", "A2", "A3", "A4", "CLAHE"]
+TTAView = Literal["hflip", "vflip", "hvflip"]
+Weights = Literal["best", "last", "swa"]
+
+
 @dataclass(frozen=True)
 class DataConfig:
     """Caches and loading."""
@@ -62,7 +70,7 @@ class StageConfig:
     swa_lr: float | None = None  # constant LR during SWA epochs (None: keep the schedule)
     positive_rate: float | None = None  # share of positives per epoch (None: natural sampling)
     positive_rate_end: float | None = None  # linearly towards this by the stage's last epoch
-    augment: tuple[str, ...] = ("A1",)
+    augment: tuple[AugmentGroup, ...] = ("A1",)
     augment_p: float = 0.5
 
 
@@ -70,7 +78,7 @@ class StageConfig:
 class SegmentationConfig:
     """The per-fold segmenter."""
 
-    arch: str = "unet"
+    arch: Arch = "unet"
     encoder: str = "resnet34"
     encoder_weights: str = "imagenet"  # imagenet | none | path to a local encoder state dict
     encoder_init: str = "none"  # none | classifier (this fold's classifier) | pretrain (external) | path
@@ -80,7 +88,7 @@ class SegmentationConfig:
     amp: Literal["none", "bf16", "fp16"] = "bf16"  # on CUDA only
     channels_last: bool = True  # on CUDA only
     grad_clip: float = 0.0
-    oof_weights: Literal["best", "last", "swa"] = "swa"
+    oof_weights: Weights = "swa"
 
 
 @dataclass(frozen=True)
@@ -108,8 +116,8 @@ class ClassifierConfig:
 class InferConfig:
     """Test-time inference."""
 
-    tta: tuple[str, ...] = ("hflip",)  # any of hflip, vflip (the identity is always used)
-    weights: Literal["best", "last", "swa"] = "swa"
+    tta: tuple[TTAView, ...] = ("hflip",)  # any of hflip, vflip, hvflip (the identity is always used)
+    weights: Weights = "swa"
     batch_size: int = 16
 
 
@@ -176,7 +184,7 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
         raise ConfigError(errors[0] if errors else f"{where}: bad value {value!r}")
     if origin is Literal:
         if value not in args:
-            raise ConfigError(f"{where}: {value!r} is not one of {list(args)}")
+            raise ConfigError(f"{where}: {value!r} is not one of the valid names {list(args)}")
         return value
     if origin is tuple:
         if not isinstance(value, list | tuple):

@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
-import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import cv2
 import numpy as np
 import pydicom
+from pydicom import config as pydicom_config
 from pydicom.encaps import generate_frames
 from pydicom.uid import JPEGBaseline8Bit, JPEGExtended12Bit
 
 JPEG_SYNTAXES = {str(JPEGBaseline8Bit), str(JPEGExtended12Bit)}
+UID_PATTERN = re.compile(r"[0-9]+(\.[0-9]+)*")
 
 
 class DicomError(ValueError):
@@ -29,6 +32,29 @@ def _parse_age(value: Any) -> int | None:
         return None
     number, unit = int(match.group(1)), match.group(2) or "Y"
     return {"Y": number, "M": number // 12, "W": number // 52, "D": number // 365}[unit]
+
+
+@contextlib.contextmanager
+def lenient() -> Iterator[None]:
+    """pydicom's value validation off for the block (and restored after).
+
+    The SIIM files break two rules that pydicom reports once per file, on stderr: PatientAge
+    is a bare number (``'62'``) and today's test files carry ``ID_0011fe81e`` as their
+    SOPInstanceUID, which is not a UID. :func:`read` records the latter in its metadata
+    (``sop_is_uid``), so that ``prepare`` can say it once for all files.
+    """
+    settings = pydicom_config.settings
+    before = (settings.reading_validation_mode, settings.writing_validation_mode)
+    settings.reading_validation_mode = settings.writing_validation_mode = pydicom_config.IGNORE
+    try:
+        yield
+    finally:
+        settings.reading_validation_mode, settings.writing_validation_mode = before
+
+
+def is_uid(value: str) -> bool:
+    """Whether ``value`` is a DICOM UID (digits and dots, at most 64 characters)."""
+    return len(value) <= 64 and UID_PATTERN.fullmatch(value) is not None
 
 
 def _decode_jpeg(ds: pydicom.Dataset) -> np.ndarray:
@@ -57,20 +83,21 @@ def read(path: str | Path) -> tuple[np.ndarray, dict[str, Any]]:
     Returns:
         ``(pixels, meta)``: pixels a ``uint8`` (rows, columns) array, MONOCHROME1 inverted,
         more than 8 stored bits scaled to 0-255; meta with image_id (the file stem),
-        sop_instance_uid, sex, age, view, rows, columns, pixel_spacing.
+        sop_instance_uid, sop_is_uid, patient_id, sex, age, view, rows, columns, pixel_spacing.
 
     Raises:
         DicomError: naming the path and the reason.
     """
     path = Path(path)
-    try:
-        with warnings.catch_warnings():
-            # The SIIM files store PatientAge as a bare number ('10'), which pydicom flags.
-            warnings.filterwarnings("ignore", message="Invalid value for VR AS")
+    with lenient():
+        try:
             ds = pydicom.dcmread(path)
-            age = ds.get("PatientAge")
-    except Exception as exc:  # pydicom raises many types on corrupt input
-        raise DicomError(f"{path}: not a readable DICOM file ({type(exc).__name__}: {exc})") from None
+        except Exception as exc:  # pydicom raises many types on corrupt input
+            raise DicomError(f"{path}: not a readable DICOM file ({type(exc).__name__}: {exc})") from None
+        return _pixels_and_meta(path, ds)
+
+
+def _pixels_and_meta(path: Path, ds: pydicom.Dataset) -> tuple[np.ndarray, dict[str, Any]]:
     if "PixelData" not in ds:
         raise DicomError(f"{path}: no PixelData element")
     syntax = str(getattr(ds.file_meta, "TransferSyntaxUID", ""))
@@ -87,12 +114,14 @@ def read(path: str | Path) -> tuple[np.ndarray, dict[str, Any]]:
     if str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip() == "MONOCHROME1":
         pixels = 255 - pixels
     spacing = ds.get("PixelSpacing")
+    sop = str(ds.get("SOPInstanceUID", "")).strip()
     meta = {
         "image_id": path.stem,
-        "sop_instance_uid": str(ds.get("SOPInstanceUID", "")),
+        "sop_instance_uid": sop,
+        "sop_is_uid": is_uid(sop),
         "patient_id": str(ds.get("PatientID", "")),
         "sex": str(ds.get("PatientSex", "")).strip() or None,
-        "age": _parse_age(age),
+        "age": _parse_age(ds.get("PatientAge")),
         "view": str(ds.get("ViewPosition", "")).strip() or None,
         "rows": rows,
         "columns": cols,

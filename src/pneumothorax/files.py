@@ -1,17 +1,59 @@
-"""Atomic file writes: write ``name.tmp`` beside the target, then ``os.replace``."""
+"""Atomic file writes (``name.tmp`` beside the target, then ``os.replace``), locks, and write errors that say why."""
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
 import errno
+import fcntl
 import json
+import multiprocessing
+import multiprocessing.context
 import os
+import shutil
+import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+
+class WriteError(OSError):
+    """An output that could not be written: the message names the file and the free space."""
+
+
+# errno values that mean "this output cannot be written here" rather than a bug
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EISDIR}
+
+
+def free_space(path: str | Path) -> str:
+    """Free space on the filesystem that holds ``path`` (or its nearest existing parent), readable."""
+    probe = Path(path).absolute()
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        free = shutil.disk_usage(probe).free
+    except OSError:
+        return "unknown free space"
+    return f"{free / 2**30:.2f} GiB free on the disk holding {probe}"
+
+
+def write_error(path: str | Path, exc: BaseException) -> WriteError | None:
+    """A :class:`WriteError` for ``exc`` if it means a full disk or an unwritable place, else None.
+
+    torch reports a full disk while saving as ``RuntimeError: [enforce fail at
+    inline_container.cc] unexpected pos`` or a ``PytorchStreamWriter`` failure.
+    """
+    if isinstance(exc, WriteError):
+        return exc
+    text = str(exc)
+    is_write = isinstance(exc, OSError) and exc.errno in _WRITE_ERRNOS
+    is_torch = isinstance(exc, RuntimeError) and ("unexpected pos" in text or "PytorchStreamWriter" in text)
+    if not (is_write or is_torch):
+        return None
+    reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else text.splitlines()[0] if text else type(exc).__name__
+    return WriteError(errno.ENOSPC, f"{path}: could not write ({reason}); {free_space(path)}")
 
 
 def tmp_path(path: Path) -> Path:
@@ -21,15 +63,23 @@ def tmp_path(path: Path) -> Path:
 
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path; on success it replaces ``path``, on error it is removed."""
+    """Yield a temporary path; on success it replaces ``path``, on error it is removed.
+
+    A full disk or an unwritable place raises :class:`WriteError` naming ``path`` and the free space.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = tmp_path(path)
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         yield tmp
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as exc:
+        translated = write_error(path, exc)
+        if translated is None:
+            raise
+        raise translated from exc
     finally:
-        if tmp.exists():
+        with contextlib.suppress(OSError):
             tmp.unlink()
 
 
@@ -50,6 +100,15 @@ def write_csv(path: str | Path, frame: Any) -> None:
         frame.to_csv(tmp, index=False)
 
 
+def write_text_if_changed(path: str | Path, text: str) -> bool:
+    """Write text atomically unless the file already holds exactly it (its time then stays); True if written."""
+    path = Path(path)
+    if path.exists() and path.read_text() == text:
+        return False
+    write_text(path, text)
+    return True
+
+
 def save_npy(path: str | Path, array: np.ndarray) -> None:
     """Save one array atomically (``np.save`` appends ``.npy`` to names, so write a handle)."""
     with atomic_path(path) as tmp, open(tmp, "wb") as fh:
@@ -66,11 +125,9 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
-def start_method() -> str:
-    """Multiprocessing start method for CPU pools: fork where available (no re-import of __main__)."""
-    import multiprocessing as mp
-
-    return "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+def mp_context() -> multiprocessing.context.BaseContext:
+    """Multiprocessing context for CPU pools: fork where available (no re-import of __main__)."""
+    return multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
 
 
 def create_npy(path: str | Path, dtype: Any, shape: tuple[int, ...], align: int = 4096) -> int:
@@ -144,11 +201,21 @@ class RowWriter:
         """Write ``row`` (C-contiguous, the array's dtype) as row ``index``."""
         fd = self._fds.get(path)
         if fd is None:
-            fd = self._fds[path] = os.open(path, os.O_WRONLY)
+            fd = self._fds[path] = os.open(path, os.O_RDWR)
         data = np.ascontiguousarray(row)
         written = os.pwrite(fd, data, offset + index * data.nbytes)
         if written != data.nbytes:
             raise OSError(f"{path}: short write of row {index} ({written} of {data.nbytes} bytes)")
+
+    def read(self, path: str, offset: int, index: int, nbytes: int) -> np.ndarray:
+        """Row ``index`` (``nbytes`` long, uint8) of the ``.npy`` data that starts at ``offset``."""
+        fd = self._fds.get(path)
+        if fd is None:
+            fd = self._fds[path] = os.open(path, os.O_RDWR)
+        data = os.pread(fd, nbytes, offset + index * nbytes)
+        if len(data) != nbytes:
+            raise OSError(f"{path}: short read of row {index} ({len(data)} of {nbytes} bytes)")
+        return np.frombuffer(data, dtype=np.uint8)
 
     def close(self) -> None:
         """Close every handle."""
@@ -172,3 +239,30 @@ def steady_malloc(mmap_threshold: int = 32 << 20, trim_threshold: int = 128 << 2
         return False
     m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
     return bool(mallopt(m_mmap_threshold, mmap_threshold)) and bool(mallopt(m_trim_threshold, trim_threshold))
+
+
+@contextlib.contextmanager
+def locked(path: str | Path, what: str) -> Iterator[None]:
+    """Hold an exclusive lock on ``path`` for the block; say so, then wait, while another process holds it.
+
+    ``flock`` locks end with their process, so a killed holder never leaves a stale lock.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "another process"
+            print(f"waiting: {what} is in use by {holder} (lock {path})", file=sys.stderr, flush=True)
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()}")
+        fh.flush()
+        try:
+            yield
+        finally:
+            fh.truncate(0)
+            fcntl.flock(fh, fcntl.LOCK_UN)

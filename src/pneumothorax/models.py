@@ -7,6 +7,7 @@ supply the local file.
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ import timm
 import torch
 from torch import nn
 
-from .config import ClassifierConfig, SegmentationConfig
+from .config import ClassifierConfig, Config, ConfigError, SegmentationConfig
 
 SEGMENTERS: dict[str, Callable[..., nn.Module]] = {
     "unet": smp.Unet,
@@ -83,6 +84,30 @@ def transfer(target: nn.Module, source: dict[str, torch.Tensor]) -> dict[str, An
             missing.append(name)
     target.load_state_dict(own)
     return {"loaded": loaded, "missing": missing, "unused": sorted(set(source) - used)}
+
+
+def _unknown(key: str, value: str, names: list[str], listing: str) -> ConfigError:
+    close = difflib.get_close_matches(value, names, n=5)
+    hint = f"; did you mean {close}?" if close else ""
+    return ConfigError(f"{key}: {value!r} is not a known name{hint} (list them with {listing})")
+
+
+def check_names(cfg: Config) -> None:
+    """Check the encoder and classifier names against smp and timm (before any work starts).
+
+    Raises:
+        ConfigError: naming the key and the closest valid names.
+    """
+    encoder = cfg.segmentation.encoder
+    timm_names = timm.list_models()
+    if encoder.startswith("tu-"):
+        if encoder[3:] not in timm_names:
+            raise _unknown("segmentation.encoder", encoder, ["tu-" + n for n in timm_names], "timm.list_models()")
+    elif encoder not in smp.encoders.get_encoder_names():
+        names = smp.encoders.get_encoder_names()
+        raise _unknown("segmentation.encoder", encoder, names, "smp.encoders.get_encoder_names(), or tu-<timm name>")
+    if cfg.classifier.enabled and cfg.classifier.model not in timm_names:
+        raise _unknown("classifier.model", cfg.classifier.model, timm_names, "timm.list_models()")
 
 
 def create_segmenter(cfg: SegmentationConfig, in_channels: int) -> nn.Module:

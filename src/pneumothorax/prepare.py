@@ -3,22 +3,29 @@
 Caches are memory-mapped ``.npy`` arrays, one per split and size (``images_train_256.npy``
 of shape (N, 256, 256) uint8, ``masks_train_256.npy`` 0/1), which the training loader
 slices without decoding DICOM again. Work runs on all cores; each worker writes its rows
-straight into the cache files (``pwrite`` into blocks reserved beforehand). Caches are
-written as ``*.npy.tmp`` with a progress file, so a killed run resumes where it stopped, and
-renamed only when complete; ``metadata.csv`` is written last. A size already cached is not redone.
+straight into the cache files (``pwrite`` into blocks reserved beforehand).
+
+Up to date means: the same files (path order, size, modification time) with the same label
+rows. ``prepare.json`` records a signature per image; a rerun decodes only images that are
+new, replaced, relabelled or failed before (a failure is never remembered as a result), and
+copies the rows of the others. New caches are written as ``*.npy.tmp`` with an append-only
+progress log, so a killed run resumes where it stopped; they are renamed only when complete.
+When only some images changed and the file list is the same, their rows are rewritten in
+place. ``metadata.csv`` is rewritten only when its content changes. A lock on the folder
+makes a second ``prepare`` wait.
 """
 
 from __future__ import annotations
 
+import concurrent.futures as futures
 import hashlib
 import json
-import multiprocessing as mp
 import os
-import warnings
 from collections.abc import Sequence
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import cv2
 import numpy as np
@@ -26,81 +33,109 @@ import pandas as pd
 from tqdm import tqdm
 
 from . import dicom, files, rle, scale
+from . import layout as layout_mod
 
 SPLITS = ("train", "test")
+RECORD_VERSION = 2
+COLUMNS = [
+    "image_id",
+    "split",
+    "index",
+    "path",
+    "has_pneumothorax",
+    "n_annotations",
+    "mask_area",
+    "sex",
+    "age",
+    "view",
+    "patient",
+    "error",
+]
 
 
 class PrepareError(RuntimeError):
-    """Unreadable training files (all of them listed) or inconsistent inputs."""
-
-
-@dataclass(frozen=True)
-class Layout:
-    """Where the raw SIIM data lies (the Kaggle stage-1 layout by default)."""
-
-    train_csv: Path
-    train_dir: Path
-    test_dir: Path | None
-    patient_map: Path | None = None
-
-    @classmethod
-    def stage1(cls, data_dir: str | Path, patient_map: str | Path | None = None, **overrides: Any) -> Layout:
-        """The Kaggle stage-1 names under ``data_dir``; ``train_csv``/``train_dir``/``test_dir`` may override."""
-        data_dir = Path(data_dir)
-        paths = {
-            "train_csv": data_dir / "train-rle.csv",
-            "train_dir": data_dir / "dicom-images-train",
-            "test_dir": data_dir / "dicom-images-test",
-        }
-        for key, value in overrides.items():
-            if key not in paths:
-                raise TypeError(f"unknown layout key {key!r}; expected one of {sorted(paths)}")
-            if value:  # a relative override is taken inside data_dir
-                paths[key] = Path(value) if Path(value).is_absolute() else data_dir / value
-        test_dir = paths["test_dir"] if paths["test_dir"].exists() else None
-        return cls(paths["train_csv"], paths["train_dir"], test_dir, Path(patient_map) if patient_map else None)
+    """Unreadable training files (all of them listed), missing or inconsistent inputs, or a dead worker."""
 
 
 @dataclass
 class Report:
     """What prepare found wrong or odd; written to ``prepare-report.json``."""
 
+    layout: dict[str, str] = field(default_factory=dict)
     bad_train: list[dict[str, str]] = field(default_factory=list)
     bad_test: list[dict[str, str]] = field(default_factory=list)
     labels_without_image: list[str] = field(default_factory=list)
-    images_without_label: list[str] = field(default_factory=list)
+    unlabelled_images: list[str] = field(default_factory=list)
     duplicate_files: list[str] = field(default_factory=list)
+    conflicting_duplicates: list[str] = field(default_factory=list)
+    train_test_overlap: list[str] = field(default_factory=list)
     sop_mismatch: list[str] = field(default_factory=list)
+    non_uid_sop: list[str] = field(default_factory=list)
 
 
-def find_dicoms(folder: Path | None) -> dict[str, Path]:
-    """Image id (file stem) -> path for every ``*.dcm`` below ``folder``, sorted by id.
+@dataclass
+class Inputs:
+    """What a layout holds: labels, the DICOMs of each split, and what did not fit."""
 
-    Where two files share a stem, the first in path order wins (``prepare-report.json`` lists
-    stems found in both the train and test folders). ``os.walk``: about 2x faster than
-    ``Path.rglob`` on the Kaggle layout, which nests every file two folders deep.
+    labels: dict[str, list[str]]
+    train: dict[str, Path]
+    test: dict[str, Path]
+    sample_ids: list[str] | None
+    report: Report
+
+
+def scan(found: layout_mod.Layout) -> Inputs:
+    """Read the labels and find every DICOM of the layout; nothing is decoded yet.
+
+    Raises:
+        PrepareError: no labelled DICOM, an empty test folder, or a sample submission whose
+            ids differ from the test DICOMs (each names examples).
     """
-    if folder is None:
-        return {}
-    if not folder.is_dir():
-        raise PrepareError(f"{folder}: DICOM folder does not exist")
-    paths = [
-        os.path.join(root, name)
-        for root, _, names in os.walk(folder)
-        for name in names
-        if name.endswith(".dcm") and not name.startswith(".")
-    ]
-    found: dict[str, Path] = {}
-    for path in sorted(paths, key=lambda p: p.split(os.sep)):
-        found.setdefault(os.path.basename(path)[:-4], Path(path))
-    return dict(sorted(found.items()))
+    labels = rle.read_labels(found.labels)
+    if not labels:
+        raise PrepareError(f"{found.labels}: the label CSV has no rows")
+    train_all = layout_mod.index_dicoms(layout_mod.walk_dicoms(found.train_dirs, found.exclude))
+    test = layout_mod.index_dicoms(layout_mod.walk_dicoms([found.test_dir])) if found.test_dir else None
+    report = Report(layout=found.describe())
+    report.duplicate_files = train_all.duplicates + (test.duplicates if test else [])
+    report.conflicting_duplicates = train_all.conflicting + (test.conflicting if test else [])
+    report.labels_without_image = sorted(set(labels) - set(train_all.files))
+    report.unlabelled_images = sorted(set(train_all.files) - set(labels))
+    train = {k: v for k, v in train_all.files.items() if k in labels}
+    if not train:
+        dirs = " ".join(str(d) for d in found.train_dirs)
+        raise PrepareError(f"{dirs}: no DICOM file matches a row of {found.labels} ({len(train_all.files)} DICOMs found)")
+    test_files = test.files if test else {}
+    if found.test_dir is not None and not test_files:
+        raise PrepareError(f"{found.test_dir}: the test folder holds no DICOM file (TEST_DIR=none for a training-only run)")
+    report.train_test_overlap = sorted(set(train) & set(test_files))
+    sample_ids = layout_mod.read_sample_ids(found.sample_submission) if found.sample_submission else None
+    if sample_ids is not None:
+        check_sample(sample_ids, list(test_files), found.sample_submission)
+    return Inputs(labels, train, test_files, sample_ids, report)
+
+
+def check_sample(sample_ids: Sequence[str], test_ids: Sequence[str], sample: Path | None) -> None:
+    """The test DICOMs must be exactly the sample submission's images; names the first of each difference."""
+    missing = sorted(set(sample_ids) - set(test_ids))
+    extra = sorted(set(test_ids) - set(sample_ids))
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} image(s) of the sample submission have no test DICOM, e.g. {missing[:3]}")
+    if extra:
+        problems.append(f"{len(extra)} test DICOM(s) are not in the sample submission, e.g. {extra[:3]}")
+    if problems:
+        raise PrepareError(
+            f"{sample}: " + "; ".join(problems) + ". Kaggle scores exactly the sample's ids: fix the test folder, "
+            "or set SAMPLE_SUBMISSION=none to submit whatever the test folder holds"
+        )
 
 
 def read_patient_map(path: Path | None) -> dict[str, str]:
     """Kaggle image id -> NIH patient id (the part of ``00028864_007.png`` before ``_``)."""
     if path is None or not Path(path).exists():
         return {}
-    table = pd.read_csv(path, dtype=str, skipinitialspace=True)
+    table = pd.read_csv(path, dtype=str, skipinitialspace=True, encoding="utf-8-sig")
     table.columns = [c.strip() for c in table.columns]
     if not {"Kaggle_ID", "NIH_ID"} <= set(table.columns):
         raise PrepareError(f"{path}: expected columns Kaggle_ID,NIH_ID, got {list(table.columns)}")
@@ -113,9 +148,45 @@ def cache_path(out_dir: Path, kind: str, split: str, size: int) -> Path:
     return Path(out_dir) / f"{kind}_{split}_{size}.npy"
 
 
+def signature(path: Path, rows: list[str] | None) -> str:
+    """What makes an image's cache rows valid: its file's size and time, and its label rows."""
+    stat = path.stat()
+    rows_hash = hashlib.sha1("\n".join(rows).encode()).hexdigest()[:16] if rows is not None else "-"
+    return f"{stat.st_size}:{stat.st_mtime_ns}:{rows_hash}"
+
+
 # --- workers ---------------------------------------------------------------------------
-# (size, image cache .tmp, its data offset, mask cache .tmp or None, its data offset)
-Target = tuple[int, str, int, str | None, int]
+class Target(NamedTuple):
+    """One size's cache files of a split, being written: new (``.tmp``) or existing (``in_place``)."""
+
+    size: int
+    image: str
+    image_offset: int
+    mask: str | None
+    mask_offset: int
+    in_place: bool
+
+
+class Source(NamedTuple):
+    """One size's finished cache files from the previous run (rows to copy)."""
+
+    image: str
+    image_offset: int
+    mask: str | None
+    mask_offset: int
+
+
+class Task(NamedTuple):
+    """One image: rows to decode and write, rows to copy from the previous caches, its previous metadata."""
+
+    index: int
+    path: str
+    rows: list[str] | None  # label rows (train) or None (test)
+    decode: tuple[Target, ...]
+    copies: tuple[tuple[Target, Source, int, bool], ...]  # (target, source, old index, positive)
+    previous: dict[str, Any] | None
+
+
 _WRITER = files.RowWriter()
 
 
@@ -125,152 +196,182 @@ def _init_worker() -> None:
     _WRITER.close()
 
 
-def _process(task: tuple[int, str, list[str] | None, list[Target]]) -> dict[str, Any]:
-    """Decode one DICOM, write its resized image (and mask) rows; return its metadata."""
-    index, path, rows, targets = task
+def _copy(target: Target, source: Source, index: int, old_index: int, positive: bool) -> None:
+    nbytes = target.size * target.size
+    row = _WRITER.read(source.image, source.image_offset, old_index, nbytes)
+    _WRITER.write(target.image, target.image_offset, index, row)
+    if positive and target.mask is not None and source.mask is not None:
+        _WRITER.write(target.mask, target.mask_offset, index, _WRITER.read(source.mask, source.mask_offset, old_index, nbytes))
+
+
+def _process(task: Task) -> dict[str, Any]:
+    """Copy an image's unchanged rows, decode what changed; return its metadata."""
+    for target, source, old_index, positive in task.copies:
+        _copy(target, source, task.index, old_index, positive)
+    if not task.decode:
+        return {**(task.previous or {}), "index": task.index}
     try:
-        pixels, meta = dicom.read(path)
-        mask = rle.decode_union(rows, shape=pixels.shape) if rows else None  # None: a test image or a negative
+        pixels, meta = dicom.read(task.path)
+        mask = rle.decode_union(task.rows, shape=pixels.shape) if task.rows else None  # None: test or negative
     except (dicom.DicomError, rle.RLEError) as exc:
-        return {"index": index, "error": str(exc)}
+        return {"index": task.index, "error": str(exc)}
     # decode_union() returns a transposed view of a column-major buffer: scale that C-ordered
     # buffer and transpose the results with OpenCV (15x faster than NumPy's transposed copy,
-    # 0.08 against 1.3 ms at 1024). Empty masks are not written: the cache is zero there.
-    sizes = [target[0] for target in targets]
+    # 0.08 against 1.3 ms at 1024). Empty masks of new caches are not written: the cache is zero there.
+    sizes = [target.size for target in task.decode]
     images = scale.pyramid(pixels, sizes)
     masks = scale.mask_pyramid(mask.T * np.uint8(255), sizes) if mask is not None else None
-    for size, image_path, image_offset, mask_path, mask_offset in targets:
-        _WRITER.write(image_path, image_offset, index, images[size])
-        if mask_path is not None and masks is not None:
-            _WRITER.write(mask_path, mask_offset, index, cv2.transpose(masks[size]))
-    if rows is not None:
+    for target in task.decode:
+        _WRITER.write(target.image, target.image_offset, task.index, images[target.size])
+        if target.mask is not None and masks is not None:
+            _WRITER.write(target.mask, target.mask_offset, task.index, cv2.transpose(masks[target.size]))
+        elif target.mask is not None and target.in_place:  # a relabelled negative: clear its old mask row
+            _WRITER.write(target.mask, target.mask_offset, task.index, np.zeros((target.size, target.size), np.uint8))
+    if task.rows is not None:
         meta["mask_area"] = int(np.count_nonzero(mask)) if mask is not None else 0
-    meta["index"] = index
+    meta["index"] = task.index
     return meta
 
 
-# --- the step --------------------------------------------------------------------------
-def _plan_signature(ids: Sequence[str], sizes: Sequence[int]) -> str:
-    digest = hashlib.sha1("\n".join(ids).encode())
-    digest.update(repr(list(sizes)).encode())
-    return digest.hexdigest()
+def _process_chunk(tasks: list[Task]) -> list[dict[str, Any]]:
+    return [_process(task) for task in tasks]
 
 
-def _run_split(
+# --- planning a split ------------------------------------------------------------------
+@dataclass
+class SplitPlan:
+    """The work of one split: targets per size, the tasks, and what is kept as it was."""
+
+    split: str
+    ids: list[str]
+    paths: list[str]
+    sigs: list[str]
+    targets: list[Target]
+    tasks: list[Task]
+    kept: dict[int, dict[str, Any]]  # index -> metadata of images with no work (unchanged or logged)
+    renames: list[tuple[Path, Path]]  # (tmp, final) when complete
+    log_signature: str
+    in_place_ids: list[str]  # images whose rows are rewritten in the existing caches
+
+
+def _empty_record() -> dict[str, Any]:
+    return {"version": RECORD_VERSION, "sizes": [], "splits": {}}
+
+
+def _read_record(out_dir: Path) -> dict[str, Any]:
+    path = out_dir / "prepare.json"
+    if not path.exists():
+        return _empty_record()
+    try:
+        record = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return _empty_record()
+    return record if record.get("version") == RECORD_VERSION else _empty_record()
+
+
+def _target(out_dir: Path, split: str, size: int, with_masks: bool, n: int, in_place: bool, fresh: bool) -> Target:
+    """A size's cache files to write: the finished ones (in place), or ``.tmp`` ones (created unless resumed)."""
+    paths = [cache_path(out_dir, "images", split, size)] + ([cache_path(out_dir, "masks", split, size)] if with_masks else [])
+    if not in_place:
+        paths = [files.tmp_path(p) for p in paths]
+    offsets = []
+    for path in paths:
+        if in_place or (path.exists() and not fresh):
+            offsets.append(files.npy_data_offset(path))
+        else:
+            offsets.append(files.create_npy(path, np.uint8, (n, size, size)))
+    mask = str(paths[1]) if with_masks else None
+    return Target(size, str(paths[0]), offsets[0], mask, offsets[1] if with_masks else 0, in_place)
+
+
+def _source(out_dir: Path, split: str, size: int, with_masks: bool) -> Source:
+    image = cache_path(out_dir, "images", split, size)
+    mask = cache_path(out_dir, "masks", split, size) if with_masks else None
+    return Source(str(image), files.npy_data_offset(image), str(mask) if mask else None, files.npy_data_offset(mask) if mask else 0)
+
+
+def _plan_split(
     split: str,
     dicoms: dict[str, Path],
     labels: dict[str, list[str]] | None,
     sizes: Sequence[int],
     out_dir: Path,
-    workers: int,
-    progress: bool,
-) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
-    """Fill the caches of one split; returns (per-image metadata, bad files)."""
+    old: dict[str, Any],
+) -> SplitPlan:
+    """Which rows to decode, copy or keep, against the previous run's record of this split."""
     ids = list(dicoms)
-    n = len(ids)
-    missing = [s for s in sizes if not cache_path(out_dir, "images", split, s).exists()]
-    state_path = out_dir / f".prepare-{split}.jsonl"
-    signature = _plan_signature(ids, missing)
-    done = np.zeros(n, dtype=bool)
-    metas = _read_progress(state_path, signature)
-    done[list(metas)] = True
-    tmp_files = [
-        files.tmp_path(cache_path(out_dir, kind, split, size))
-        for size in missing
-        for kind in (("images", "masks") if labels is not None else ("images",))
-    ]
-    if not all(p.exists() for p in tmp_files):  # a partial cache went missing: start this split over
-        done[:] = False
-        metas = {}
-    targets: list[Target] = []
-    pending = np.flatnonzero(~done)
-    positive = np.array([bool(labels.get(image_id)) for image_id in ids]) if labels is not None else None
-    for size in missing:
-        row_bytes = size * size
-        image_tmp = files.tmp_path(cache_path(out_dir, "images", split, size))
-        mask_tmp = files.tmp_path(cache_path(out_dir, "masks", split, size)) if labels is not None else None
-        offsets = []
-        for path in (image_tmp, mask_tmp):
-            if path is None:
-                offsets.append(0)
-            elif not path.exists() or not done.any():
-                offsets.append(files.create_npy(path, np.uint8, (n, size, size)))
-            else:
-                offsets.append(files.npy_data_offset(path))
-        # Reserve the blocks the workers will write: every pending image row, and the mask rows
-        # of pending positives (negative masks stay holes, read as zeros, and take no disk).
-        files.reserve(image_tmp, [(offsets[0] + int(i) * row_bytes, row_bytes) for i in pending])
-        if mask_tmp is not None and positive is not None:
-            rows = pending[positive[pending]]
-            files.reserve(mask_tmp, [(offsets[1] + int(i) * row_bytes, row_bytes) for i in rows])
-        targets.append((size, str(image_tmp), offsets[0], str(mask_tmp) if mask_tmp else None, offsets[1]))
-    tasks = [
-        (i, str(dicoms[image_id]), (labels.get(image_id, []) if labels is not None else None), targets)
-        for i, image_id in enumerate(ids)
-        if not done[i]
-    ]
-
-    bad: list[dict[str, str]] = []
-    workers = min(workers, len(tasks))  # no pool for an empty split or a finished one
-    if workers <= 1:
-        _init_worker()
-    else:
-        rle.decode("1 1", shape=(1, 2))  # load the numba kernels once, before the workers fork
-    bar = tqdm(total=n, initial=int(done.sum()), desc=f"prepare {split}", unit="img", disable=not progress)
-    log = _open_progress(state_path, signature, metas)
-    pool = None
-    try:
-        if workers > 1:
-            pool = mp.get_context(files.start_method()).Pool(workers, _init_worker)
-        chunk = _chunksize(len(tasks), workers)
-        results = map(_process, tasks) if pool is None else pool.imap_unordered(_process, tasks, chunksize=chunk)
-        for count, result in enumerate(results, start=1):
-            metas[result["index"]] = result
-            log.write(json.dumps(result) + "\n")
-            bar.update()
-            if count % 64 == 0:
-                log.flush()
-    except BaseException:
-        if pool is not None:  # a failure or Ctrl-C: stop now; what was logged is kept for the next run
-            pool.terminate()
-        raise
-    finally:
-        bar.close()
-        log.close()
-        if pool is not None:
-            pool.close()
-            pool.join()
-        _WRITER.close()
-    for meta in metas.values():
-        if "error" in meta:
-            bad.append(
-                {"image_id": ids[meta["index"]], "path": str(dicoms[ids[meta["index"]]]), "error": meta["error"]}
-            )
-    ordered = []
+    sigs = [signature(dicoms[i], labels.get(i, []) if labels is not None else None) for i in ids]
+    old_ids, old_sigs, old_metas = old.get("ids", []), old.get("sigs", []), old.get("metas", [])
+    old_index = {image_id: k for k, image_id in enumerate(old_ids)}
+    with_masks = labels is not None
+    same_list = ids == old_ids
+    log_path = out_dir / f".prepare-{split}.jsonl"
+    plan_text = json.dumps([ids, sigs, sorted(sizes), same_list])
+    log_signature = hashlib.sha1(plan_text.encode()).hexdigest()
+    kinds = ("images", "masks") if with_masks else ("images",)
+    finished = {
+        size: size in old.get("sizes", []) and all(cache_path(out_dir, k, split, size).exists() for k in kinds)
+        for size in sizes
+    }
+    partial = [files.tmp_path(cache_path(out_dir, k, split, s)) for s in sizes if not (finished[s] and same_list) for k in kinds]
+    # progress is only worth resuming if every partial cache it wrote into is still there
+    logged = _read_progress(log_path, log_signature) if all(p.exists() for p in partial) else {}
+    targets, sources, renames = [], [], []
+    for size in sizes:
+        in_place = finished[size] and same_list
+        targets.append(_target(out_dir, split, size, with_masks, len(ids), in_place, fresh=not logged))
+        sources.append(_source(out_dir, split, size, with_masks) if finished[size] and not in_place else None)
+        if not in_place:
+            renames += [(Path(p), Path(p[: -len(".tmp")])) for p in (targets[-1].image, targets[-1].mask) if p]
+    tasks, kept, in_place_ids = [], {}, []
     for i, image_id in enumerate(ids):
-        meta = dict(metas[i])
-        meta["image_id"] = image_id
-        meta["path"] = str(dicoms[image_id])
-        ordered.append(meta)
-    return ordered, bad
+        k = old_index.get(image_id)
+        unchanged = k is not None and old_sigs[k] is not None and old_sigs[k] == sigs[i]
+        previous = old_metas[k] if unchanged else None
+        decode = tuple(t for t, s in zip(targets, sources, strict=True) if not unchanged or (not t.in_place and s is None))
+        positive = bool(previous and previous.get("mask_area", 0))
+        copies = tuple(
+            (t, s, k, positive) for t, s in zip(targets, sources, strict=True) if unchanged and s is not None
+        )
+        if i in logged:
+            kept[i] = logged[i]
+        elif not decode and not copies:
+            kept[i] = {**(previous or {}), "index": i}
+        else:
+            rows = (labels.get(image_id, []) if labels is not None else None)
+            tasks.append(Task(i, str(dicoms[image_id]), rows, decode, copies, previous))
+            if any(t.in_place for t in decode):
+                in_place_ids.append(image_id)
+    _reserve(targets, tasks)
+    paths = [str(dicoms[i]) for i in ids]
+    return SplitPlan(split, ids, paths, sigs, targets, tasks, kept, renames, log_signature, in_place_ids)
 
 
-def _chunksize(n_tasks: int, workers: int) -> int:
-    """Tasks per message to a worker: fewer messages on big jobs, yet about 16 chunks per worker."""
-    return max(1, min(32, n_tasks // (16 * max(workers, 1))))
+def _reserve(targets: list[Target], tasks: list[Task]) -> None:
+    """Reserve the blocks the workers will write in new caches (negative masks stay holes: zeros, no disk)."""
+    for target in targets:
+        if target.in_place:
+            continue
+        row = target.size * target.size
+        writes = [t for t in tasks if any(x.size == target.size for x in t.decode) or any(c[0].size == target.size for c in t.copies)]
+        files.reserve(target.image, [(target.image_offset + t.index * row, row) for t in writes])
+        if target.mask is not None:
+            positive = [t for t in writes if t.rows or any(c[3] for c in t.copies if c[0].size == target.size)]
+            files.reserve(target.mask, [(target.mask_offset + t.index * row, row) for t in positive])
 
 
-def _read_progress(path: Path, signature: str) -> dict[int, dict[str, Any]]:
+def _read_progress(path: Path, signature_: str) -> dict[int, dict[str, Any]]:
     """Metadata of the images a previous run finished, from its progress log (if it planned the same work).
 
     The log is a signature line, then one JSON line per finished image; a line cut short by a
-    kill ends the reading (that image is done again).
+    kill ends the reading (that image is done again), and a failure is not a result: a file
+    that failed is read again.
     """
     if not path.exists():
         return {}
     lines = path.read_text().splitlines()
     try:
-        if not lines or json.loads(lines[0]).get("signature") != signature:
+        if not lines or json.loads(lines[0]).get("signature") != signature_:
             return {}
     except json.JSONDecodeError:
         return {}
@@ -280,98 +381,189 @@ def _read_progress(path: Path, signature: str) -> dict[int, dict[str, Any]]:
             meta = json.loads(line)
         except json.JSONDecodeError:
             break
-        metas[int(meta["index"])] = meta
+        if "error" not in meta:
+            metas[int(meta["index"])] = meta
     return metas
 
 
-def _open_progress(path: Path, signature: str, metas: dict[int, dict[str, Any]]) -> Any:
-    """Start the progress log afresh with what is already done (atomically), and open it to append.
-
-    Appending a line per image keeps the cost of the log linear in the number of images.
-    """
-    lines = [json.dumps({"signature": signature})] + [json.dumps(meta) for meta in metas.values()]
+def _open_progress(path: Path, signature_: str, metas: dict[int, dict[str, Any]]) -> Any:
+    """Start the progress log afresh with what is already done (atomically), and open it to append."""
+    lines = [json.dumps({"signature": signature_})] + [json.dumps(meta) for meta in metas.values()]
     files.write_text(path, "\n".join(lines) + "\n")
     return open(path, "a")  # noqa: SIM115 - closed by the caller's finally
 
 
-def _finish_split(split: str, sizes: Sequence[int], out_dir: Path, with_masks: bool) -> None:
-    for size in sizes:
-        kinds = ("images", "masks") if with_masks else ("images",)
-        for kind in kinds:
-            final = cache_path(out_dir, kind, split, size)
-            tmp = files.tmp_path(final)
-            if tmp.exists():
-                os.replace(tmp, final)
-    (out_dir / f".prepare-{split}.jsonl").unlink(missing_ok=True)
+# --- running a split -------------------------------------------------------------------
+def _results(tasks: list[Task], workers: int) -> Any:
+    """Yield the metadata of every task as it finishes, on ``workers`` processes.
+
+    A worker that dies (the out-of-memory killer, a segfault in a decoder) fails the step at
+    once, instead of leaving it waiting for a result that never comes.
+    """
+    if workers <= 1:
+        _init_worker()
+        yield from map(_process, tasks)
+        return
+    chunk = _chunksize(len(tasks), workers)
+    chunks = [tasks[i : i + chunk] for i in range(0, len(tasks), chunk)]
+    rle.decode("1 1", shape=(1, 2))  # load the numba kernels once, before the workers fork
+    pool = futures.ProcessPoolExecutor(workers, files.mp_context(), initializer=_init_worker)
+    try:
+        pending = [pool.submit(_process_chunk, c) for c in chunks]
+        for done in futures.as_completed(pending):
+            yield from done.result()
+    except BrokenProcessPool:
+        raise PrepareError(
+            "a prepare worker died (killed by a signal: the out-of-memory killer?). The images finished so far "
+            "are kept: rerun to resume, with fewer workers (--workers 1) if memory is short"
+        ) from None
+    finally:  # a failure or Ctrl-C stops the workers now; what was logged is kept for the next run
+        for process in list(getattr(pool, "_processes", {}).values()):
+            process.terminate()
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
+def _chunksize(n_tasks: int, workers: int) -> int:
+    """Tasks per message to a worker: fewer messages on big jobs, yet about 16 chunks per worker."""
+    return max(1, min(32, n_tasks // (16 * max(workers, 1))))
+
+
+def _run_split(plan: SplitPlan, out_dir: Path, workers: int, progress: bool) -> dict[int, dict[str, Any]]:
+    """Do a split's tasks (logging each finished image); return index -> metadata for every image."""
+    metas = dict(plan.kept)
+    if not plan.tasks:
+        return metas
+    bar = tqdm(total=len(plan.ids), initial=len(metas), desc=f"prepare {plan.split}", unit="img", disable=not progress)
+    log = _open_progress(out_dir / f".prepare-{plan.split}.jsonl", plan.log_signature, metas)
+    try:
+        for count, result in enumerate(_results(plan.tasks, min(workers, len(plan.tasks))), start=1):
+            metas[result["index"]] = result
+            log.write(json.dumps(result) + "\n")
+            bar.update()
+            if count % 64 == 0:
+                log.flush()
+    finally:
+        bar.close()
+        log.close()
+        _WRITER.close()
+    return metas
+
+
+def _finish_split(plan: SplitPlan, out_dir: Path) -> None:
+    for tmp, final in plan.renames:
+        os.replace(tmp, final)
+    (out_dir / f".prepare-{plan.split}.jsonl").unlink(missing_ok=True)
+
+
+# --- the step --------------------------------------------------------------------------
 def prepare(
-    layout: Layout,
+    found: layout_mod.Layout,
     out_dir: str | Path,
     sizes: Sequence[int] = (256, 512, 1024),
     workers: int | None = None,
     skip_bad: bool = False,
     progress: bool = True,
 ) -> pd.DataFrame:
-    """Build ``metadata.csv`` and the caches under ``out_dir``; return the metadata table.
+    """Build or update ``metadata.csv`` and the caches under ``out_dir``; return the metadata table.
+
+    Sizes already cached for other experiments are kept up to date too (``prepare.json``
+    records their union). Holds a lock on ``out_dir``: a second run waits.
 
     Raises:
-        PrepareError: listing every unreadable training file (unless ``skip_bad``), or when
-            the label CSV or DICOM folders are missing.
+        PrepareError: listing every unreadable training file (unless ``skip_bad``), or
+            naming what is missing or inconsistent in the inputs.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    sizes = sorted({int(s) for s in sizes})
-    workers = workers or os.cpu_count() or 1
-    meta_path = out_dir / "metadata.csv"
-    settings = {"sizes": sizes, "layout": {k: str(v) for k, v in layout.__dict__.items()}}
-    done_path = out_dir / "prepare.json"
-    if meta_path.exists() and done_path.exists():
-        previous = json.loads(done_path.read_text())
-        if previous.get("layout") == settings["layout"] and set(sizes) <= set(previous.get("sizes", [])):
-            return pd.read_csv(meta_path, dtype={"image_id": str, "patient": str})
-    if not layout.train_csv.exists():
-        raise PrepareError(f"{layout.train_csv}: label CSV not found")
-    labels = rle.read_labels(layout.train_csv)
-    report = Report()
-    train_files = find_dicoms(layout.train_dir)
-    test_files = find_dicoms(layout.test_dir)
-    report.labels_without_image = sorted(set(labels) - set(train_files))
-    report.images_without_label = sorted(set(train_files) - set(labels))
-    report.duplicate_files = sorted(set(train_files) & set(test_files))
-    train_files = {k: v for k, v in train_files.items() if k in labels}
-    if not train_files:
-        raise PrepareError(f"{layout.train_dir}: no DICOM file matches a row of {layout.train_csv}")
+    with files.locked(out_dir / ".prepare.lock", f"the processed folder {out_dir}"):
+        return _prepare(found, out_dir, sizes, workers or os.cpu_count() or 1, skip_bad, progress)
 
-    train_meta, report.bad_train = _run_split("train", train_files, labels, sizes, out_dir, workers, progress)
+
+def _prepare(
+    found: layout_mod.Layout, out_dir: Path, sizes: Sequence[int], workers: int, skip_bad: bool, progress: bool
+) -> pd.DataFrame:
+    inputs = scan(found)
+    record = _read_record(out_dir)
+    all_sizes = sorted({int(s) for s in sizes} | set(record.get("sizes", [])))
+    plans = {
+        "train": _plan_split("train", inputs.train, inputs.labels, all_sizes, out_dir, record["splits"].get("train", {})),
+        "test": _plan_split("test", inputs.test, None, all_sizes, out_dir, record["splits"].get("test", {})),
+    }
+    _forget(record, plans, out_dir)  # rows about to be rewritten in place are not valid until done
+    metas = {"train": _run_split(plans["train"], out_dir, workers, progress)}
+    report = inputs.report
+    report.bad_train = _bad(plans["train"], metas["train"])
     if report.bad_train and not skip_bad:
         _write_report(out_dir, report)
         lines = "\n".join(f"  {b['path']}: {b['error']}" for b in report.bad_train)
         raise PrepareError(
-            f"{len(report.bad_train)} unreadable training file(s) (rerun with --skip-bad to leave them out):\n{lines}"
+            f"{len(report.bad_train)} unreadable training file(s) (replace them and rerun, or rerun with "
+            f"--skip-bad / SKIP_BAD=1 to leave them out):\n{lines}"
         )
-    test_meta, report.bad_test = _run_split("test", test_files, None, sizes, out_dir, workers, progress)
-    _finish_split("train", sizes, out_dir, with_masks=True)
-    _finish_split("test", sizes, out_dir, with_masks=False)
+    metas["test"] = _run_split(plans["test"], out_dir, workers, progress)
+    report.bad_test = _bad(plans["test"], metas["test"])
+    for plan in plans.values():
+        _finish_split(plan, out_dir)
+    table = _table(plans, metas, inputs.labels, read_patient_map(found.patient_map), report)
+    _write_report(out_dir, report)
+    files.write_text_if_changed(out_dir / "metadata.csv", table.to_csv(index=False))
+    record = {"version": RECORD_VERSION, "sizes": all_sizes, "layout": found.describe(), "splits": {}}
+    for split, plan in plans.items():
+        ordered = [metas[split][i] for i in range(len(plan.ids))]
+        sigs = [None if "error" in m else sig for m, sig in zip(ordered, plan.sigs, strict=True)]
+        record["splits"][split] = {"ids": plan.ids, "sigs": sigs, "metas": ordered, "sizes": all_sizes}
+    files.write_json(out_dir / "prepare.json", record)
+    return table
 
-    patients = read_patient_map(layout.patient_map)
+
+def _forget(record: dict[str, Any], plans: dict[str, SplitPlan], out_dir: Path) -> None:
+    """Clear the recorded signatures of images whose rows will be rewritten in place (a kill then redoes them)."""
+    changed = False
+    for split, plan in plans.items():
+        old = record["splits"].get(split)
+        if old and plan.in_place_ids:
+            index = {image_id: k for k, image_id in enumerate(old["ids"])}
+            for image_id in plan.in_place_ids:
+                old["sigs"][index[image_id]] = None
+            changed = True
+    if changed:
+        files.write_json(out_dir / "prepare.json", record)
+
+
+def _bad(plan: SplitPlan, metas: dict[int, dict[str, Any]]) -> list[dict[str, str]]:
+    return [
+        {"image_id": plan.ids[i], "path": plan.paths[i], "error": metas[i]["error"]}
+        for i in range(len(plan.ids))
+        if "error" in metas[i]
+    ]
+
+
+def _table(
+    plans: dict[str, SplitPlan],
+    metas: dict[str, dict[int, dict[str, Any]]],
+    labels: dict[str, list[str]],
+    patients: dict[str, str],
+    report: Report,
+) -> pd.DataFrame:
     records = []
-    for split, metas in (("train", train_meta), ("test", test_meta)):
-        for meta in metas:
-            image_id = meta["image_id"]
+    for split, plan in plans.items():
+        for i, image_id in enumerate(plan.ids):
+            meta = metas[split][i]
             sop = meta.get("sop_instance_uid")
-            if sop and sop != image_id and not image_id.startswith("ID_"):
+            if sop and sop != image_id:
                 report.sop_mismatch.append(image_id)
+            if sop and meta.get("sop_is_uid") is False:
+                report.non_uid_sop.append(image_id)
             rows = labels.get(image_id, []) if split == "train" else []
             records.append(
                 {
                     "image_id": image_id,
                     "split": split,
-                    "index": meta["index"],
-                    "path": meta["path"],
-                    "has_pneumothorax": (int(bool(rows)) if split == "train" else -1),
+                    "index": i,
+                    "path": plan.paths[i],
+                    "has_pneumothorax": int(bool(rows)) if split == "train" else -1,
                     "n_annotations": len(rows),
-                    "mask_area": meta.get("mask_area", 0 if split == "train" else -1),
+                    "mask_area": meta.get("mask_area", 0) if split == "train" else -1,
                     "sex": meta.get("sex"),
                     "age": meta.get("age"),
                     "view": meta.get("view"),
@@ -379,30 +571,49 @@ def prepare(
                     "error": meta.get("error", ""),
                 }
             )
-    table = pd.DataFrame.from_records(records)
-    if report.sop_mismatch:
-        warnings.warn(
-            f"{len(report.sop_mismatch)} file(s) whose stem differs from SOPInstanceUID, e.g. {report.sop_mismatch[0]}",
-            stacklevel=2,
-        )
-    _write_report(out_dir, report)
-    files.write_csv(meta_path, table)
-    files.write_json(done_path, settings)
-    return table
+    return pd.DataFrame.from_records(records, columns=COLUMNS)
 
 
 def _write_report(out_dir: Path, report: Report) -> None:
     files.write_json(out_dir / "prepare-report.json", report.__dict__)
 
 
+NOTES = {
+    "bad_train": "unreadable training files",
+    "bad_test": "unreadable test files (each gets a -1 row)",
+    "labels_without_image": "label rows whose image has no DICOM",
+    "unlabelled_images": "training-side DICOMs without a label row (not used)",
+    "duplicate_files": "extra copies of an image (the first in path order is used)",
+    "conflicting_duplicates": "copies of one image with different file sizes (check them)",
+    "train_test_overlap": "images both labelled and in the test folder",
+    "sop_mismatch": "files whose name differs from their SOPInstanceUID",
+    "non_uid_sop": "files have a non-UID SOPInstanceUID (stage-2 names like ID_0011fe81e): fine",
+}
+
+
 def summarize(report_path: Path) -> str:
-    """A few human lines from ``prepare-report.json``."""
+    """One line per kind of finding in ``prepare-report.json``, with a count and an example."""
     report = json.loads(Path(report_path).read_text())
     lines = []
-    for key, value in report.items():
+    for key, note in NOTES.items():
+        value = report.get(key) or []
         if value:
-            lines.append(f"{key}: {len(value)} (e.g. {value[0]})")
+            example = value[0]["path"] if isinstance(value[0], dict) else value[0]
+            lines.append(f"{len(value):,} {note} (e.g. {example})")
     return "\n".join(lines) if lines else "no problems found"
+
+
+def expected_test_ids(out_dir: str | Path) -> tuple[list[str], Path | None]:
+    """The ids a submission must hold: the sample submission's (in its order) when the layout has one,
+    else the prepared test images'; and the sample's path (or None)."""
+    out_dir = Path(out_dir)
+    record = _read_record(out_dir)
+    sample = record.get("layout", {}).get("sample_submission", layout_mod.NONE)
+    if sample != layout_mod.NONE:
+        if not Path(sample).exists():
+            raise PrepareError(f"{sample}: the sample submission that prepare read is gone; rerun `make prepare`")
+        return layout_mod.read_sample_ids(Path(sample)), Path(sample)
+    return list(record.get("splits", {}).get("test", {}).get("ids", [])), None
 
 
 def load_cache(out_dir: str | Path, kind: str, split: str, size: int) -> np.ndarray:

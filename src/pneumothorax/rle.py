@@ -228,9 +228,10 @@ class LabelRow:
 
 
 def _open_text(path: Path):
+    """Text mode that drops a UTF-8 byte-order mark (Excel saves one), plain or gzipped."""
     if path.suffix == ".gz":
-        return gzip.open(path, "rt", newline="")
-    return open(path, newline="")
+        return gzip.open(path, "rt", newline="", encoding="utf-8-sig")
+    return open(path, newline="", encoding="utf-8-sig")
 
 
 def read_label_rows(
@@ -238,8 +239,8 @@ def read_label_rows(
 ) -> list[LabelRow]:
     """Read a SIIM label CSV (``ImageId, EncodedPixels``; ``.csv`` or ``.csv.gz``).
 
-    Header names and values are stripped of spaces. Every RLE is validated unless
-    ``validate`` is false.
+    Header names and values are stripped of spaces, and a byte-order mark is dropped. Every
+    RLE is validated unless ``validate`` is false.
 
     Raises:
         RLEError: naming the file, the line and the image id of a malformed row.

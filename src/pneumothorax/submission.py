@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from . import files, metric, rle, thresholds
+from . import files, metric, prepare, rle, thresholds
 
 HEADER = ("ImageId", "EncodedPixels")
 
@@ -49,8 +49,15 @@ def final_mask(
     return full
 
 
-def validate(frame: pd.DataFrame, expected_ids: list[str], relative: bool = True) -> None:
-    """Every expected id exactly once, no other id, no NaN, every RLE decodable within 1024x1024."""
+def validate(frame: pd.DataFrame, expected_ids: list[str], source: str = "the test set") -> None:
+    """Every expected id exactly once, no other id, no NaN, every RLE decodable within 1024x1024.
+
+    Nothing is ever silently empty: a submission of zero rows is refused.
+    """
+    if not len(frame) or not expected_ids:
+        raise SubmissionError(
+            f"nothing to submit: {source} has no image (a training-only run, TEST_DIR=none?); refusing to write zero rows"
+        )
     if list(frame.columns) != list(HEADER):
         raise SubmissionError(f"header {list(frame.columns)} != {list(HEADER)}")
     if frame.isna().any().any():
@@ -61,31 +68,30 @@ def validate(frame: pd.DataFrame, expected_ids: list[str], relative: bool = True
         raise SubmissionError(f"image {duplicated.iloc[0]} appears more than once")
     missing = sorted(set(expected_ids) - set(frame["ImageId"]))
     if missing:
-        raise SubmissionError(f"{len(missing)} test image(s) missing, e.g. {missing[0]}")
+        raise SubmissionError(f"{len(missing)} image(s) of {source} missing, e.g. {missing[0]}")
     extra = sorted(set(frame["ImageId"]) - set(expected_ids))
     if extra:
-        raise SubmissionError(f"{len(extra)} unknown image id(s), e.g. {extra[0]}")
+        raise SubmissionError(f"{len(extra)} image id(s) not in {source}, e.g. {extra[0]}")
     for i, (image_id, value) in enumerate(zip(frame["ImageId"], frame["EncodedPixels"], strict=True)):
         try:
-            rle.parse(str(value), rle.SHAPE, relative)
+            rle.parse(str(value), rle.SHAPE)
         except rle.RLEError as exc:
             raise SubmissionError(f"row {i + 2} (image {image_id}): {exc}") from None
 
 
-def write(frame: pd.DataFrame, path: Path, expected_ids: list[str], relative: bool = True) -> Path:
+def write(frame: pd.DataFrame, path: Path, expected_ids: list[str], source: str = "the test set") -> Path:
     """Validate, then write atomically."""
-    validate(frame, expected_ids, relative)
+    validate(frame, expected_ids, source)
     files.write_csv(path, frame)
     return path
 
 
-def make_submission(
-    exp_dir: Path, processed: Path, out_path: Path, relative: bool = True, progress: bool = True
-) -> pd.DataFrame:
+def make_submission(exp_dir: Path, processed: Path, out_path: Path, progress: bool = True) -> pd.DataFrame:
     """Apply the searched post-processing to the test predictions and write the submission.
 
-    One row per test image, ``-1`` for empty, and ``-1`` for an image that failed to decode.
-    ``relative=False`` writes the standard absolute RLE (the stage-2 format).
+    One row per test image, ``-1`` for empty, and ``-1`` for an image that failed to decode;
+    relative column-major RLE (the format of both stages). When the layout has a sample
+    submission, the rows are exactly its ids, in its order.
     """
     post = json.loads((exp_dir / "thresholds.json").read_text())
     test = exp_dir / "test"
@@ -93,8 +99,7 @@ def make_submission(
     gate = pd.read_csv(test / "gate.csv", dtype={"image_id": str})
     gate_of = dict(zip(gate["image_id"], gate["prob"], strict=True))
     probs = np.load(test / "probs.npy", mmap_mode="r")
-    meta = pd.read_csv(processed / "metadata.csv", dtype={"image_id": str}, keep_default_na=False)
-    expected = meta.loc[meta["split"] == "test", "image_id"].tolist()
+    expected, sample = prepare.expected_test_ids(processed)
     rows = []
     for image_id, row in tqdm(
         zip(ids["image_id"], ids["row"], strict=True), total=len(ids), desc="submission", disable=not progress
@@ -103,13 +108,17 @@ def make_submission(
             rows.append((image_id, rle.EMPTY))
             continue
         mask = final_mask(np.asarray(probs[row]), post, gate_of.get(image_id))
-        rows.append((image_id, rle.encode(mask, relative=relative)))
+        rows.append((image_id, rle.encode(mask)))
     frame = pd.DataFrame(rows, columns=list(HEADER))
-    write(frame, out_path, expected, relative)
+    if sample is not None:  # the sample's order; an id it lacks stays, for validate() to name
+        order = {image_id: k for k, image_id in enumerate(expected)}
+        frame = frame.sort_values("ImageId", key=lambda ids: ids.map(order).fillna(len(order)), kind="stable")
+        frame = frame.reset_index(drop=True)
+    write(frame, out_path, expected, f"the sample submission {sample}" if sample else "the prepared test set")
     return frame
 
 
-def score(submission: Path, labels: Path, relative: bool = True) -> dict[str, Any]:
+def score(submission: Path, labels: Path) -> dict[str, Any]:
     """Competition score of a submission against a labels CSV, with a breakdown.
 
     Returns score, all_empty_score, dice_positive, dice_negative, false_positive_images,
@@ -117,7 +126,7 @@ def score(submission: Path, labels: Path, relative: bool = True) -> dict[str, An
     """
     truth = rle.read_labels(labels, rle.SHAPE)
     try:
-        pred = rle.group_labels(rle.read_label_rows(submission, rle.SHAPE, relative))
+        pred = rle.group_labels(rle.read_label_rows(submission, rle.SHAPE))
     except rle.RLEError as exc:
         raise SubmissionError(str(exc)) from None
     missing = sorted(set(truth) - set(pred))
@@ -126,7 +135,7 @@ def score(submission: Path, labels: Path, relative: bool = True) -> dict[str, An
     dices, positive, fp = [], [], 0
     for image_id, rows in truth.items():
         t = rle.decode_union(rows) if rows else None
-        p = rle.decode_union(pred[image_id], relative=relative) if pred[image_id] else None
+        p = rle.decode_union(pred[image_id]) if pred[image_id] else None
         t_area = int(t.sum()) if t is not None else 0
         p_area = int(p.sum()) if p is not None else 0
         inter = int(np.logical_and(t, p).sum()) if t is not None and p is not None else 0

@@ -1,4 +1,4 @@
-"""A synthetic SIIM-ACR world: procedurally drawn chest X-rays in the exact stage-1 layout.
+"""A synthetic SIIM-ACR world: procedurally drawn chest X-rays in today's layout or the stage-1 layout.
 
 Pneumothorax shapes are real SIIM masks (``data/external/real-masks-rle.csv.gz``), some
 images get several (overlapping) label rows, and the collapsed region is rendered as air:
@@ -6,22 +6,29 @@ darker, without lung texture, edged by a bright pleural line. Ribs, heart, spine
 skin folds (thin curved lines like a pleural edge) are distractors; noise, gamma and
 contrast vary per image. Everything is seeded: the same seed writes the same world.
 
-Layout written under ``out_dir``::
+Layout ``stage1`` written under ``out_dir``::
 
     dicom-images-train/<study>/<series>/<image_id>.dcm   JPEG-baseline 1024x1024 DICOMs
     dicom-images-test/<study>/<series>/<image_id>.dcm
     train-rle.csv        header 'ImageId, EncodedPixels' (leading space, as the real file)
     test-labels.csv      the test truth, same format, for scoring
     kaggle-to-nih-id.csv Kaggle_ID,NIH_ID: several images per synthetic patient
+
+Layout ``stage2`` (today's download plus a stage-1 re-upload) written under ``out_dir``::
+
+    siim/dicom-images-train/<study>/<series>/<image_id>.dcm  training images (stage-1 train)
+    siim/dicom-images-test/<study>/<series>/<image_id>.dcm   training images (stage-1 test: one row each)
+    stage_2_train.csv                 header 'ImageId,EncodedPixels', labels of both folders
+    stage_2_images/ID_<9 hex>.dcm     the test set: SOPInstanceUID 'ID_...', PatientID and study/series UIDs empty
+    stage_2_sample_submission.csv     every test id, '-1'
+    test-labels.csv, kaggle-to-nih-id.csv   as above (the map covers training images only, as the real one)
 """
 
 from __future__ import annotations
 
 import csv
 import json
-import multiprocessing as mp
 import os
-import warnings
 from collections import defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -34,7 +41,7 @@ from pydicom.encaps import encapsulate
 from pydicom.uid import JPEGBaseline8Bit, SecondaryCaptureImageStorage
 from tqdm import tqdm
 
-from . import files, paths, rle
+from . import dicom, files, paths, rle
 
 SIZE = 1024
 LOW = 256
@@ -51,7 +58,11 @@ class WorldSpec:
     positive_rate: float = 0.22
     multi_row_rate: float = 0.25
     images_per_patient: float = 2.0
+    layout: str = "stage1"  # stage1, or stage2 (today's download with a stage-1 re-upload)
+    stage1_test_share: float = 0.15  # stage2: share of training images in the re-uploaded dicom-images-test/
 
+
+LAYOUTS = ("stage1", "stage2")
 
 def load_shapes(path: Path = paths.REAL_MASKS) -> list[list[str]]:
     """Real pneumothorax shapes: per real image, its list of RLE rows."""
@@ -136,7 +147,16 @@ def render(rng: np.random.Generator, anatomy_seed: int, mask: np.ndarray | None)
 
 
 def write_dicom(path: Path, pixels: np.ndarray, tags: dict[str, str]) -> None:
-    """Write a JPEG-baseline (1.2.840.10008.1.2.4.50) MONOCHROME2 DICOM atomically."""
+    """Write a JPEG-baseline (1.2.840.10008.1.2.4.50) MONOCHROME2 DICOM atomically.
+
+    Without pydicom's value checks: the real files break two rules (bare-number PatientAge,
+    and ``ID_...`` SOPInstanceUIDs in stage 2), and so do these.
+    """
+    with dicom.lenient():
+        _write_dicom(path, pixels, tags)
+
+
+def _write_dicom(path: Path, pixels: np.ndarray, tags: dict[str, str]) -> None:
     ok, jpeg = cv2.imencode(".jpg", pixels, [cv2.IMWRITE_JPEG_QUALITY, 90])
     if not ok:
         raise RuntimeError(f"JPEG encoding failed for {path}")
@@ -147,11 +167,8 @@ def write_dicom(path: Path, pixels: np.ndarray, tags: dict[str, str]) -> None:
     ds = pydicom.Dataset()
     ds.file_meta = meta
     ds.SOPClassUID = SecondaryCaptureImageStorage
-    with warnings.catch_warnings():
-        # The real SIIM files store PatientAge as a bare number too, which pydicom flags.
-        warnings.filterwarnings("ignore", message="Invalid value for VR AS")
-        for key, value in tags.items():
-            setattr(ds, key, value)
+    for key, value in tags.items():
+        setattr(ds, key, value)
     ds.Modality = "CR"
     ds.ConversionType = "WSD"
     ds.BodyPartExamined = "CHEST"
@@ -167,8 +184,7 @@ def write_dicom(path: Path, pixels: np.ndarray, tags: dict[str, str]) -> None:
     ds.LossyImageCompressionMethod = "ISO_10918_1"
     ds.PixelData = encapsulate([jpeg.tobytes()])
     ds["PixelData"].VR = "OB"
-    with files.atomic_path(path) as tmp, warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Invalid value for VR AS")
+    with files.atomic_path(path) as tmp:
         ds.save_as(tmp, enforce_file_format=True)
 
 
@@ -180,6 +196,7 @@ class _Item:
     patient: int
     shape: int  # index into the shapes list, or -1 for a negative image
     extra_shape: int  # a second shape whose rows are added (several rows), or -1
+    folder: str  # where the file goes, relative to the world
 
 
 def _plan(spec: WorldSpec, n_shapes: int) -> list[_Item]:
@@ -194,7 +211,16 @@ def _plan(spec: WorldSpec, n_shapes: int) -> list[_Item]:
         extra = int(rng.integers(n_shapes)) if positive and rng.random() < spec.multi_row_rate else -1
         image_id = f"{UID_ROOT}.{spec.seed * 100000 + i}.{1517875000 + i % 9973}.{int(rng.integers(100000, 999999))}"
         split = "train" if i < spec.n_train else "test"
-        items.append(_Item(i, split, image_id, int(patients[i]), shape, extra))
+        study = f"{UID_ROOT}.{spec.seed * 100000 + i}.{1517875000 + i % 9973}.2"
+        folder = f"{study}/{study}.1"
+        if spec.layout == "stage2" and split == "test":
+            image_id, folder = f"ID_{int(rng.integers(16**9)):09x}", ""
+        if spec.layout == "stage2":
+            reupload = "dicom-images-test" if split == "train" and i >= spec.n_train * (1 - spec.stage1_test_share) else "dicom-images-train"
+            folder = "stage_2_images" if split == "test" else f"siim/{reupload}/{folder}"
+        else:
+            folder = f"{'dicom-images-train' if split == 'train' else 'dicom-images-test'}/{folder}"
+        items.append(_Item(i, split, image_id, int(patients[i]), shape, extra, folder))
     return items
 
 
@@ -220,9 +246,8 @@ def _init_worker(shapes: list[list[str]]) -> None:
 
 def _make_one(args: tuple[_Item, str, int]) -> None:
     item, out_dir, seed = args
-    folder = "dicom-images-train" if item.split == "train" else "dicom-images-test"
     study = f"{UID_ROOT}.{seed * 100000 + item.index}.{1517875000 + item.index % 9973}.2"
-    path = Path(out_dir) / folder / study / f"{study}.1" / f"{item.image_id}.dcm"
+    path = Path(out_dir) / item.folder / f"{item.image_id}.dcm"
     if path.exists():
         return
     rng = np.random.default_rng([seed, item.index])
@@ -241,16 +266,23 @@ def _make_one(args: tuple[_Item, str, int]) -> None:
         "ViewPosition": "PA" if rng.random() < 0.6 else "AP",
         "StudyDescription": "Chest X-Ray",
     }
+    if item.image_id.startswith("ID_"):  # today's test files: no patient, no study or series UID
+        tags.update(PatientID="", StudyInstanceUID="", SeriesInstanceUID="", PatientName="")
     write_dicom(path, pixels, tags)
 
 
-def _write_labels(path: Path, items: list[_Item], shapes: list[list[str]]) -> None:
+def _write_labels(path: Path, items: list[_Item], shapes: list[list[str]], stage2: bool = False) -> None:
+    """Stage 1: ``ImageId, EncodedPixels`` with a space, as the real file; stage 2: no spaces, and
+    the re-uploaded stage-1 test images carry one row each (the union), as in stage_2_train.csv."""
     with files.atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
-        fh.write("ImageId, EncodedPixels\n")
+        fh.write("ImageId,EncodedPixels\n" if stage2 else "ImageId, EncodedPixels\n")
         writer = csv.writer(fh)
         for item in items:
-            for row in _rows_for(item, shapes) or [rle.EMPTY]:
-                writer.writerow([item.image_id, " " + row])
+            rows = _rows_for(item, shapes) or [rle.EMPTY]
+            if stage2 and "dicom-images-test" in item.folder and rows != [rle.EMPTY]:
+                rows = [rle.encode(rle.decode_union(rows))]
+            for row in rows:
+                writer.writerow([item.image_id, row if stage2 else " " + row])
 
 
 def make_world(out_dir: str | Path, spec: WorldSpec, workers: int | None = None, progress: bool = True) -> Path:
@@ -259,6 +291,8 @@ def make_world(out_dir: str | Path, spec: WorldSpec, workers: int | None = None,
     A world is finished when ``world.json`` holds the same spec; an interrupted run resumes,
     keeping the DICOMs already written.
     """
+    if spec.layout not in LAYOUTS:
+        raise ValueError(f"unknown synthetic layout {spec.layout!r}; choose one of {list(LAYOUTS)}")
     out_dir = Path(out_dir)
     stamp = out_dir / "world.json"
     if stamp.exists() and json.loads(stamp.read_text()) == asdict(spec):
@@ -274,17 +308,22 @@ def make_world(out_dir: str | Path, spec: WorldSpec, workers: int | None = None,
             _make_one(job)
             bar.update()
     else:
-        with mp.get_context(files.start_method()).Pool(workers, _init_worker, (shapes,)) as pool:
+        with files.mp_context().Pool(workers, _init_worker, (shapes,)) as pool:
             for _ in pool.imap_unordered(_make_one, jobs, chunksize=4):
                 bar.update()
     bar.close()
-    _write_labels(out_dir / "train-rle.csv", [i for i in items if i.split == "train"], shapes)
-    _write_labels(out_dir / "test-labels.csv", [i for i in items if i.split == "test"], shapes)
+    stage2 = spec.layout == "stage2"
+    train_items, test_items = [i for i in items if i.split == "train"], [i for i in items if i.split == "test"]
+    _write_labels(out_dir / ("stage_2_train.csv" if stage2 else "train-rle.csv"), train_items, shapes, stage2)
+    _write_labels(out_dir / "test-labels.csv", test_items, shapes)
+    if stage2:
+        lines = ["ImageId,EncodedPixels"] + [f"{i.image_id},-1" for i in test_items]
+        files.write_text(out_dir / "stage_2_sample_submission.csv", "\n".join(lines) + "\n")
     by_patient: dict[int, int] = defaultdict(int)
     with files.atomic_path(out_dir / "kaggle-to-nih-id.csv") as tmp, open(tmp, "w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(["Kaggle_ID", "NIH_ID"])
-        for item in items:
+        for item in train_items if stage2 else items:
             by_patient[item.patient] += 1
             writer.writerow([item.image_id, f"{90000 + item.patient:08d}_{by_patient[item.patient] - 1:03d}.png"])
     files.write_json(stamp, asdict(spec))

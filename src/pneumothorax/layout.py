@@ -1,0 +1,226 @@
+"""Where the raw SIIM-ACR data lies: today's download (stage 2) or the 2019 stage-1 layout, found from ``DATA_DIR``.
+
+Today's competition download holds ``stage_2_images/ID_<9 hex>.dcm`` (the test set, one flat
+folder), ``stage_2_train.csv`` (labels of the stage-1 train *and* test images) and
+``stage_2_sample_submission.csv``; it has no training DICOMs. Those come from stage-1
+re-uploads: ``dicom-images-train/<study>/<series>/<uid>.dcm`` and ``dicom-images-test/...``
+(both training data in stage 2), sometimes under one extra folder (``siim/``), sometimes twice.
+The stage-1 layout is ``train-rle.csv``, ``dicom-images-train/`` and ``dicom-images-test/`` (the
+stage-1 test set).
+
+The rule, for both: the label file decides the layout; the test folder is the layout's
+(``stage_2_images`` or ``dicom-images-test``); every labelled DICOM anywhere else under
+``DATA_DIR`` is training data, whatever folder holds it (the first copy in path order wins
+when an image is found twice). Every name can be overridden; ``test_dir="none"`` asks for a
+training-only run.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import rle
+
+STAGE2_LABELS = "stage_2_train.csv"
+STAGE1_LABELS = "train-rle.csv"
+STAGE2_TEST = "stage_2_images"
+STAGE1_TEST = "dicom-images-test"
+SAMPLE_NAMES = ("stage_2_sample_submission.csv", "sample_submission.csv")
+NONE = "none"
+SEARCH_DEPTH = 2  # DATA_DIR itself and one extra folder (siim/, pneumothorax/, ...)
+
+
+class LayoutError(ValueError):
+    """Data that is not where the layout says, or not there at all; the message says what to set."""
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The files one run reads: labels, the folders holding training DICOMs, the test folder."""
+
+    kind: str  # "stage2" (today's download), "stage1", or "custom" (labels named by the user)
+    data_dir: Path
+    labels: Path
+    train_dirs: tuple[Path, ...]  # folders walked for labelled DICOMs
+    test_dir: Path | None  # None: a training-only run, asked for explicitly
+    sample_submission: Path | None = None
+    patient_map: Path | None = None
+    exclude: tuple[Path, ...] = field(default=())  # not walked for training files (the test folder)
+
+    def describe(self) -> dict[str, str]:
+        """The layout as strings (for records and messages)."""
+        return {
+            "kind": self.kind,
+            "labels": str(self.labels),
+            "train_dirs": " ".join(str(p) for p in self.train_dirs),
+            "test_dir": str(self.test_dir) if self.test_dir else NONE,
+            "sample_submission": str(self.sample_submission) if self.sample_submission else NONE,
+        }
+
+
+@dataclass
+class Found:
+    """DICOMs of one split: image id -> path, and the extra copies that were left out."""
+
+    files: dict[str, Path]
+    duplicates: list[str] = field(default_factory=list)  # "<id>: <kept path> <other path>"
+    conflicting: list[str] = field(default_factory=list)  # copies of one id whose sizes differ
+
+
+def _near(data_dir: Path, name: str, want_dir: bool) -> list[Path]:
+    """Files or folders called ``name`` in ``data_dir`` or one folder below, in path order."""
+    hits = []
+    candidates = [data_dir / name] + [d / name for d in sorted(data_dir.iterdir()) if d.is_dir()]
+    for path in candidates:
+        if (path.is_dir() if want_dir else path.is_file()) and not path.parent.name.startswith("."):
+            hits.append(path)
+    return hits
+
+
+def _resolve(data_dir: Path, value: str | Path) -> Path:
+    path = Path(value)
+    return path if path.is_absolute() else data_dir / path
+
+
+def detect(
+    data_dir: str | Path,
+    train_csv: str | Path | None = None,
+    train_dirs: Sequence[str | Path] = (),
+    test_dir: str | Path | None = None,
+    sample_submission: str | Path | None = None,
+    patient_map: str | Path | None = None,
+) -> Layout:
+    """Find the layout under ``data_dir``; overrides (relative to ``data_dir`` or absolute) win.
+
+    Raises:
+        LayoutError: no label file, a missing override, or no test folder (``test_dir="none"``
+            asks for a training-only run).
+    """
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise LayoutError(f"{data_dir}: DATA_DIR does not exist")
+    labels, kind = _find_labels(data_dir, train_csv)
+    test = _find_test_dir(data_dir, kind, test_dir)
+    dirs = tuple(_resolve(data_dir, d) for d in train_dirs) or (data_dir,)
+    for folder in dirs:
+        if not folder.is_dir():
+            raise LayoutError(f"{folder}: training folder (TRAIN_DIR) does not exist")
+    sample = _find_sample(data_dir, kind, sample_submission)
+    return Layout(
+        kind,
+        data_dir,
+        labels,
+        dirs,
+        test,
+        sample,
+        Path(patient_map) if patient_map else None,
+        (test,) if test is not None else (),
+    )
+
+
+def _find_labels(data_dir: Path, train_csv: str | Path | None) -> tuple[Path, str]:
+    if train_csv:
+        path = _resolve(data_dir, train_csv)
+        if not path.is_file():
+            raise LayoutError(f"{path}: label CSV (TRAIN_CSV) not found")
+        kind = {STAGE2_LABELS: "stage2", STAGE1_LABELS: "stage1"}.get(path.name, "custom")
+        return path, kind
+    for name, kind in ((STAGE2_LABELS, "stage2"), (STAGE1_LABELS, "stage1")):
+        hits = _near(data_dir, name, want_dir=False)
+        if hits:
+            return hits[0], kind
+    raise LayoutError(
+        f"{data_dir}: no label CSV: expected {STAGE2_LABELS} (today's download) or {STAGE1_LABELS} (stage 1) "
+        "in DATA_DIR or one folder below; or name it with TRAIN_CSV=<file>"
+    )
+
+
+def _find_test_dir(data_dir: Path, kind: str, test_dir: str | Path | None) -> Path | None:
+    if test_dir is not None and str(test_dir).strip().lower() == NONE:
+        return None
+    if test_dir:
+        path = _resolve(data_dir, test_dir)
+        if not path.is_dir():
+            raise LayoutError(f"{path}: test folder (TEST_DIR) does not exist; TEST_DIR=none for a training-only run")
+        return path
+    name = STAGE2_TEST if kind in ("stage2", "custom") else STAGE1_TEST
+    hits = _near(data_dir, name, want_dir=True)
+    if kind == "custom" and not hits:
+        hits = _near(data_dir, STAGE1_TEST, want_dir=True)
+    if not hits:
+        raise LayoutError(
+            f"{data_dir}: no test folder {name}/ in DATA_DIR or one folder below; "
+            "set TEST_DIR=<folder>, or TEST_DIR=none for a training-only run"
+        )
+    return hits[0]
+
+
+def _find_sample(data_dir: Path, kind: str, sample: str | Path | None) -> Path | None:
+    if sample is not None and str(sample).strip().lower() == NONE:
+        return None
+    if sample:
+        path = _resolve(data_dir, sample)
+        if not path.is_file():
+            raise LayoutError(f"{path}: sample submission (SAMPLE_SUBMISSION) not found")
+        return path
+    names = SAMPLE_NAMES if kind != "stage1" else SAMPLE_NAMES[1:]
+    for name in names:
+        hits = _near(data_dir, name, want_dir=False)
+        if hits:
+            return hits[0]
+    return None
+
+
+def walk_dicoms(folders: Iterable[Path], exclude: Iterable[Path] = ()) -> list[Path]:
+    """Every ``*.dcm`` below ``folders`` (hidden files and folders skipped), minus ``exclude``, in path order.
+
+    ``os.walk``: about 2x faster than ``Path.rglob`` on the Kaggle layout, which nests every
+    file two folders deep.
+    """
+    skip = {os.path.realpath(p) for p in exclude}
+    found: list[str] = []
+    for folder in folders:
+        if not Path(folder).is_dir():
+            raise LayoutError(f"{folder}: DICOM folder does not exist")
+        for root, dirs, names in os.walk(folder):
+            dirs[:] = sorted(d for d in dirs if not d.startswith(".") and os.path.realpath(os.path.join(root, d)) not in skip)
+            found.extend(os.path.join(root, n) for n in names if n.endswith(".dcm") and not n.startswith("."))
+    return [Path(p) for p in sorted(dict.fromkeys(found), key=lambda p: p.split(os.sep))]
+
+
+def index_dicoms(paths: Iterable[Path]) -> Found:
+    """Image id (file stem) -> the first path in path order; later copies listed as duplicates."""
+    found = Found({})
+    for path in paths:
+        image_id = path.stem
+        kept = found.files.setdefault(image_id, path)
+        if kept != path:
+            found.duplicates.append(f"{image_id}: {kept} {path}")
+            if kept.stat().st_size != path.stat().st_size:
+                found.conflicting.append(f"{image_id}: {kept} ({kept.stat().st_size} bytes) {path}")
+    found.files = dict(sorted(found.files.items()))
+    return found
+
+
+def read_sample_ids(path: Path) -> list[str]:
+    """The image ids of a sample submission, in file order (BOM and header spaces tolerated)."""
+    with open(path, newline="", encoding="utf-8-sig") as fh:
+        reader = csv.reader(fh)
+        header = [h.strip() for h in next(reader, [])]
+        if "ImageId" not in header:
+            raise LayoutError(f"{path}: header {header} lacks 'ImageId'")
+        column = header.index("ImageId")
+        ids = [row[column].strip() for row in reader if row and row[column].strip()]
+    if not ids:
+        raise LayoutError(f"{path}: sample submission lists no image")
+    return list(dict.fromkeys(ids))
+
+
+def label_counts(path: Path) -> tuple[int, int]:
+    """(rows, distinct images) of a label CSV, for the layout summary."""
+    rows = rle.read_label_rows(path, validate=False)
+    return len(rows), len({r.image_id for r in rows})

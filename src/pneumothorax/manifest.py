@@ -1,0 +1,88 @@
+"""Manifests of a run's inputs: what "up to date" means for ``prepare`` and everything after it.
+
+A manifest lists, per split, the DICOM files with their sizes and modification times, the
+layout that found them, and (train) the label file's content hash or (test) the sample
+submission's. The Makefile writes them at parse time (``python -m pneumothorax.query
+manifest``), *only when they change*: steps that depend on them rerun exactly when a file
+was added, removed or replaced, or the labels were edited. Standard library only, so that
+computing it costs Make a fraction of a second.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from . import layout as layout_mod
+
+SPLITS = ("train", "test")
+
+
+def file_hash(path: Path | None) -> str:
+    """SHA-1 of a file's bytes (``none`` for no file)."""
+    if path is None:
+        return layout_mod.NONE
+    digest = hashlib.sha1()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def file_entries(paths: list[Path]) -> list[list[Any]]:
+    """``[path, size, mtime_ns]`` per file."""
+    out = []
+    for path in paths:
+        stat = path.stat()
+        out.append([str(path), stat.st_size, stat.st_mtime_ns])
+    return out
+
+
+def build(found: layout_mod.Layout) -> dict[str, dict[str, Any]]:
+    """The train and test manifests of a layout (every DICOM, labelled or not, is listed)."""
+    described = found.describe()
+    train_files = layout_mod.walk_dicoms(found.train_dirs, found.exclude)
+    test_files = layout_mod.walk_dicoms([found.test_dir]) if found.test_dir is not None else []
+    return {
+        "train": {
+            "layout": {k: described[k] for k in ("kind", "labels", "train_dirs", "test_dir")},
+            "labels_sha1": file_hash(found.labels),
+            "patient_map_sha1": file_hash(found.patient_map if found.patient_map and found.patient_map.exists() else None),
+            "files": file_entries(train_files),
+        },
+        "test": {
+            "layout": {k: described[k] for k in ("kind", "test_dir", "sample_submission")},
+            "sample_sha1": file_hash(found.sample_submission),
+            "files": file_entries(test_files),
+        },
+    }
+
+
+def path_for(processed: Path, split: str) -> Path:
+    """``<processed>/inputs-<split>.json``."""
+    return Path(processed) / f"inputs-{split}.json"
+
+
+def write_if_changed(path: Path, content: dict[str, Any]) -> bool:
+    """Write ``content`` as JSON unless the file already holds exactly it; True if written."""
+    text = json.dumps(content, indent=1, sort_keys=True) + "\n"
+    if path.exists() and path.read_text() == text:
+        return False
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+    return True
+
+
+def update(found: layout_mod.Layout, processed: Path) -> dict[str, bool]:
+    """Write both manifests under ``processed`` where they changed; which ones were written."""
+    return {split: write_if_changed(path_for(processed, split), m) for split, m in build(found).items()}
+
+
+def remove(processed: Path) -> None:
+    """Delete the manifests (inputs unknown: steps that need them fail with the layout's message)."""
+    for split in SPLITS:
+        path_for(processed, split).unlink(missing_ok=True)

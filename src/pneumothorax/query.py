@@ -1,0 +1,84 @@
+"""The Makefile's questions, answered without importing torch (a fraction of a second each).
+
+``python -m pneumothorax.query get KEY --config NAME``: a config value (lists space-separated,
+booleans as 1 or nothing). ``deps --config NAME``: the YAML files the experiment reads.
+``manifest --data-dir D --processed P [--train-csv ...]``: find the data layout and write the
+input manifests ``P/inputs-train.json`` and ``P/inputs-test.json`` where they changed; on a
+layout error, remove them and print the error (Make then stops at the step that needs them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from . import config as config_mod
+from . import layout as layout_mod
+from . import manifest
+
+
+def _chain(path: Path, seen: list[Path]) -> list[Path]:
+    data = yaml.safe_load(path.read_text()) or {}
+    parents = data.get("defaults", None if path.stem == "base" else ["base"]) or []
+    for parent in [parents] if isinstance(parents, str) else parents:
+        _chain(config_mod.resolve_path(parent, path.parent), seen)
+    if path not in seen:
+        seen.append(path)
+    return seen
+
+
+def _get(name: str, key: str) -> str:
+    value: Any = config_mod.to_dict(config_mod.load(name))
+    for part in key.split("."):
+        value = value[int(part)] if isinstance(value, list) else value[part]
+    if isinstance(value, list):
+        return " ".join(str(v) for v in value)
+    if isinstance(value, bool):
+        return "1" if value else ""
+    return str(value)
+
+
+def _manifest(args: argparse.Namespace) -> int:
+    processed = Path(args.processed)
+    try:
+        found = layout_mod.detect(
+            args.data_dir, args.train_csv, args.train_dir.split(), args.test_dir, args.sample_submission, args.patient_map
+        )
+        manifest.update(found, processed)
+    except (layout_mod.LayoutError, OSError) as exc:
+        manifest.remove(processed)
+        print(str(exc).replace("\n", " "))
+        return 2
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``get KEY``, ``deps`` or ``manifest``."""
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("command", choices=["get", "deps", "manifest"])
+    p.add_argument("key", nargs="?")
+    p.add_argument("--config")
+    p.add_argument("--data-dir")
+    p.add_argument("--processed")
+    p.add_argument("--train-csv", default=None)
+    p.add_argument("--train-dir", default="")
+    p.add_argument("--test-dir", default=None)
+    p.add_argument("--sample-submission", default=None)
+    p.add_argument("--patient-map", default=None)
+    args = p.parse_args(argv)
+    if args.command == "manifest":
+        return _manifest(args)
+    if args.command == "deps":
+        print(" ".join(os.path.relpath(f, Path.cwd()) for f in _chain(config_mod.resolve_path(args.config), [])))
+        return 0
+    print(_get(args.config, args.key or ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
