@@ -50,3 +50,56 @@ def processed(world, tmp_path_factory) -> Path:
     train = meta[meta["split"] == "train"]
     files.write_csv(out / "folds.csv", folds.make_folds(train, n_folds=2, seed=0))
     return out
+
+
+def to_stage2(source: Path, dest_dir: Path, image_id: str) -> Path:
+    """A copy of a real DICOM as today's test files are: named ``ID_<9 hex>.dcm``, SOPInstanceUID
+    that same string (not a UID), PatientID and study/series UIDs empty."""
+    import pydicom
+
+    from pneumothorax import dicom
+
+    with dicom.lenient():
+        ds = pydicom.dcmread(source)
+        ds.SOPInstanceUID = image_id
+        ds.file_meta.MediaStorageSOPInstanceUID = image_id
+        ds.PatientID = ""
+        ds.StudyInstanceUID = ""
+        ds.SeriesInstanceUID = ""
+        dest_dir.mkdir(parents=True, exist_ok=True)
+        path = dest_dir / f"{image_id}.dcm"
+        ds.save_as(path)
+    return path
+
+
+REAL_TEST_IDS = ("ID_0011fe81e", "ID_00a0f8b1c")
+
+
+@pytest.fixture(scope="session")
+def today_template(tmp_path_factory) -> Path:
+    """A miniature of today's download: stage_2_train.csv, stage_2_images/ (synthetic test images and
+    two real DICOMs in stage-2 form), the sample submission, and the training DICOMs of a stage-1
+    re-upload nested under siim/, with a second copy of part of it under pneumothorax/."""
+    import shutil
+
+    from pneumothorax import synthetic
+
+    out = tmp_path_factory.mktemp("today") / "siim-acr"
+    synthetic.make_world(out, synthetic.WorldSpec(n_train=60, n_test=6, seed=4, layout="stage2"), workers=2, progress=False)
+    for image_id, source in zip(REAL_TEST_IDS, (DCM_301, DCM_6904), strict=True):
+        to_stage2(source, out / "stage_2_images", image_id)
+    sample = out / "stage_2_sample_submission.csv"
+    sample.write_text(sample.read_text() + "".join(f"{i},-1\n" for i in REAL_TEST_IDS))
+    copies = sorted((out / "siim" / "dicom-images-train").iterdir())[:5]
+    for study in copies:
+        shutil.copytree(study, out / "pneumothorax" / "dicom-images-train" / study.name)
+    (out / "world.json").unlink()  # a user's download has no synthetic stamp
+    return out
+
+
+@pytest.fixture()
+def today(today_template, tmp_path) -> Path:
+    """A private copy of :func:`today_template` that a test may change."""
+    import shutil
+
+    return Path(shutil.copytree(today_template, tmp_path / "siim-acr"))

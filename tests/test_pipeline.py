@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 
 import pandas as pd
@@ -43,6 +44,65 @@ def test_make_help_lists_targets():
         assert target in out
 
 
+def _planned(plan: str) -> dict[str, int]:
+    """How many times each pipeline script appears in a ``make -n`` plan."""
+    scripts = ("01_prepare", "02_folds", "03_train_classifier", "04_train_segmentation", "05_infer", "06_search", "07_submit")
+    return {s: sum(s in line for line in plan.splitlines()) for s in scripts}
+
+
+def test_fold_out_of_range_fails_before_any_work(tmp_path):
+    result = make("train", "EXP=tiny", "FOLD=9", f"MODELS_DIR={tmp_path}", dry=True, check=False)
+    assert result.returncode != 0
+    assert "FOLD=9 is not a fold of EXP=tiny, whose data.n_folds is 2: use FOLD=0 to FOLD=1" in result.stderr
+
+
+@pytest.mark.slow
+def test_todays_download_end_to_end(today, tmp_path):
+    """`make prepare folds train infer submit DATA_DIR=<today's layout> EXP=tiny`, then what users change."""
+    outputs = [f"MODELS_DIR={tmp_path / 'models'}", f"SUBMISSIONS_DIR={tmp_path / 'subs'}", f"PROCESSED={tmp_path / 'p'}"]
+    common = ["EXP=tiny", f"DATA_DIR={today}", "QUIET=1", *outputs]
+    broken = sorted((today / "stage_2_images").glob("ID_*.dcm"))[1]
+    broken.write_bytes(b"corrupt")  # a broken test image still gets its row
+    make("prepare", "folds", "train", "infer", "submit", *common)
+    sub = pd.read_csv(tmp_path / "subs" / "tiny.csv", dtype=str)
+    sample = pd.read_csv(today / "stage_2_sample_submission.csv", dtype=str)
+    assert list(sub.columns) == ["ImageId", "EncodedPixels"]
+    assert sub["ImageId"].tolist() == sample["ImageId"].tolist()  # exactly the sample's ids, in its order
+    assert sub.set_index("ImageId").loc[broken.stem, "EncodedPixels"] == "-1"
+    for value in sub["EncodedPixels"]:
+        rle.parse(value)
+    assert make("-q", "prepare", "folds", "train", "infer", "submit", *common, check=False).returncode == 0
+
+    # a new test folder: prepare, infer and submit rerun; nothing is retrained
+    new_test = tmp_path / "new-test"
+    new_test.mkdir()
+    for path in sorted((today / "stage_2_images").glob("ID_*.dcm"))[2:6]:
+        shutil.copy(path, new_test / path.name)
+    swapped = [*common, f"TEST_DIR={new_test}", "SAMPLE_SUBMISSION=none"]
+    plan = _planned(make("prepare", "folds", "train", "infer", "submit", *swapped, dry=True).stdout)
+    assert plan == {"01_prepare": 1, "02_folds": 0, "03_train_classifier": 0, "04_train_segmentation": 0,
+                    "05_infer": 1, "06_search": 0, "07_submit": 1}
+    make("prepare", "infer", "submit", *swapped)
+    sub = pd.read_csv(tmp_path / "subs" / "tiny.csv", dtype=str)
+    assert sorted(sub["ImageId"]) == sorted(p.stem for p in new_test.glob("*.dcm"))
+
+    # a training DICOM broken, then repaired: prepare fails naming it, then reads it again
+    victim = sorted((today / "siim" / "dicom-images-test").rglob("*.dcm"))[3]  # an image with no second copy
+    good = victim.read_bytes()
+    victim.write_bytes(b"truncated")
+    failed = make("prepare", *swapped, check=False)
+    assert failed.returncode != 0 and str(victim) in failed.stderr and "unreadable training file" in failed.stderr
+    victim.write_bytes(good)
+    assert _planned(make("prepare", *swapped, dry=True).stdout)["01_prepare"] == 1
+    make("prepare", *swapped)
+    meta = pd.read_csv(tmp_path / "p" / "metadata.csv", dtype=str, keep_default_na=False)
+    assert (meta["error"] == "").all()
+
+    # a mistyped test folder is an error, not an empty submission
+    typo = make("prepare", *common, f"TEST_DIR={today / 'stage_2_imgs'}", check=False)
+    assert typo.returncode != 0 and "stage_2_imgs: test folder (TEST_DIR) does not exist" in typo.stderr
+
+
 @pytest.mark.slow
 def test_pipeline_end_to_end(tmp_path):
     world, models_dir, subs, processed = tmp_path / "world", tmp_path / "models", tmp_path / "subs", tmp_path / "p"
@@ -54,7 +114,7 @@ def test_pipeline_end_to_end(tmp_path):
         f"PROCESSED={processed}",
         "QUIET=1",
     ]
-    make("synthetic", "SYNTH_TRAIN=60", "SYNTH_TEST=8", "SYNTH_SEED=4", *common)
+    make("synthetic", "SYNTH_TRAIN=60", "SYNTH_TEST=8", "SYNTH_SEED=4", "SYNTH_LAYOUT=stage1", *common)
     broken = sorted((world / "dicom-images-test").rglob("*.dcm"))[2]
     broken.write_bytes(b"corrupt")
     make("prepare", "train", "infer", "submit", "score", "report", *common)

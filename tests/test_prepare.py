@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
+import threading
 
 import cv2
 import numpy as np
 import pandas as pd
 import pytest
 
-from pneumothorax import dicom, layout, prepare, rle, scale
+from pneumothorax import dicom, files, layout, prepare, rle, scale
 
 
 def test_metadata_and_caches(world, processed):
@@ -166,3 +169,104 @@ def test_dicoms_found_in_nested_folders_skipping_hidden_files(tmp_path):
     assert found.conflicting == []  # same size
     with pytest.raises(layout.LayoutError, match="does not exist"):
         layout.walk_dicoms([tmp_path / "missing"])
+
+
+def _decoded(monkeypatch) -> list[tuple[int, tuple[int, ...]]]:
+    """Record (index, sizes decoded) of every task prepare runs in this process."""
+    seen: list[tuple[int, tuple[int, ...]]] = []
+    real = prepare._process
+
+    def spy(task):
+        seen.append((task.index, tuple(t.size for t in task.decode)))
+        return real(task)
+
+    monkeypatch.setattr(prepare, "_process", spy)
+    return seen
+
+
+def test_reruns_redo_exactly_what_changed(world, tmp_path, monkeypatch):
+    data, keep, test_files = _small_copy(world, tmp_path)
+    out = tmp_path / "processed"
+    first = prepare.prepare(layout.detect(data), out, sizes=(32, 64), workers=1, progress=False)
+    before = {k: np.load(out / f"{k}_train_32.npy").copy() for k in ("images", "masks")}
+    seen = _decoded(monkeypatch)
+    prepare.prepare(layout.detect(data), out, sizes=(32, 64), workers=1, progress=False)
+    assert seen == []  # nothing changed: nothing decoded, nothing copied
+    # a DICOM replaced by another image: only it is decoded again, in place, at both sizes
+    train = first[first["split"] == "train"].set_index("image_id")
+    a, b = keep[2], keep[6]
+    shutil.copy(data / "dicom-images-train" / f"{b}.dcm", data / "dicom-images-train" / f"{a}.dcm")
+    prepare.prepare(layout.detect(data), out, sizes=(32, 64), workers=1, progress=False)
+    assert seen == [(train.loc[a, "index"], (32, 64))]
+    images = np.load(out / "images_train_32.npy")
+    assert (images[train.loc[a, "index"]] == images[train.loc[b, "index"]]).all()
+    others = np.delete(np.arange(len(images)), train.loc[a, "index"])
+    assert (images[others] == before["images"][others]).all()
+    # a label edited (a positive made negative): its mask row is cleared, its metadata follows
+    positive = train[train["has_pneumothorax"] == 1].index[0]
+    csv = data / "train-rle.csv"
+    text = "".join(line if not line.startswith(positive) else "" for line in csv.read_text().splitlines(keepends=True))
+    csv.write_text(text + f"{positive}, -1\n")
+    seen.clear()
+    table = prepare.prepare(layout.detect(data), out, sizes=(32, 64), workers=1, progress=False)
+    assert seen == [(train.loc[positive, "index"], (32, 64))]
+    row = table.set_index("image_id").loc[positive]
+    assert row["has_pneumothorax"] == 0 and row["mask_area"] == 0
+    assert not np.load(out / "masks_train_64.npy")[row["index"]].any() and before["masks"][row["index"]].any()
+    # a new test folder: the test split is redone (rows copied where the image is the same), train untouched
+    shutil.copy(data / "dicom-images-train" / f"{keep[0]}.dcm", data / "dicom-images-test" / "extra.dcm")
+    seen.clear()
+    table = prepare.prepare(layout.detect(data), out, sizes=(32, 64), workers=1, progress=False)
+    assert [i for i, sizes in seen if sizes] == [int(table.set_index("image_id").loc["extra", "index"])]
+    assert np.load(out / "images_test_32.npy").shape == (5, 32, 32)
+    assert not list(out.glob("*.tmp"))
+
+
+def test_a_repaired_file_is_read_again(world, tmp_path, monkeypatch):
+    data, keep, _ = _small_copy(world, tmp_path)
+    broken = data / "dicom-images-train" / f"{keep[4]}.dcm"
+    good = broken.read_bytes()
+    broken.write_bytes(b"broken")
+    out = tmp_path / "processed"
+    table = prepare.prepare(layout.detect(data), out, sizes=(32,), workers=1, skip_bad=True, progress=False)
+    assert table.set_index("image_id").loc[keep[4], "error"] != ""
+    broken.write_bytes(good)  # the user replaces the file
+    seen = _decoded(monkeypatch)
+    table = prepare.prepare(layout.detect(data), out, sizes=(32,), workers=1, progress=False)
+    assert seen == [(int(table.set_index("image_id").loc[keep[4], "index"]), (32,))]
+    assert (table["error"] == "").all()
+
+
+def test_a_killed_worker_fails_the_step_and_the_rerun_resumes(world, tmp_path, monkeypatch):
+    data, keep, _ = _small_copy(world, tmp_path)
+    real = prepare._process
+    victim = data / "dicom-images-train" / f"{keep[7]}.dcm"
+
+    def oom_killed(task):
+        if task.path == str(victim):
+            os.kill(os.getpid(), signal.SIGKILL)  # what the out-of-memory killer does
+        return real(task)
+
+    monkeypatch.setattr(prepare, "_process", oom_killed)
+    out = tmp_path / "processed"
+    with pytest.raises(prepare.PrepareError, match="a prepare worker died"):
+        prepare.prepare(layout.detect(data), out, sizes=(32,), workers=2, progress=False)
+    monkeypatch.setattr(prepare, "_process", real)
+    table = prepare.prepare(layout.detect(data), out, sizes=(32,), workers=2, progress=False)
+    assert (table["error"] == "").all() and len(table) == len(keep) + 4
+
+
+def test_a_second_prepare_waits_for_the_first(world, tmp_path, capfd):
+    data, keep, _ = _small_copy(world, tmp_path)
+    out = tmp_path / "processed"
+    finished = []
+    with files.locked(out / ".prepare.lock", "test"):
+        worker = threading.Thread(
+            target=lambda: finished.append(prepare.prepare(layout.detect(data), out, sizes=(32,), workers=1, progress=False))
+        )
+        worker.start()
+        worker.join(timeout=3)
+        assert worker.is_alive() and not finished  # waiting on the lock
+    worker.join(timeout=120)
+    assert len(finished) == 1 and len(finished[0]) == len(keep) + 4
+    assert "is in use by pid" in capfd.readouterr().err

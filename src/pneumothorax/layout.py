@@ -109,7 +109,7 @@ def detect(
     for folder in dirs:
         if not folder.is_dir():
             raise LayoutError(f"{folder}: training folder (TRAIN_DIR) does not exist")
-    sample = _find_sample(data_dir, kind, sample_submission)
+    sample = _find_sample(data_dir, kind, sample_submission) if test is not None else None  # no test set, nothing to submit
     return Layout(
         kind,
         data_dir,
@@ -218,6 +218,17 @@ def read_sample_ids(path: Path) -> list[str]:
     if not ids:
         raise LayoutError(f"{path}: sample submission lists no image")
     return list(dict.fromkeys(ids))
+
+
+def label_ids(path: Path) -> set[str]:
+    """The image ids of a label CSV, read fast (no RLE parsing): what the manifest needs."""
+    with open(path, newline="", encoding="utf-8-sig") as fh:
+        reader = csv.reader(fh)
+        header = [h.strip() for h in next(reader, [])]
+        if "ImageId" not in header:
+            raise LayoutError(f"{path}: header {header} lacks 'ImageId'")
+        column = header.index("ImageId")
+        return {row[column].strip() for row in reader if len(row) > column}
 
 
 def label_counts(path: Path) -> tuple[int, int]:

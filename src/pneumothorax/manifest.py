@@ -41,13 +41,16 @@ def file_entries(paths: list[Path]) -> list[list[Any]]:
 
 
 def build(found: layout_mod.Layout) -> dict[str, dict[str, Any]]:
-    """The train and test manifests of a layout (every DICOM, labelled or not, is listed)."""
+    """The train manifest (labelled DICOMs, labels, patient map) and the test manifest (test DICOMs, sample)."""
     described = found.describe()
-    train_files = layout_mod.walk_dicoms(found.train_dirs, found.exclude)
+    labelled = layout_mod.label_ids(found.labels) if found.labels.suffix == ".csv" else None
+    train_files = [
+        p for p in layout_mod.walk_dicoms(found.train_dirs, found.exclude) if labelled is None or p.stem in labelled
+    ]
     test_files = layout_mod.walk_dicoms([found.test_dir]) if found.test_dir is not None else []
     return {
         "train": {
-            "layout": {k: described[k] for k in ("kind", "labels", "train_dirs", "test_dir")},
+            "layout": {k: described[k] for k in ("kind", "labels", "train_dirs")},
             "labels_sha1": file_hash(found.labels),
             "patient_map_sha1": file_hash(found.patient_map if found.patient_map and found.patient_map.exists() else None),
             "files": file_entries(train_files),
