@@ -15,7 +15,9 @@ def main() -> None:
     p.add_argument("--exp-dir", required=True, help="models/<exp>")
     p.add_argument("--out", required=True, help="submission CSV")
     args = p.parse_args()
-    frame = submission.make_submission(Path(args.exp_dir), Path(args.processed), Path(args.out), progress=not args.quiet)
+    frame = submission.make_submission(
+        Path(args.exp_dir), Path(args.processed), Path(args.out), progress=not args.quiet
+    )
     empty = (frame["EncodedPixels"] == "-1").sum()
     print(f"submission: {len(frame)} images, {len(frame) - empty} with pneumothorax -> {args.out}")
 

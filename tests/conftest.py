@@ -85,7 +85,9 @@ def today_template(tmp_path_factory) -> Path:
     from pneumothorax import synthetic
 
     out = tmp_path_factory.mktemp("today") / "siim-acr"
-    synthetic.make_world(out, synthetic.WorldSpec(n_train=60, n_test=6, seed=4, layout="stage2"), workers=2, progress=False)
+    synthetic.make_world(
+        out, synthetic.WorldSpec(n_train=60, n_test=6, seed=4, layout="stage2"), workers=2, progress=False
+    )
     for image_id, source in zip(REAL_TEST_IDS, (DCM_301, DCM_6904), strict=True):
         to_stage2(source, out / "stage_2_images", image_id)
     sample = out / "stage_2_sample_submission.csv"

@@ -62,3 +62,28 @@ def test_atomic_path_leaves_nothing_on_error(tmp_path):
         tmp.write_text("half")
         raise RuntimeError("killed")
     assert target.read_text() == "old" and not files.tmp_path(target).exists()
+
+
+def test_a_full_disk_names_the_file_and_the_free_space(tmp_path, monkeypatch):
+    import torch
+
+    from pneumothorax import engine
+
+    def full_disk(obj, f, *args, **kwargs):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 470")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    target = tmp_path / "fold0" / "state.pt"
+    with pytest.raises(files.WriteError, match=r"fold0/state.pt: could not write .* GiB free on the disk holding"):
+        engine.save_checkpoint(target, {"x": 1})
+    assert not target.exists() and not files.tmp_path(target).exists()
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(files.WriteError, match="a-file/out.json: could not write"):  # a file where a folder should be
+        files.write_json(tmp_path / "a-file" / "out.json", {})
+
+
+def test_fold_out_of_range_fails_before_training():
+    from pneumothorax import config, train
+
+    with pytest.raises(config.ConfigError, match="fold 9 is not a fold of tiny, whose data.n_folds is 2"):
+        train.check_fold(config.load("tiny"), 9)

@@ -78,17 +78,23 @@ def test_overrides_and_training_only(today):
 def test_sample_submission_must_match_the_test_folder(today):
     victim = today / "stage_2_images" / f"{REAL_TEST_IDS[1]}.dcm"
     victim.rename(today / "elsewhere.dcm")
-    with pytest.raises(prepare.PrepareError, match=f"1 image\\(s\\) of the sample submission have no test DICOM.*{REAL_TEST_IDS[1]}"):
+    with pytest.raises(
+        prepare.PrepareError, match=f"1 image\\(s\\) of the sample submission have no test DICOM.*{REAL_TEST_IDS[1]}"
+    ):
         prepare.scan(layout.detect(today))
     (today / "elsewhere.dcm").rename(victim)
     to_stage2(DCM_301, today / "stage_2_images", "ID_fffffffff")
-    with pytest.raises(prepare.PrepareError, match="1 test DICOM\\(s\\) are not in the sample submission.*ID_fffffffff"):
+    with pytest.raises(
+        prepare.PrepareError, match="1 test DICOM\\(s\\) are not in the sample submission.*ID_fffffffff"
+    ):
         prepare.scan(layout.detect(today))
 
 
 def test_label_csv_with_a_byte_order_mark(today):
     labels = today / "stage_2_train.csv"
-    labels.write_bytes(b"\xef\xbb\xbf" + labels.read_bytes().replace(b"ImageId,EncodedPixels", b"ImageId, EncodedPixels"))
+    labels.write_bytes(
+        b"\xef\xbb\xbf" + labels.read_bytes().replace(b"ImageId,EncodedPixels", b"ImageId, EncodedPixels")
+    )
     rows = rle.read_label_rows(labels)
     assert len({r.image_id for r in rows}) == 60
 

@@ -46,7 +46,15 @@ def test_make_help_lists_targets():
 
 def _planned(plan: str) -> dict[str, int]:
     """How many times each pipeline script appears in a ``make -n`` plan."""
-    scripts = ("01_prepare", "02_folds", "03_train_classifier", "04_train_segmentation", "05_infer", "06_search", "07_submit")
+    scripts = (
+        "01_prepare",
+        "02_folds",
+        "03_train_classifier",
+        "04_train_segmentation",
+        "05_infer",
+        "06_search",
+        "07_submit",
+    )
     return {s: sum(s in line for line in plan.splitlines()) for s in scripts}
 
 
@@ -59,7 +67,11 @@ def test_fold_out_of_range_fails_before_any_work(tmp_path):
 @pytest.mark.slow
 def test_todays_download_end_to_end(today, tmp_path):
     """`make prepare folds train infer submit DATA_DIR=<today's layout> EXP=tiny`, then what users change."""
-    outputs = [f"MODELS_DIR={tmp_path / 'models'}", f"SUBMISSIONS_DIR={tmp_path / 'subs'}", f"PROCESSED={tmp_path / 'p'}"]
+    outputs = [
+        f"MODELS_DIR={tmp_path / 'models'}",
+        f"SUBMISSIONS_DIR={tmp_path / 'subs'}",
+        f"PROCESSED={tmp_path / 'p'}",
+    ]
     common = ["EXP=tiny", f"DATA_DIR={today}", "QUIET=1", *outputs]
     broken = sorted((today / "stage_2_images").glob("ID_*.dcm"))[1]
     broken.write_bytes(b"corrupt")  # a broken test image still gets its row
@@ -80,8 +92,15 @@ def test_todays_download_end_to_end(today, tmp_path):
         shutil.copy(path, new_test / path.name)
     swapped = [*common, f"TEST_DIR={new_test}", "SAMPLE_SUBMISSION=none"]
     plan = _planned(make("prepare", "folds", "train", "infer", "submit", *swapped, dry=True).stdout)
-    assert plan == {"01_prepare": 1, "02_folds": 0, "03_train_classifier": 0, "04_train_segmentation": 0,
-                    "05_infer": 1, "06_search": 0, "07_submit": 1}
+    assert plan == {
+        "01_prepare": 1,
+        "02_folds": 0,
+        "03_train_classifier": 0,
+        "04_train_segmentation": 0,
+        "05_infer": 1,
+        "06_search": 0,
+        "07_submit": 1,
+    }
     make("prepare", "infer", "submit", *swapped)
     sub = pd.read_csv(tmp_path / "subs" / "tiny.csv", dtype=str)
     assert sorted(sub["ImageId"]) == sorted(p.stem for p in new_test.glob("*.dcm"))

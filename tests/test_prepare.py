@@ -262,7 +262,9 @@ def test_a_second_prepare_waits_for_the_first(world, tmp_path, capfd):
     finished = []
     with files.locked(out / ".prepare.lock", "test"):
         worker = threading.Thread(
-            target=lambda: finished.append(prepare.prepare(layout.detect(data), out, sizes=(32,), workers=1, progress=False))
+            target=lambda: finished.append(
+                prepare.prepare(layout.detect(data), out, sizes=(32,), workers=1, progress=False)
+            )
         )
         worker.start()
         worker.join(timeout=3)

@@ -29,7 +29,7 @@ from tqdm import tqdm
 from . import config as config_mod
 from . import data, engine, files, infer, models
 from .config import Config
-from .train import Interrupted, _loader
+from .train import Interrupted, _loader, check_fold
 
 
 def gate_metrics(labels: np.ndarray, probs: np.ndarray, threshold: float) -> dict[str, float]:
@@ -64,6 +64,7 @@ def train_classifier_fold(
     max_epochs: int | None = None,
 ) -> dict[str, Any]:
     """Train one classifier fold (resuming from ``state.pt``); return its OOF metrics."""
+    check_fold(cfg, fold)
     with engine.running(device) as runtime:
         return _train(cfg, fold, Path(processed), Path(out_dir), runtime, progress, max_epochs)
 

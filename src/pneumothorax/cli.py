@@ -11,9 +11,8 @@ import sys
 from typing import Any
 
 from . import config as config_mod
-from . import dicom, files, prepare, rle, submission
+from . import dicom, files, models, prepare, rle, submission
 from . import layout as layout_mod
-from . import models
 from .models import WeightsError
 
 KINDS = {
@@ -53,7 +52,8 @@ def describe_layout(found: layout_mod.Layout) -> str:
     lines = [
         f"layout: {KINDS[found.kind]}",
         f"  labels: {found.labels} ({rows:,} rows, {images:,} images)",
-        "  training DICOMs: every labelled .dcm under " + ", ".join(str(d) for d in found.train_dirs)
+        "  training DICOMs: every labelled .dcm under "
+        + ", ".join(str(d) for d in found.train_dirs)
         + (f" except {found.test_dir}" if found.test_dir else ""),
         f"  test DICOMs: {found.test_dir}" if found.test_dir else "  test DICOMs: none (training-only run)",
     ]

@@ -24,7 +24,16 @@ class WriteError(OSError):
 
 
 # errno values that mean "this output cannot be written here" rather than a bug
-_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EISDIR}
+_WRITE_ERRNOS = {
+    errno.ENOSPC,
+    errno.EDQUOT,
+    errno.EACCES,
+    errno.EPERM,
+    errno.EROFS,
+    errno.ENOTDIR,
+    errno.EISDIR,
+    errno.EEXIST,
+}
 
 
 def free_space(path: str | Path) -> str:
@@ -52,7 +61,13 @@ def write_error(path: str | Path, exc: BaseException) -> WriteError | None:
     is_torch = isinstance(exc, RuntimeError) and ("unexpected pos" in text or "PytorchStreamWriter" in text)
     if not (is_write or is_torch):
         return None
-    reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else text.splitlines()[0] if text else type(exc).__name__
+    reason = (
+        exc.strerror
+        if isinstance(exc, OSError) and exc.strerror
+        else text.splitlines()[0]
+        if text
+        else type(exc).__name__
+    )
     return WriteError(errno.ENOSPC, f"{path}: could not write ({reason}); {free_space(path)}")
 
 

@@ -109,7 +109,9 @@ def detect(
     for folder in dirs:
         if not folder.is_dir():
             raise LayoutError(f"{folder}: training folder (TRAIN_DIR) does not exist")
-    sample = _find_sample(data_dir, kind, sample_submission) if test is not None else None  # no test set, nothing to submit
+    sample = (
+        _find_sample(data_dir, kind, sample_submission) if test is not None else None
+    )  # no test set, nothing to submit
     return Layout(
         kind,
         data_dir,
@@ -187,7 +189,9 @@ def walk_dicoms(folders: Iterable[Path], exclude: Iterable[Path] = ()) -> list[P
         if not Path(folder).is_dir():
             raise LayoutError(f"{folder}: DICOM folder does not exist")
         for root, dirs, names in os.walk(folder):
-            dirs[:] = sorted(d for d in dirs if not d.startswith(".") and os.path.realpath(os.path.join(root, d)) not in skip)
+            dirs[:] = sorted(
+                d for d in dirs if not d.startswith(".") and os.path.realpath(os.path.join(root, d)) not in skip
+            )
             found.extend(os.path.join(root, n) for n in names if n.endswith(".dcm") and not n.startswith("."))
     return [Path(p) for p in sorted(dict.fromkeys(found), key=lambda p: p.split(os.sep))]
 

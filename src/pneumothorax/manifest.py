@@ -52,7 +52,9 @@ def build(found: layout_mod.Layout) -> dict[str, dict[str, Any]]:
         "train": {
             "layout": {k: described[k] for k in ("kind", "labels", "train_dirs")},
             "labels_sha1": file_hash(found.labels),
-            "patient_map_sha1": file_hash(found.patient_map if found.patient_map and found.patient_map.exists() else None),
+            "patient_map_sha1": file_hash(
+                found.patient_map if found.patient_map and found.patient_map.exists() else None
+            ),
             "files": file_entries(train_files),
         },
         "test": {

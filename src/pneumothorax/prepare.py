@@ -104,10 +104,14 @@ def scan(found: layout_mod.Layout) -> Inputs:
     train = {k: v for k, v in train_all.files.items() if k in labels}
     if not train:
         dirs = " ".join(str(d) for d in found.train_dirs)
-        raise PrepareError(f"{dirs}: no DICOM file matches a row of {found.labels} ({len(train_all.files)} DICOMs found)")
+        raise PrepareError(
+            f"{dirs}: no DICOM file matches a row of {found.labels} ({len(train_all.files)} DICOMs found)"
+        )
     test_files = test.files if test else {}
     if found.test_dir is not None and not test_files:
-        raise PrepareError(f"{found.test_dir}: the test folder holds no DICOM file (TEST_DIR=none for a training-only run)")
+        raise PrepareError(
+            f"{found.test_dir}: the test folder holds no DICOM file (TEST_DIR=none for a training-only run)"
+        )
     report.train_test_overlap = sorted(set(train) & set(test_files))
     sample_ids = layout_mod.read_sample_ids(found.sample_submission) if found.sample_submission else None
     if sample_ids is not None:
@@ -201,7 +205,9 @@ def _copy(target: Target, source: Source, index: int, old_index: int, positive: 
     row = _WRITER.read(source.image, source.image_offset, old_index, nbytes)
     _WRITER.write(target.image, target.image_offset, index, row)
     if positive and target.mask is not None and source.mask is not None:
-        _WRITER.write(target.mask, target.mask_offset, index, _WRITER.read(source.mask, source.mask_offset, old_index, nbytes))
+        _WRITER.write(
+            target.mask, target.mask_offset, index, _WRITER.read(source.mask, source.mask_offset, old_index, nbytes)
+        )
 
 
 def _process(task: Task) -> dict[str, Any]:
@@ -271,7 +277,9 @@ def _read_record(out_dir: Path) -> dict[str, Any]:
 
 def _target(out_dir: Path, split: str, size: int, with_masks: bool, n: int, in_place: bool, fresh: bool) -> Target:
     """A size's cache files to write: the finished ones (in place), or ``.tmp`` ones (created unless resumed)."""
-    paths = [cache_path(out_dir, "images", split, size)] + ([cache_path(out_dir, "masks", split, size)] if with_masks else [])
+    paths = [cache_path(out_dir, "images", split, size)] + (
+        [cache_path(out_dir, "masks", split, size)] if with_masks else []
+    )
     if not in_place:
         paths = [files.tmp_path(p) for p in paths]
     offsets = []
@@ -287,7 +295,12 @@ def _target(out_dir: Path, split: str, size: int, with_masks: bool, n: int, in_p
 def _source(out_dir: Path, split: str, size: int, with_masks: bool) -> Source:
     image = cache_path(out_dir, "images", split, size)
     mask = cache_path(out_dir, "masks", split, size) if with_masks else None
-    return Source(str(image), files.npy_data_offset(image), str(mask) if mask else None, files.npy_data_offset(mask) if mask else 0)
+    return Source(
+        str(image),
+        files.npy_data_offset(image),
+        str(mask) if mask else None,
+        files.npy_data_offset(mask) if mask else 0,
+    )
 
 
 def _plan_split(
@@ -313,7 +326,12 @@ def _plan_split(
         size: size in old.get("sizes", []) and all(cache_path(out_dir, k, split, size).exists() for k in kinds)
         for size in sizes
     }
-    partial = [files.tmp_path(cache_path(out_dir, k, split, s)) for s in sizes if not (finished[s] and same_list) for k in kinds]
+    partial = [
+        files.tmp_path(cache_path(out_dir, k, split, s))
+        for s in sizes
+        if not (finished[s] and same_list)
+        for k in kinds
+    ]
     # progress is only worth resuming if every partial cache it wrote into is still there
     logged = _read_progress(log_path, log_signature) if all(p.exists() for p in partial) else {}
     targets, sources, renames = [], [], []
@@ -328,7 +346,9 @@ def _plan_split(
         k = old_index.get(image_id)
         unchanged = k is not None and old_sigs[k] is not None and old_sigs[k] == sigs[i]
         previous = old_metas[k] if unchanged else None
-        decode = tuple(t for t, s in zip(targets, sources, strict=True) if not unchanged or (not t.in_place and s is None))
+        decode = tuple(
+            t for t, s in zip(targets, sources, strict=True) if not unchanged or (not t.in_place and s is None)
+        )
         positive = bool(previous and previous.get("mask_area", 0))
         copies = tuple(
             (t, s, k, positive) for t, s in zip(targets, sources, strict=True) if unchanged and s is not None
@@ -338,7 +358,7 @@ def _plan_split(
         elif not decode and not copies:
             kept[i] = {**(previous or {}), "index": i}
         else:
-            rows = (labels.get(image_id, []) if labels is not None else None)
+            rows = labels.get(image_id, []) if labels is not None else None
             tasks.append(Task(i, str(dicoms[image_id]), rows, decode, copies, previous))
             if any(t.in_place for t in decode):
                 in_place_ids.append(image_id)
@@ -353,7 +373,11 @@ def _reserve(targets: list[Target], tasks: list[Task]) -> None:
         if target.in_place:
             continue
         row = target.size * target.size
-        writes = [t for t in tasks if any(x.size == target.size for x in t.decode) or any(c[0].size == target.size for c in t.copies)]
+        writes = [
+            t
+            for t in tasks
+            if any(x.size == target.size for x in t.decode) or any(c[0].size == target.size for c in t.copies)
+        ]
         files.reserve(target.image, [(target.image_offset + t.index * row, row) for t in writes])
         if target.mask is not None:
             positive = [t for t in writes if t.rows or any(c[3] for c in t.copies if c[0].size == target.size)]
@@ -486,7 +510,9 @@ def _prepare(
     record = _read_record(out_dir)
     all_sizes = sorted({int(s) for s in sizes} | set(record.get("sizes", [])))
     plans = {
-        "train": _plan_split("train", inputs.train, inputs.labels, all_sizes, out_dir, record["splits"].get("train", {})),
+        "train": _plan_split(
+            "train", inputs.train, inputs.labels, all_sizes, out_dir, record["splits"].get("train", {})
+        ),
         "test": _plan_split("test", inputs.test, None, all_sizes, out_dir, record["splits"].get("test", {})),
     }
     _forget(record, plans, out_dir)  # rows about to be rewritten in place are not valid until done

@@ -47,7 +47,12 @@ def _manifest(args: argparse.Namespace) -> int:
     processed = Path(args.processed)
     try:
         found = layout_mod.detect(
-            args.data_dir, args.train_csv, args.train_dir.split(), args.test_dir, args.sample_submission, args.patient_map
+            args.data_dir,
+            args.train_csv,
+            args.train_dir.split(),
+            args.test_dir,
+            args.sample_submission,
+            args.patient_map,
         )
         manifest.update(found, processed)
     except (layout_mod.LayoutError, OSError) as exc:

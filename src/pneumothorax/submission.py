@@ -56,7 +56,8 @@ def validate(frame: pd.DataFrame, expected_ids: list[str], source: str = "the te
     """
     if not len(frame) or not expected_ids:
         raise SubmissionError(
-            f"nothing to submit: {source} has no image (a training-only run, TEST_DIR=none?); refusing to write zero rows"
+            f"nothing to submit: {source} has no image (a training-only run, TEST_DIR=none?); "
+            "refusing to write zero rows"
         )
     if list(frame.columns) != list(HEADER):
         raise SubmissionError(f"header {list(frame.columns)} != {list(HEADER)}")

@@ -64,6 +64,7 @@ class WorldSpec:
 
 LAYOUTS = ("stage1", "stage2")
 
+
 def load_shapes(path: Path = paths.REAL_MASKS) -> list[list[str]]:
     """Real pneumothorax shapes: per real image, its list of RLE rows."""
     grouped = rle.read_labels(path)
@@ -216,7 +217,11 @@ def _plan(spec: WorldSpec, n_shapes: int) -> list[_Item]:
         if spec.layout == "stage2" and split == "test":
             image_id, folder = f"ID_{int(rng.integers(16**9)):09x}", ""
         if spec.layout == "stage2":
-            reupload = "dicom-images-test" if split == "train" and i >= spec.n_train * (1 - spec.stage1_test_share) else "dicom-images-train"
+            reupload = (
+                "dicom-images-test"
+                if split == "train" and i >= spec.n_train * (1 - spec.stage1_test_share)
+                else "dicom-images-train"
+            )
             folder = "stage_2_images" if split == "test" else f"siim/{reupload}/{folder}"
         else:
             folder = f"{'dicom-images-train' if split == 'train' else 'dicom-images-test'}/{folder}"

@@ -93,8 +93,18 @@ def train_fold(
     ``max_epochs`` stops this call after that many epochs (to test resuming).
     """
     processed, out_dir = Path(processed), Path(out_dir)
+    check_fold(cfg, fold)
     with engine.running(device) as runtime:
         return _train(cfg, fold, processed, out_dir, runtime, progress, max_epochs)
+
+
+def check_fold(cfg: Config, fold: int) -> None:
+    """Fail before any work when ``fold`` is not one of the config's folds."""
+    if not 0 <= fold < cfg.data.n_folds:
+        raise config_mod.ConfigError(
+            f"fold {fold} is not a fold of {cfg.name}, whose data.n_folds is {cfg.data.n_folds}: "
+            f"use 0 to {cfg.data.n_folds - 1}"
+        )
 
 
 def _train(
