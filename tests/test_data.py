@@ -8,24 +8,29 @@ import pytest
 from pneumothorax import data
 
 
+def _indices(sampler):
+    return [i for i, _ in sampler]
+
+
 def test_positive_rate_sampler():
     labels = np.array([1] * 20 + [0] * 80)
     s = data.PositiveRateSampler(labels, rate=0.5, seed=0)
-    idx = list(s)
+    idx = _indices(s)
     assert len(idx) == 40 and len(set(idx)) == 40
     assert set(range(20)) <= set(idx)  # every positive every epoch
     s.set_epoch(1)
-    assert list(s) != idx  # new negatives each epoch
+    assert _indices(s) != idx  # new negatives each epoch
     s.set_epoch(0)
-    assert list(s) == idx  # the order depends only on (seed, epoch)
+    assert _indices(s) == idx  # the order depends only on (seed, epoch)
+    assert [key for _, key in s] == [(0, 0, p) for p in range(40)]  # (seed, epoch, position)
     falling = data.PositiveRateSampler(labels, rate=0.8, rate_end=0.4, epochs=5, seed=0)
     sizes = []
     for e in range(5):
         falling.set_epoch(e)
-        sizes.append(len(list(falling)))
+        sizes.append(len(_indices(falling)))
     assert sizes[0] == 25 and sizes[-1] == 50 and sizes == sorted(sizes)
     natural = data.PositiveRateSampler(labels)
-    assert sorted(natural) == list(range(100))
+    assert sorted(_indices(natural)) == list(range(100))
 
 
 def test_sampler_splits_across_ranks():
@@ -33,7 +38,9 @@ def test_sampler_splits_across_ranks():
     parts = [list(data.PositiveRateSampler(labels, 0.5, seed=3, rank=r, world_size=2)) for r in range(2)]
     assert len(parts[0]) == len(parts[1])
     whole = list(data.PositiveRateSampler(labels, 0.5, seed=3))
-    assert set(parts[0]) | set(parts[1]) == set(whole)
+    assert {i for i, _ in parts[0]} | {i for i, _ in parts[1]} == {i for i, _ in whole}
+    # a sample keeps its key (so its augmentation) whichever rank loads it
+    assert set(parts[0][:-1]) | set(parts[1][:-1]) <= set(whole) and not set(parts[0]) & set(parts[1])
 
 
 def test_augment_groups():
@@ -62,3 +69,63 @@ def test_cache_dataset(processed):
         labels=rows["has_pneumothorax"].to_numpy()[:4],
     )
     assert labels[1][1].item() == rows["has_pneumothorax"].iloc[1]
+
+
+GROUP_OF = {
+    "HorizontalFlip": "A1",
+    "RandomBrightnessContrast": "A2",
+    "RandomGamma": "A2",
+    "ElasticTransform": "A3",
+    "GridDistortion": "A3",
+    "OpticalDistortion": "A3",
+}
+
+
+def test_augmentation_groups_are_applied_independently():
+    """albumentations' set_random_seed gives every child the same seed (A1-A3 all or none: correlation
+    1.0); one shared random state per sample makes the groups independent."""
+    aug = data.segmentation_augment(["A1", "A2", "A3"], 32, 0.5)
+    aug.save_applied_params = True
+    image = (np.random.default_rng(0).random((32, 32)) * 255).astype(np.uint8)
+    applied = np.zeros((600, 3))
+    for n in range(len(applied)):
+        out = data.apply_augment(aug, (7, 0, n), image=image)
+        groups = {GROUP_OF[name] for name, _ in out["applied_transforms"]}
+        applied[n] = [g in groups for g in ("A1", "A2", "A3")]
+    rates = applied.mean(axis=0)
+    assert np.all(np.abs(rates - 0.5) < 0.08), rates
+    corr = np.corrcoef(applied.T)
+    assert np.abs(corr[np.triu_indices(3, 1)]).max() < 0.12, corr
+
+
+def _augmented(processed, sampler, workers):
+    import torch
+
+    rows = data.train_rows(processed)
+    same_row = np.full(len(sampler.labels), rows["index"].iloc[0])  # every item is the same image
+    ds = data.CacheDataset(processed, "train", 32, same_row, 1, data.segmentation_augment(["A1", "A2", "A3"], 32, 0.9))
+    return torch.cat([x for x, _ in data.make_loader(ds, 4, sampler, workers)])
+
+
+def test_workers_ranks_and_resumes_see_the_right_augmentations(processed):
+    labels = np.zeros(16, dtype=int)
+    two_workers = _augmented(processed, data.PositiveRateSampler(labels, seed=5), workers=2)
+    flat = two_workers.flatten(1)
+    distinct = {tuple(np.round(r.numpy(), 3)) for r in flat}
+    assert len(distinct) >= 12  # worker 0 and worker 1 used to produce identical batches
+    torch = pytest.importorskip("torch")
+    assert not torch.equal(two_workers[:4], two_workers[4:8])
+    # the same samples, loaded by two ranks: each sample augmented exactly as in one process
+    ranks = [_augmented(processed, data.PositiveRateSampler(labels, seed=5, rank=r, world_size=2), 0) for r in (0, 1)]
+    assert torch.equal(ranks[0], two_workers[0::2]) and torch.equal(ranks[1], two_workers[1::2])
+    assert not torch.equal(ranks[0], ranks[1])
+    # a resumed run (a fresh sampler set to epoch 3) replays the same stream as one that ran epochs 0-2
+    ran = data.PositiveRateSampler(labels, seed=5)
+    for epoch in range(3):
+        ran.set_epoch(epoch)
+        list(ran)
+    ran.set_epoch(3)
+    resumed = data.PositiveRateSampler(labels, seed=5)
+    resumed.set_epoch(3)
+    assert torch.equal(_augmented(processed, ran, 0), _augmented(processed, resumed, 0))
+    assert not torch.equal(_augmented(processed, resumed, 0), two_workers)  # another epoch, other draws

@@ -29,7 +29,7 @@ from tqdm import tqdm
 from . import config as config_mod
 from . import data, engine, files, infer, models
 from .config import Config
-from .train import Interrupted, _loader, check_fold
+from .train import Interrupted, check_fold
 
 
 def gate_metrics(labels: np.ndarray, probs: np.ndarray, threshold: float) -> dict[str, float]:
@@ -152,17 +152,11 @@ def _fit(
         )
     scaler = torch.amp.GradScaler("cuda", enabled=runtime.device.type == "cuda" and c.amp == "fp16")
     ran = 0
+    loader = data.make_loader(
+        train_ds, c.batch_size, sampler, cfg.data.workers, drop_last=len(sampler) > c.batch_size, seed=cfg.seed
+    )
     for epoch in range(done, c.epochs):
         sampler.set_epoch(epoch)
-        train_ds.transform.set_random_seed(cfg.seed + 7919 * key + epoch)
-        loader = _loader(
-            train_ds,
-            c.batch_size,
-            sampler,
-            cfg.data.workers,
-            drop_last=len(sampler) > c.batch_size,
-            seed=cfg.seed + epoch,
-        )
         lr = opt.param_groups[0]["lr"]
         net.train()
         started, total, count = time.time(), 0.0, 0

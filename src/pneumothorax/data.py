@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import random
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -11,9 +12,9 @@ import cv2
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
-from . import prepare, scale
+from . import files, prepare, scale
 
 MEAN, STD = 0.449, 0.226  # ImageNet's mean and std averaged over channels (gray input)
 
@@ -71,6 +72,26 @@ def classifier_augment(size: int, p: float) -> A.Compose:
     )
 
 
+SampleKey = tuple[int, int, int]  # (sampler seed, epoch, position in the epoch's global order)
+
+
+def augment_state(key: SampleKey) -> tuple[np.random.Generator, random.Random]:
+    """The random state of one sample's augmentation: one NumPy stream, and a Python one drawn from it.
+
+    Every transform of a pipeline draws from these same two streams in turn, so the groups are
+    applied independently of each other; the key depends neither on the DataLoader worker nor
+    on the DDP rank that loads the sample, so a resumed or distributed run sees the same stream.
+    """
+    rng = np.random.default_rng([int(k) for k in key])
+    return rng, random.Random(int(rng.integers(2**63)))
+
+
+def apply_augment(transform: A.Compose, key: SampleKey, **arrays: np.ndarray) -> dict[str, np.ndarray]:
+    """Run ``transform`` on ``arrays`` with the random state of sample ``key``."""
+    transform.set_random_state(*augment_state(key))
+    return transform(**arrays)
+
+
 def to_tensor(image: np.ndarray, channels: int) -> torch.Tensor:
     """uint8 (H, W) -> normalised float (channels, H, W)."""
     x = torch.from_numpy(np.ascontiguousarray(image)).float().div_(255.0).sub_(MEAN).div_(STD)
@@ -107,29 +128,34 @@ class CacheDataset(Dataset):
     def __len__(self) -> int:
         return len(self.rows)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, item: int | tuple[int, SampleKey]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Item ``i``, or ``(i, key)`` from :class:`PositiveRateSampler`: augmented with that sample's random state."""
+        i, key = item if isinstance(item, tuple) else (item, None)
         self._open()
         row = int(self.rows[i])
         image = np.array(self._images[row])  # a writable copy
+        augment = self.transform is not None and key is not None
         if self.target == "mask":
             mask = np.array(self._masks[row])
-            if self.transform is not None:
-                out = self.transform(image=image, mask=mask)
+            if augment:
+                out = apply_augment(self.transform, key, image=image, mask=mask)
                 image, mask = out["image"], out["mask"]
             return to_tensor(image, self.channels), torch.from_numpy(np.ascontiguousarray(mask)).float()[None]
-        if self.transform is not None:
-            image = self.transform(image=image)["image"]
+        if augment:
+            image = apply_augment(self.transform, key, image=image)["image"]
         label = torch.tensor([self.labels[i]]) if self.labels is not None else torch.zeros(1)
         return to_tensor(image, self.channels), label
 
 
-class PositiveRateSampler(Sampler[int]):
+class PositiveRateSampler(Sampler[tuple[int, SampleKey]]):
     """The 1st place's sampling: every positive each epoch, plus negatives so positives make ``rate``.
 
     ``rate`` may fall linearly from ``rate`` to ``rate_end`` over ``epochs`` epochs. With
     ``rate=None`` every image is used once per epoch. The order depends only on
     ``(seed, epoch)``, so a resumed run sees the same epochs. Under DDP each of
     ``world_size`` ranks takes every ``world_size``-th index of a padded permutation.
+    Yields ``(index, key)``: ``key = (seed, epoch, position)`` seeds that sample's augmentation
+    (:func:`augment_state`), the same whichever worker or rank loads it.
     """
 
     def __init__(
@@ -172,16 +198,44 @@ class PositiveRateSampler(Sampler[int]):
         chosen = np.concatenate([pos, rng.choice(neg, size=n_neg, replace=False)])
         return rng.permutation(chosen)
 
-    def __iter__(self) -> Iterator[int]:
+    def __iter__(self) -> Iterator[tuple[int, SampleKey]]:
         indices = self._epoch_indices()
+        positions = np.arange(len(indices))
         if self.world_size > 1:
             total = math.ceil(len(indices) / self.world_size) * self.world_size
             indices = np.resize(indices, total)[self.rank :: self.world_size]
-        return iter(indices.tolist())
+            positions = np.arange(total)[self.rank :: self.world_size]
+        keys = ((self.seed, self.epoch, int(p)) for p in positions)
+        return iter(zip(indices.tolist(), keys, strict=True))
 
     def __len__(self) -> int:
         n = len(self._epoch_indices())
         return math.ceil(n / self.world_size) if self.world_size > 1 else n
+
+
+def make_loader(
+    dataset: Dataset,
+    batch_size: int,
+    sampler: Sampler | None = None,
+    workers: int = 0,
+    drop_last: bool = False,
+    seed: int = 0,
+) -> DataLoader:
+    """A DataLoader whose workers live as long as it does (each sample's augmentation is seeded by
+    its sampler key, not by worker state, so workers can persist across epochs)."""
+    if workers > 0:
+        files.single_threaded_opencv()
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        shuffle=False,
+        num_workers=workers,
+        drop_last=drop_last,
+        pin_memory=torch.cuda.is_available(),
+        persistent_workers=workers > 0,
+        generator=torch.Generator().manual_seed(seed),
+    )
 
 
 def train_rows(processed: str | Path) -> pd.DataFrame:
@@ -224,8 +278,10 @@ class ImageListDataset(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, item: int | tuple[int, SampleKey]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Item ``i``, or ``(i, key)`` from :class:`PositiveRateSampler` (augmented)."""
+        i, key = item if isinstance(item, tuple) else (item, None)
         image = read_image(self.paths[i], self.size)
-        if self.transform is not None:
-            image = self.transform(image=image)["image"]
+        if self.transform is not None and key is not None:
+            image = apply_augment(self.transform, key, image=image)["image"]
         return to_tensor(image, self.channels), torch.tensor([self.labels[i]])

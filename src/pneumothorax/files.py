@@ -16,6 +16,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 
 
@@ -138,6 +139,18 @@ def _json_default(obj: Any) -> Any:
     if isinstance(obj, Path):
         return str(obj)
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def single_threaded_opencv() -> None:
+    """One OpenCV thread in this process and in the processes it forks from now on.
+
+    Call it in the parent *before* starting worker processes: ``cv2.setNumThreads`` called inside
+    a forked child, after the parent used OpenCV's thread pool, deadlocks waiting for threads
+    that were not copied (seen with DataLoader and prepare workers). Forked children inherit the
+    setting, so N workers run N threads, not N x cores. torch limits its own threads in
+    DataLoader workers.
+    """
+    cv2.setNumThreads(1)
 
 
 def mp_context() -> multiprocessing.context.BaseContext:

@@ -195,7 +195,6 @@ _WRITER = files.RowWriter()
 
 
 def _init_worker() -> None:
-    cv2.setNumThreads(1)
     files.steady_malloc()
     _WRITER.close()
 
@@ -424,6 +423,7 @@ def _results(tasks: list[Task], workers: int) -> Any:
     A worker that dies (the out-of-memory killer, a segfault in a decoder) fails the step at
     once, instead of leaving it waiting for a result that never comes.
     """
+    files.single_threaded_opencv()  # before forking: see its docstring
     if workers <= 1:
         _init_worker()
         yield from map(_process, tasks)

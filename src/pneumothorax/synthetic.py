@@ -245,7 +245,6 @@ _SHAPES: list[list[str]] = []
 def _init_worker(shapes: list[list[str]]) -> None:
     global _SHAPES
     _SHAPES = shapes
-    cv2.setNumThreads(1)
     files.steady_malloc()
 
 
@@ -305,6 +304,7 @@ def make_world(out_dir: str | Path, spec: WorldSpec, workers: int | None = None,
     shapes = load_shapes()
     items = _plan(spec, len(shapes))
     workers = workers or os.cpu_count() or 1
+    files.single_threaded_opencv()  # before forking: see its docstring
     jobs = [(item, str(out_dir), spec.seed) for item in items]
     bar = tqdm(total=len(jobs), desc="synthetic", unit="img", disable=not progress)
     if workers == 1:

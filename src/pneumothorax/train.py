@@ -32,23 +32,6 @@ class Interrupted(RuntimeError):
     """Raised by ``max_epochs`` to simulate a killed run (tests)."""
 
 
-def _loader(
-    dataset: Any, batch_size: int, sampler: Any = None, workers: int = 0, drop_last: bool = False, seed: int = 0
-) -> DataLoader:
-    generator = torch.Generator().manual_seed(seed)
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        sampler=sampler,
-        shuffle=False,
-        num_workers=workers,
-        drop_last=drop_last,
-        pin_memory=torch.cuda.is_available(),
-        persistent_workers=False,
-        generator=generator,
-    )
-
-
 @torch.no_grad()
 def evaluate(
     model: torch.nn.Module, loader: DataLoader, loss_fn: Any, runtime: engine.Runtime, amp: str, channels_last: bool
@@ -204,17 +187,16 @@ def _train(
                 runtime.rank,
                 runtime.world_size,
             )
-            valid_loader = _loader(valid_ds, stage.batch_size, workers=cfg.data.workers)
+            valid_loader = data.make_loader(valid_ds, stage.batch_size, workers=cfg.data.workers)
+            train_loader = data.make_loader(
+                train_ds,
+                stage.batch_size,
+                sampler,
+                cfg.data.workers,
+                drop_last=len(sampler) > stage.batch_size,
+                seed=cfg.seed + s,
+            )
         sampler.set_epoch(e)
-        train_ds.transform.set_random_seed(cfg.seed + 7919 * fold + step)  # augmentations depend on (seed, epoch)
-        train_loader = _loader(
-            train_ds,
-            stage.batch_size,
-            sampler,
-            cfg.data.workers,
-            drop_last=len(sampler) > stage.batch_size,
-            seed=cfg.seed + step,
-        )
         in_swa = stage.swa_epochs and e >= stage.epochs - stage.swa_epochs
         if in_swa and stage.swa_lr is not None:
             for group in opt.param_groups:
@@ -287,7 +269,7 @@ def _train(
             engine.save_checkpoint(out_dir / "last.pt", engine.cpu_state(model))
         if last_of_stage and swa is not None:
             bn_ds = data.CacheDataset(processed, "train", stage.size, train_df["index"].to_numpy(), cfg.data.channels)
-            update_bn(_loader(bn_ds, stage.batch_size, workers=cfg.data.workers), swa, device=runtime.device)
+            update_bn(data.make_loader(bn_ds, stage.batch_size, workers=cfg.data.workers), swa, device=runtime.device)
             engine.broadcast_module(swa.module, runtime)
             if runtime.is_main:
                 swa_scores = evaluate(swa.module, valid_loader, loss_fn, runtime, seg.amp, seg.channels_last)
