@@ -105,3 +105,52 @@ def test_ddp_gloo_two_processes(processed, tmp_path):
     assert (out / "model.pt").exists() and len(list(out.glob("*.tmp"))) == 0
     log = (out / "train.log").read_text()
     assert log.count("done:") == 1
+
+
+@pytest.mark.slow
+def test_every_collective_survives_a_group_without_a_cpu_backend(processed, tmp_path):
+    """The multi-GPU crash (a CPU tensor broadcast on an NCCL group) reproduced and prevented on CPU."""
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    script = paths.ROOT / "tests" / "ddp_cuda_only_group.py"
+    out = tmp_path / "ddp"
+    result = subprocess.run(
+        [torchrun, "--standalone", "--nproc_per_node=2", str(script), str(processed), str(out)],
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    refused = "default group refuses CPU tensors: No backend type associated with device type cpu"
+    assert result.stdout.count(refused) == 2
+    assert result.stdout.count("trained") == 2 and (out / "model.pt").exists()
+    assert len(pd.read_csv(out / "metrics.csv")) == 3  # 2 epochs + SWA, through DDP, validation and SWA broadcast
+
+
+def test_device_choice_never_falls_back_to_cpu_silently(monkeypatch):
+    from pneumothorax import engine
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(engine, "nvidia_gpu_present", lambda: "NVRM version: NVIDIA UNIX x86_64 Kernel Module 470.57")
+    with pytest.raises(engine.DeviceError, match="a GPU is present .*470.57.* cannot use it.*--device cpu"):
+        engine.pick_device(None, 0)
+    assert engine.pick_device("cpu", 0) == torch.device("cpu")  # asked for knowingly
+    monkeypatch.setattr(engine, "nvidia_gpu_present", lambda: None)
+    assert engine.pick_device(None, 0) == torch.device("cpu")
+    assert engine.describe_device(torch.device("cpu")).startswith("device cpu (")
+
+
+def test_cuda_rng_state_is_the_current_devices(monkeypatch):
+    from pneumothorax import engine
+
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda: torch.tensor([7], dtype=torch.uint8))
+    monkeypatch.setattr(torch.cuda, "set_rng_state", restored.append)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: restored.extend(states))
+    state = engine.rng_state()
+    assert torch.equal(state["cuda"], torch.tensor([7], dtype=torch.uint8))
+    engine.set_rng_state(state)
+    four_gpus = {**state, "cuda": [torch.tensor([i], dtype=torch.uint8) for i in range(4)]}  # saved on 4 GPUs
+    engine.set_rng_state(four_gpus)  # resumed on one: no IndexError, one generator set
+    assert [int(t) for t in restored] == [7, 0]

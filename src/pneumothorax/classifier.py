@@ -23,7 +23,6 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from sklearn import metrics as skm
-from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from . import config as config_mod
@@ -126,7 +125,8 @@ def _fit(
         out_dir.mkdir(parents=True, exist_ok=True)
         files.write_text(out_dir / "config.yaml", config_mod.dump(cfg))
     log = engine.make_logger(out_dir / "train.log", f"cls{key}", runtime.is_main)
-    engine.seed_everything(cfg.seed + 100 + key)
+    engine.seed_everything(cfg.seed + 100 + key, cfg.deterministic)
+    log.info("classifier %s on %s", name, engine.describe_device(runtime.device))
     model = models.create_classifier(c, cfg.data.channels).to(runtime.device)
     if c.channels_last and runtime.device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
@@ -145,11 +145,7 @@ def _fit(
     sampler = data.PositiveRateSampler(
         train_labels, c.positive_rate, None, c.epochs, cfg.seed + 100 + key, runtime.rank, runtime.world_size
     )
-    net: torch.nn.Module = model
-    if runtime.distributed:
-        net = DistributedDataParallel(
-            model, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None
-        )
+    net = engine.wrap_ddp(model, runtime)
     scaler = torch.amp.GradScaler("cuda", enabled=runtime.device.type == "cuda" and c.amp == "fp16")
     ran = 0
     loader = data.make_loader(

@@ -11,7 +11,7 @@ import sys
 from typing import Any
 
 from . import config as config_mod
-from . import dicom, files, models, prepare, rle, submission
+from . import dicom, engine, files, models, prepare, rle, submission
 from . import layout as layout_mod
 from .models import WeightsError
 
@@ -70,6 +70,7 @@ ERRORS = (
     prepare.PrepareError,
     submission.SubmissionError,
     WeightsError,
+    engine.DeviceError,
     files.WriteError,
     FileNotFoundError,
 )

@@ -155,6 +155,7 @@ class Config:
 
     name: str = "base"
     seed: int = 42
+    deterministic: bool = False  # torch's deterministic kernels (slower on GPU); false: cuDNN benchmark
     data: DataConfig = field(default_factory=DataConfig)
     classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
     segmentation: SegmentationConfig = field(default_factory=SegmentationConfig)

@@ -7,7 +7,7 @@ import logging
 import os
 import random
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,13 +19,23 @@ from torch import nn
 from . import files
 
 
+class DeviceError(RuntimeError):
+    """A GPU is there but torch cannot use it; the message says why and what to do."""
+
+
 @dataclass(frozen=True)
 class Runtime:
-    """Where this process trains: device, DDP rank and world size."""
+    """Where this process trains: device, DDP rank and world size, and the process group of its collectives.
+
+    ``group`` serves tensors on ``device``: the default group when it has a backend for that
+    device type (NCCL serves only CUDA tensors), else a gloo group made for it. Every
+    collective of the trainer goes through it, on ``device``.
+    """
 
     device: torch.device
     rank: int = 0
     world_size: int = 1
+    group: Any = field(default=None, compare=False)
 
     @property
     def is_main(self) -> bool:
@@ -38,29 +48,76 @@ class Runtime:
         return self.world_size > 1
 
 
+def nvidia_gpu_present() -> str | None:
+    """The NVIDIA driver's version line when a GPU is visible to this machine, else None."""
+    version = Path("/proc/driver/nvidia/version")
+    if version.exists():
+        lines = version.read_text().splitlines()
+        return lines[0].strip() if lines else "NVIDIA driver"
+    return "NVIDIA device /dev/nvidia0" if Path("/dev/nvidia0").exists() else None
+
+
+def pick_device(device: str | None, local_rank: int) -> torch.device:
+    """``device`` as asked, else CUDA when usable; a GPU that torch cannot use is an error, not a CPU run.
+
+    Raises:
+        DeviceError: a GPU is present (driver loaded) but ``torch.cuda.is_available()`` is false,
+            typically a driver older than the CUDA build of torch; ``device="cpu"`` runs anyway.
+    """
+    if device is not None and device.startswith("cpu"):
+        return torch.device("cpu")
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    driver = nvidia_gpu_present()
+    if driver or device is not None:
+        raise DeviceError(
+            f"a GPU is present ({driver or 'asked for with --device ' + device}) but torch {torch.__version__} "
+            f"(built for CUDA {torch.version.cuda}) cannot use it: the NVIDIA driver is probably older than that "
+            "CUDA build. Update the driver, or pass --device cpu to train on the CPU knowingly."
+        )
+    return torch.device("cpu")
+
+
+def describe_device(device: torch.device) -> str:
+    """One line for the log: which device trains, and on what."""
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        return (
+            f"device {device} ({props.name}, {props.total_memory / 2**30:.0f} GiB), "
+            f"torch {torch.__version__}, CUDA {torch.version.cuda}"
+        )
+    return f"device cpu ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads), torch {torch.__version__}"
+
+
+def _group_for(device: torch.device) -> Any:
+    """The default group if its backend serves ``device``'s tensors, else a gloo group for them."""
+    served = str(dist.get_backend_config())  # e.g. "cuda:nccl" or "cpu:gloo,cuda:gloo"
+    types = {part.split(":")[0] for part in served.split(",")} if ":" in served else {"cpu", "cuda"}
+    return dist.group.WORLD if device.type in types else dist.new_group(backend="gloo")
+
+
 def setup_runtime(device: str | None = None) -> Runtime:
     """Pick the device and, under ``torchrun`` (WORLD_SIZE > 1), join the process group.
 
-    NCCL on CUDA, gloo on CPU. ``device`` forces ``cpu`` or ``cuda``; default: CUDA if present.
+    On CUDA the group serves CUDA tensors with NCCL and CPU tensors with gloo; on CPU, gloo.
+    ``device`` forces ``cpu`` or ``cuda``; default: CUDA if usable (see :func:`pick_device`).
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
-    if use_cuda:
-        torch.cuda.set_device(local_rank)
-        dev = torch.device("cuda", local_rank)
-    else:
-        dev = torch.device("cpu")
-    if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-    return Runtime(dev, rank, world_size)
+    dev = pick_device(device, local_rank)
+    if world_size == 1:
+        return Runtime(dev, rank, world_size)
+    if not dist.is_initialized():
+        dist.init_process_group(backend="cpu:gloo,cuda:nccl" if dev.type == "cuda" else "gloo")
+    return Runtime(dev, rank, world_size, _group_for(dev))
 
 
 def teardown(runtime: Runtime) -> None:
     """Leave the process group, if any."""
     if runtime.distributed and dist.is_initialized():
-        dist.barrier()
+        dist.barrier(group=runtime.group)
         dist.destroy_process_group()
 
 
@@ -77,23 +134,31 @@ def running(device: str | None = None) -> Iterator[Runtime]:
 def barrier(runtime: Runtime) -> None:
     """Wait for every rank (no-op alone)."""
     if runtime.distributed:
-        dist.barrier()
+        dist.barrier(group=runtime.group)
 
 
 def broadcast_module(module: nn.Module, runtime: Runtime) -> None:
     """Make every rank hold rank 0's parameters and buffers."""
     if runtime.distributed:
         for tensor in module.state_dict().values():
-            dist.broadcast(tensor, 0)
+            dist.broadcast(tensor, 0, group=runtime.group)
 
 
 def broadcast_float(value: float, runtime: Runtime) -> float:
-    """Rank 0's value on every rank."""
+    """Rank 0's value on every rank (the tensor lives on the runtime's device: NCCL has no CPU backend)."""
     if not runtime.distributed:
         return value
-    t = torch.tensor([value], dtype=torch.float64)
-    dist.broadcast(t, 0)
+    t = torch.tensor([value], dtype=torch.float64, device=runtime.device)
+    dist.broadcast(t, 0, group=runtime.group)
     return float(t.item())
+
+
+def wrap_ddp(model: nn.Module, runtime: Runtime) -> nn.Module:
+    """DistributedDataParallel over the runtime's group (the model itself when alone)."""
+    if not runtime.distributed:
+        return model
+    ids = [runtime.device.index] if runtime.device.type == "cuda" else None
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids, process_group=runtime.group)
 
 
 def autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManager:
@@ -103,15 +168,16 @@ def autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManage
     return torch.autocast("cuda", dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
 
 
-def seed_everything(seed: int, deterministic: bool = True) -> None:
-    """Seed Python, NumPy and torch; ask torch for deterministic kernels where it has them."""
+def seed_everything(seed: int, deterministic: bool = False) -> None:
+    """Seed Python, NumPy and torch. ``deterministic``: torch's deterministic kernels (slower on GPU,
+    and every new allocation is filled); otherwise cuDNN picks the fastest kernels (``benchmark``)."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS (read at first use)
-        torch.backends.cudnn.benchmark = False
-        torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = not deterministic
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
 
 
 def rng_state() -> dict[str, Any]:
@@ -121,8 +187,8 @@ def rng_state() -> dict[str, Any]:
         "numpy": _numpy_state(),
         "torch": torch.get_rng_state(),
     }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.cuda.is_available():  # the current device only: a resume may see fewer GPUs
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
@@ -133,7 +199,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        cuda = state["cuda"]
+        torch.cuda.set_rng_state(cuda[0] if isinstance(cuda, list | tuple) else cuda)  # older states: one per GPU
 
 
 def _numpy_state() -> tuple[Any, ...]:

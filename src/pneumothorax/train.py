@@ -18,7 +18,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, update_bn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
@@ -111,7 +110,8 @@ def _train(
     if fold not in set(rows["fold"]):
         raise ValueError(f"fold {fold} not in folds.csv (folds {sorted(set(rows['fold']))})")
     train_df, valid_df = rows[rows["fold"] != fold], rows[rows["fold"] == fold]
-    engine.seed_everything(cfg.seed + fold)
+    engine.seed_everything(cfg.seed + fold, cfg.deterministic)
+    log.info("segmentation fold %d on %s", fold, engine.describe_device(runtime.device))
     model = models.create_segmenter(seg, cfg.data.channels)
     if seg.encoder_init != "none":
         source = encoder_init_source(seg.encoder_init, out_dir, fold)
@@ -146,11 +146,7 @@ def _train(
         sw = AveragedModel(model) if stage.swa_epochs else None
         return o, sc, sw
 
-    net: torch.nn.Module = model
-    if runtime.distributed:
-        net = DistributedDataParallel(
-            model, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None
-        )
+    net = engine.wrap_ddp(model, runtime)
     ran = 0
     scaler = torch.amp.GradScaler("cuda", enabled=runtime.device.type == "cuda" and seg.amp == "fp16")
     current_stage = -1
