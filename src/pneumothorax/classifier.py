@@ -134,6 +134,7 @@ def _fit(
     sched = engine.scheduler_for(opt, "cosine", c.epochs, c.min_lr)
     state_path = out_dir / "state.pt"
     done, history, best = 0, [], -1.0
+    scaler = torch.amp.GradScaler("cuda", enabled=runtime.device.type == "cuda" and c.amp == "fp16")
     if state_path.exists():
         state = engine.load_checkpoint(state_path)
         done, history, best = state["done"], state["history"], state["best"]
@@ -141,21 +142,23 @@ def _fit(
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         engine.set_rng_state(state["rng"])
+        if state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
         log.info("resuming classifier %s after epoch %d of %d", name, done, c.epochs)
     sampler = data.PositiveRateSampler(
         train_labels, c.positive_rate, None, c.epochs, cfg.seed + 100 + key, runtime.rank, runtime.world_size
     )
     net = engine.wrap_ddp(model, runtime)
-    scaler = torch.amp.GradScaler("cuda", enabled=runtime.device.type == "cuda" and c.amp == "fp16")
     ran = 0
-    loader = data.make_loader(
-        train_ds, c.batch_size, sampler, cfg.data.workers, drop_last=len(sampler) > c.batch_size, seed=cfg.seed
-    )
+    batch = engine.rank_batch(c.batch_size, runtime, "classifier.batch_size")
+    loader = data.make_loader(train_ds, batch, sampler, cfg.data.workers, drop_last=len(sampler) > batch, seed=cfg.seed)
     for epoch in range(done, c.epochs):
         sampler.set_epoch(epoch)
         lr = opt.param_groups[0]["lr"]
         net.train()
-        started, total, count = time.time(), 0.0, 0
+        started = time.time()
+        total = torch.zeros((), device=runtime.device)  # summed on the device: no host sync per step
+        count = torch.zeros((), device=runtime.device)
         for x, y in tqdm(
             loader,
             desc=f"classifier {name} epoch {epoch + 1}/{c.epochs}",
@@ -173,14 +176,14 @@ def _fit(
             scaler.scale(loss).backward()
             scaler.step(opt)
             scaler.update()
-            total += float(loss.detach()) * len(x)
+            total += loss.detach() * len(x)
             count += len(x)
         sched.step()
         row: dict[str, Any] = {
             "epoch": epoch + 1,
             "kind": "epoch",
             "lr": lr,
-            "train_loss": total / max(1, count),
+            "train_loss": engine.mean_over_ranks(total, count, runtime),
             "seconds": round(time.time() - started, 2),
         }
         if runtime.is_main:
@@ -216,6 +219,7 @@ def _fit(
                     "model": engine.cpu_state(model),
                     "optimizer": opt.state_dict(),
                     "scheduler": sched.state_dict(),
+                    "scaler": scaler.state_dict(),
                     "rng": engine.rng_state(),
                 },
             )

@@ -38,7 +38,7 @@ class DataConfig:
 
     sizes: tuple[int, ...] = (256, 512, 1024)  # cache sizes that `make prepare` builds
     channels: int = 3  # 1 = grayscale input; 3 = the gray image repeated (ImageNet encoders)
-    workers: int = 4  # DataLoader workers
+    workers: int | Literal["auto"] = 4  # DataLoader workers; auto: this process's share of the cores
     n_folds: int = 5
     area_bins: int = 4  # mask-area quantile bins for fold stratification
 
@@ -88,6 +88,7 @@ class SegmentationConfig:
     amp: Literal["none", "bf16", "fp16"] = "bf16"  # on CUDA only
     channels_last: bool = True  # on CUDA only
     grad_clip: float = 0.0
+    sync_bn: bool = False  # DDP: batch-norm statistics over the global batch
     oof_weights: Weights = "swa"
 
 
@@ -182,7 +183,7 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
                 return _coerce(arg, value, where)
             except ConfigError as exc:
                 errors.append(str(exc))
-        raise ConfigError(errors[0] if errors else f"{where}: bad value {value!r}")
+        raise ConfigError("; or ".join(errors) if errors else f"{where}: bad value {value!r}")
     if origin is Literal:
         if value not in args:
             raise ConfigError(f"{where}: {value!r} is not one of the valid names {list(args)}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import random
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -213,6 +214,16 @@ class PositiveRateSampler(Sampler[tuple[int, SampleKey]]):
         return math.ceil(n / self.world_size) if self.world_size > 1 else n
 
 
+def resolve_workers(workers: int | str) -> int:
+    """``data.workers``: a number, or ``auto`` = the cores this process may use divided by the training
+    processes on this machine (``LOCAL_WORLD_SIZE`` under torchrun), less one for the training loop."""
+    if workers != "auto":
+        return int(workers)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    per_process = cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(0, per_process - 1)
+
+
 def make_loader(
     dataset: Dataset,
     batch_size: int,
@@ -223,6 +234,7 @@ def make_loader(
 ) -> DataLoader:
     """A DataLoader whose workers live as long as it does (each sample's augmentation is seeded by
     its sampler key, not by worker state, so workers can persist across epochs)."""
+    workers = resolve_workers(workers)
     if workers > 0:
         files.single_threaded_opencv()
     return DataLoader(

@@ -153,10 +153,33 @@ def broadcast_float(value: float, runtime: Runtime) -> float:
     return float(t.item())
 
 
-def wrap_ddp(model: nn.Module, runtime: Runtime) -> nn.Module:
-    """DistributedDataParallel over the runtime's group (the model itself when alone)."""
+def rank_batch(batch_size: int, runtime: Runtime, key: str) -> int:
+    """The per-rank share of a global ``batch_size`` (the recipe's batch holds under DDP, so its LR does too).
+
+    Raises:
+        ValueError: naming ``key`` when the batch does not split evenly over the ranks.
+    """
+    if batch_size % runtime.world_size:
+        raise ValueError(f"{key}={batch_size} (the global batch) does not split over {runtime.world_size} processes")
+    return batch_size // runtime.world_size
+
+
+def mean_over_ranks(total: torch.Tensor, count: torch.Tensor, runtime: Runtime) -> float:
+    """``sum(total) / sum(count)`` over every rank: one host sync, at the end of an epoch."""
+    both = torch.stack([total.double(), count.double()])
+    if runtime.distributed:
+        dist.all_reduce(both, group=runtime.group)
+    total_all, count_all = both.tolist()
+    return total_all / max(1.0, count_all)
+
+
+def wrap_ddp(model: nn.Module, runtime: Runtime, sync_bn: bool = False) -> nn.Module:
+    """DistributedDataParallel over the runtime's group (the model itself when alone); with ``sync_bn``
+    its batch norms use the statistics of the global batch (small per-GPU batches at 1024)."""
     if not runtime.distributed:
         return model
+    if sync_bn:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model, process_group=runtime.group)
     ids = [runtime.device.index] if runtime.device.type == "cuda" else None
     return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids, process_group=runtime.group)
 

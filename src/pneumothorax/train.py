@@ -146,7 +146,9 @@ def _train(
         sw = AveragedModel(model) if stage.swa_epochs else None
         return o, sc, sw
 
-    net = engine.wrap_ddp(model, runtime)
+    net = engine.wrap_ddp(model, runtime, seg.sync_bn)
+    if net is not model:
+        model = engine.unwrap(net)  # SyncBatchNorm conversion makes a new module
     ran = 0
     scaler = torch.amp.GradScaler("cuda", enabled=runtime.device.type == "cuda" and seg.amp == "fp16")
     current_stage = -1
@@ -161,6 +163,8 @@ def _train(
                     sched.load_state_dict(state["scheduler"])
                     if swa is not None and state.get("swa") is not None:
                         swa.load_state_dict(state["swa"])
+                    if state.get("scaler"):
+                        scaler.load_state_dict(state["scaler"])
                 engine.set_rng_state(state["rng"])
             current_stage = s
             train_ds = data.CacheDataset(
@@ -183,14 +187,10 @@ def _train(
                 runtime.rank,
                 runtime.world_size,
             )
-            valid_loader = data.make_loader(valid_ds, stage.batch_size, workers=cfg.data.workers)
+            batch = engine.rank_batch(stage.batch_size, runtime, f"segmentation.stages[{s}].batch_size")
+            valid_loader = data.make_loader(valid_ds, batch, workers=cfg.data.workers)
             train_loader = data.make_loader(
-                train_ds,
-                stage.batch_size,
-                sampler,
-                cfg.data.workers,
-                drop_last=len(sampler) > stage.batch_size,
-                seed=cfg.seed + s,
+                train_ds, batch, sampler, cfg.data.workers, drop_last=len(sampler) > batch, seed=cfg.seed + s
             )
         sampler.set_epoch(e)
         in_swa = stage.swa_epochs and e >= stage.epochs - stage.swa_epochs
@@ -199,7 +199,9 @@ def _train(
                 group["lr"] = stage.swa_lr
         lr = opt.param_groups[0]["lr"]
         net.train()
-        started, total, count = time.time(), 0.0, 0
+        started = time.time()
+        total = torch.zeros((), device=runtime.device)  # summed on the device: no host sync per step
+        count = torch.zeros((), device=runtime.device)
         bar = tqdm(
             train_loader,
             desc=f"fold {fold} stage {s} epoch {e + 1}/{stage.epochs}",
@@ -221,9 +223,9 @@ def _train(
                 torch.nn.utils.clip_grad_norm_(model.parameters(), seg.grad_clip)
             scaler.step(opt)
             scaler.update()
-            total += float(loss.detach()) * len(x)
+            total += loss.detach() * len(x)
             count += len(x)
-            bar.set_postfix(loss=f"{total / max(1, count):.4f}")
+        train_loss = engine.mean_over_ranks(total, count, runtime)
         if in_swa:
             swa.update_parameters(model)
         scores = {"val_loss": float("nan"), "val_dice": float("nan"), "val_iou": float("nan")}
@@ -240,7 +242,7 @@ def _train(
             "size": stage.size,
             "kind": "epoch",
             "lr": lr,
-            "train_loss": total / max(1, count),
+            "train_loss": train_loss,
             **scores,
             "seconds": round(time.time() - started, 2),
         }
@@ -304,6 +306,7 @@ def _train(
                     "optimizer": opt.state_dict(),
                     "scheduler": sched.state_dict(),
                     "swa": swa.state_dict() if swa is not None else None,
+                    "scaler": scaler.state_dict(),
                     "rng": engine.rng_state(),
                 },
             )
