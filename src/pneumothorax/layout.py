@@ -124,57 +124,61 @@ def detect(
     )
 
 
-def _find_labels(data_dir: Path, train_csv: str | Path | None) -> tuple[Path, str]:
-    if train_csv:
-        path = _resolve(data_dir, train_csv)
-        if not path.is_file():
-            raise LayoutError(f"{path}: label CSV (TRAIN_CSV) not found")
-        kind = {STAGE2_LABELS: "stage2", STAGE1_LABELS: "stage1"}.get(path.name, "custom")
-        return path, kind
-    for name, kind in ((STAGE2_LABELS, "stage2"), (STAGE1_LABELS, "stage1")):
-        hits = _near(data_dir, name, want_dir=False)
-        if hits:
-            return hits[0], kind
-    raise LayoutError(
-        f"{data_dir}: no label CSV: expected {STAGE2_LABELS} (today's download) or {STAGE1_LABELS} (stage 1) "
-        "in DATA_DIR or one folder below; or name it with TRAIN_CSV=<file>"
-    )
+def _override(data_dir: Path, value: str | Path | None, want_dir: bool, missing: str) -> tuple[bool, Path | None]:
+    """A user's override: ``(False, None)`` when not given, ``(True, None)`` for ``none``, else
+    ``(True, path)`` (relative to ``data_dir`` or absolute), which must exist (``missing`` says what it is)."""
+    if value is None or not str(value).strip():
+        return False, None
+    if str(value).strip().lower() == NONE:
+        return True, None
+    path = _resolve(data_dir, value)
+    if not (path.is_dir() if want_dir else path.is_file()):
+        raise LayoutError(f"{path}: {missing}")
+    return True, path
 
 
-def _find_test_dir(data_dir: Path, kind: str, test_dir: str | Path | None) -> Path | None:
-    if test_dir is not None and str(test_dir).strip().lower() == NONE:
-        return None
-    if test_dir:
-        path = _resolve(data_dir, test_dir)
-        if not path.is_dir():
-            raise LayoutError(f"{path}: test folder (TEST_DIR) does not exist; TEST_DIR=none for a training-only run")
-        return path
-    name = STAGE2_TEST if kind in ("stage2", "custom") else STAGE1_TEST
-    hits = _near(data_dir, name, want_dir=True)
-    if kind == "custom" and not hits:
-        hits = _near(data_dir, STAGE1_TEST, want_dir=True)
-    if not hits:
-        raise LayoutError(
-            f"{data_dir}: no test folder {name}/ in DATA_DIR or one folder below; "
-            "set TEST_DIR=<folder>, or TEST_DIR=none for a training-only run"
-        )
-    return hits[0]
-
-
-def _find_sample(data_dir: Path, kind: str, sample: str | Path | None) -> Path | None:
-    if sample is not None and str(sample).strip().lower() == NONE:
-        return None
-    if sample:
-        path = _resolve(data_dir, sample)
-        if not path.is_file():
-            raise LayoutError(f"{path}: sample submission (SAMPLE_SUBMISSION) not found")
-        return path
-    names = SAMPLE_NAMES if kind != "stage1" else SAMPLE_NAMES[1:]
+def _first_near(data_dir: Path, names: Sequence[str], want_dir: bool) -> Path | None:
+    """The first of ``names`` found in ``data_dir`` or one folder below (names in order of preference)."""
     for name in names:
-        hits = _near(data_dir, name, want_dir=False)
+        hits = _near(data_dir, name, want_dir)
         if hits:
             return hits[0]
     return None
+
+
+def _find_labels(data_dir: Path, train_csv: str | Path | None) -> tuple[Path, str]:
+    given, path = _override(data_dir, train_csv, want_dir=False, missing="label CSV (TRAIN_CSV) not found")
+    if given and path is None:
+        raise LayoutError("TRAIN_CSV=none: a label CSV is needed (stage_2_train.csv or train-rle.csv)")
+    path = path or _first_near(data_dir, (STAGE2_LABELS, STAGE1_LABELS), want_dir=False)
+    if path is None:
+        raise LayoutError(
+            f"{data_dir}: no label CSV: expected {STAGE2_LABELS} (today's download) or {STAGE1_LABELS} (stage 1) "
+            "in DATA_DIR or one folder below; or name it with TRAIN_CSV=<file>"
+        )
+    return path, {STAGE2_LABELS: "stage2", STAGE1_LABELS: "stage1"}.get(path.name, "custom")
+
+
+def _find_test_dir(data_dir: Path, kind: str, test_dir: str | Path | None) -> Path | None:
+    missing = "test folder (TEST_DIR) does not exist; TEST_DIR=none for a training-only run"
+    given, path = _override(data_dir, test_dir, want_dir=True, missing=missing)
+    if given:
+        return path
+    names = {"stage2": [STAGE2_TEST], "stage1": [STAGE1_TEST], "custom": [STAGE2_TEST, STAGE1_TEST]}[kind]
+    path = _first_near(data_dir, names, want_dir=True)
+    if path is None:
+        raise LayoutError(
+            f"{data_dir}: no test folder {names[0]}/ in DATA_DIR or one folder below; "
+            "set TEST_DIR=<folder>, or TEST_DIR=none for a training-only run"
+        )
+    return path
+
+
+def _find_sample(data_dir: Path, kind: str, sample: str | Path | None) -> Path | None:
+    given, path = _override(data_dir, sample, want_dir=False, missing="sample submission (SAMPLE_SUBMISSION) not found")
+    if given:
+        return path
+    return _first_near(data_dir, SAMPLE_NAMES if kind != "stage1" else SAMPLE_NAMES[1:], want_dir=False)
 
 
 def walk_dicoms(folders: Iterable[Path], exclude: Iterable[Path] = ()) -> list[Path]:

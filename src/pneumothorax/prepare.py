@@ -313,45 +313,21 @@ def _plan_split(
     """Which rows to decode, copy or keep, against the previous run's record of this split."""
     ids = list(dicoms)
     sigs = [signature(dicoms[i], labels.get(i, []) if labels is not None else None) for i in ids]
-    old_ids, old_sigs, old_metas = old.get("ids", []), old.get("sigs", []), old.get("metas", [])
-    old_index = {image_id: k for k, image_id in enumerate(old_ids)}
-    with_masks = labels is not None
-    same_list = ids == old_ids
-    log_path = out_dir / f".prepare-{split}.jsonl"
-    plan_text = json.dumps([ids, sigs, sorted(sizes), same_list])
-    log_signature = hashlib.sha1(plan_text.encode()).hexdigest()
-    kinds = ("images", "masks") if with_masks else ("images",)
-    finished = {
-        size: size in old.get("sizes", []) and all(cache_path(out_dir, k, split, size).exists() for k in kinds)
-        for size in sizes
-    }
-    partial = [
-        files.tmp_path(cache_path(out_dir, k, split, s))
-        for s in sizes
-        if not (finished[s] and same_list)
-        for k in kinds
-    ]
-    # progress is only worth resuming if every partial cache it wrote into is still there
-    logged = _read_progress(log_path, log_signature) if all(p.exists() for p in partial) else {}
-    targets, sources, renames = [], [], []
-    for size in sizes:
-        in_place = finished[size] and same_list
-        targets.append(_target(out_dir, split, size, with_masks, len(ids), in_place, fresh=not logged))
-        sources.append(_source(out_dir, split, size, with_masks) if finished[size] and not in_place else None)
-        if not in_place:
-            renames += [(Path(p), Path(p[: -len(".tmp")])) for p in (targets[-1].image, targets[-1].mask) if p]
+    same_list = ids == old.get("ids", [])
+    log_signature = hashlib.sha1(json.dumps([ids, sigs, sorted(sizes), same_list]).encode()).hexdigest()
+    finished, resumable = _finished(split, labels is not None, sizes, out_dir, old, same_list)
+    logged = _read_progress(out_dir / f".prepare-{split}.jsonl", log_signature) if resumable else {}
+    targets, sources, renames = _caches(split, len(ids), labels is not None, finished, out_dir, same_list, not logged)
+    old_index = {image_id: k for k, image_id in enumerate(old.get("ids", []))}
     tasks, kept, in_place_ids = [], {}, []
     for i, image_id in enumerate(ids):
         k = old_index.get(image_id)
-        unchanged = k is not None and old_sigs[k] is not None and old_sigs[k] == sigs[i]
-        previous = old_metas[k] if unchanged else None
-        decode = tuple(
-            t for t, s in zip(targets, sources, strict=True) if not unchanged or (not t.in_place and s is None)
-        )
+        unchanged = k is not None and old["sigs"][k] is not None and old["sigs"][k] == sigs[i]
+        previous = old["metas"][k] if unchanged else None
+        pairs = list(zip(targets, sources, strict=True))
+        decode = tuple(t for t, src in pairs if not unchanged or (not t.in_place and src is None))
         positive = bool(previous and previous.get("mask_area", 0))
-        copies = tuple(
-            (t, s, k, positive) for t, s in zip(targets, sources, strict=True) if unchanged and s is not None
-        )
+        copies = tuple((t, src, k, positive) for t, src in pairs if unchanged and src is not None)
         if i in logged:
             kept[i] = logged[i]
         elif not decode and not copies:
@@ -364,6 +340,40 @@ def _plan_split(
     _reserve(targets, tasks)
     paths = [str(dicoms[i]) for i in ids]
     return SplitPlan(split, ids, paths, sigs, targets, tasks, kept, renames, log_signature, in_place_ids)
+
+
+def _finished(
+    split: str, with_masks: bool, sizes: Sequence[int], out_dir: Path, old: dict[str, Any], same_list: bool
+) -> tuple[dict[int, bool], bool]:
+    """Per size, whether its finished caches exist; and whether a previous run's progress can resume
+    (only if every partial cache it wrote into is still there)."""
+    kinds = ("images", "masks") if with_masks else ("images",)
+    finished = {
+        size: size in old.get("sizes", []) and all(cache_path(out_dir, k, split, size).exists() for k in kinds)
+        for size in sizes
+    }
+    partial = [
+        files.tmp_path(cache_path(out_dir, k, split, s))
+        for s in sizes
+        if not (finished[s] and same_list)
+        for k in kinds
+    ]
+    return finished, all(p.exists() for p in partial)
+
+
+def _caches(
+    split: str, n: int, with_masks: bool, finished: dict[int, bool], out_dir: Path, same_list: bool, fresh: bool
+) -> tuple[list[Target], list[Source | None], list[tuple[Path, Path]]]:
+    """Per size: the cache files to write (in place when the file list is unchanged, else ``.tmp``,
+    empty when ``fresh``), the finished caches to copy unchanged rows from, and the renames when done."""
+    targets, sources, renames = [], [], []
+    for size, done in finished.items():
+        in_place = done and same_list
+        targets.append(_target(out_dir, split, size, with_masks, n, in_place, fresh))
+        sources.append(_source(out_dir, split, size, with_masks) if done and not in_place else None)
+        if not in_place:
+            renames += [(Path(p), Path(p[: -len(".tmp")])) for p in (targets[-1].image, targets[-1].mask) if p]
+    return targets, sources, renames
 
 
 def _reserve(targets: list[Target], tasks: list[Task]) -> None:
