@@ -48,7 +48,7 @@ def load_config(args: argparse.Namespace) -> config_mod.Config:
 
 def describe_layout(found: layout_mod.Layout) -> str:
     """What ``prepare`` is about to read, in a few lines."""
-    rows, images = layout_mod.label_counts(found.labels)
+    rows, images = prepare.label_counts(found.labels)
     lines = [
         f"layout: {KINDS[found.kind]}",
         f"  labels: {found.labels} ({rows:,} rows, {images:,} images)",

@@ -23,8 +23,6 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import rle
-
 STAGE2_LABELS = "stage_2_train.csv"
 STAGE1_LABELS = "train-rle.csv"
 STAGE2_TEST = "stage_2_images"
@@ -237,9 +235,3 @@ def label_ids(path: Path) -> set[str]:
             raise LayoutError(f"{path}: header {header} lacks 'ImageId'")
         column = header.index("ImageId")
         return {row[column].strip() for row in reader if len(row) > column}
-
-
-def label_counts(path: Path) -> tuple[int, int]:
-    """(rows, distinct images) of a label CSV, for the layout summary."""
-    rows = rle.read_label_rows(path, validate=False)
-    return len(rows), len({r.image_id for r in rows})

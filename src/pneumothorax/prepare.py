@@ -35,7 +35,6 @@ from tqdm import tqdm
 from . import dicom, files, rle, scale
 from . import layout as layout_mod
 
-SPLITS = ("train", "test")
 RECORD_VERSION = 2
 COLUMNS = [
     "image_id",
@@ -133,6 +132,12 @@ def check_sample(sample_ids: Sequence[str], test_ids: Sequence[str], sample: Pat
             f"{sample}: " + "; ".join(problems) + ". Kaggle scores exactly the sample's ids: fix the test folder, "
             "or set SAMPLE_SUBMISSION=none to submit whatever the test folder holds"
         )
+
+
+def label_counts(path: Path) -> tuple[int, int]:
+    """(rows, distinct images) of a label CSV, for the layout summary."""
+    rows = rle.read_label_rows(path, validate=False)
+    return len(rows), len({r.image_id for r in rows})
 
 
 def read_patient_map(path: Path | None) -> dict[str, str]:
