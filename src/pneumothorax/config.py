@@ -89,6 +89,7 @@ class SegmentationConfig:
     channels_last: bool = True  # on CUDA only
     grad_clip: float = 0.0
     sync_bn: bool = False  # DDP: batch-norm statistics over the global batch
+    swa_bn_images: int = 2048  # SWA batch-norm statistics from at most this many training images (0: all)
     oof_weights: Weights = "swa"
 
 

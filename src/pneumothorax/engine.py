@@ -164,13 +164,44 @@ def rank_batch(batch_size: int, runtime: Runtime, key: str) -> int:
     return batch_size // runtime.world_size
 
 
+def sum_over_ranks(values: torch.Tensor, runtime: Runtime) -> torch.Tensor:
+    """``values`` summed over every rank (in place, on the runtime's device)."""
+    if runtime.distributed:
+        dist.all_reduce(values, group=runtime.group)
+    return values
+
+
 def mean_over_ranks(total: torch.Tensor, count: torch.Tensor, runtime: Runtime) -> float:
     """``sum(total) / sum(count)`` over every rank: one host sync, at the end of an epoch."""
-    both = torch.stack([total.double(), count.double()])
-    if runtime.distributed:
-        dist.all_reduce(both, group=runtime.group)
-    total_all, count_all = both.tolist()
+    total_all, count_all = sum_over_ranks(torch.stack([total.double(), count.double()]), runtime).tolist()
     return total_all / max(1.0, count_all)
+
+
+@torch.no_grad()
+def update_bn(model: nn.Module, loader: Any, runtime: Runtime, amp: str, channels_last: bool) -> None:
+    """Recompute the batch-norm statistics of ``model`` (SWA weights) from ``loader``, as
+    ``torch.optim.swa_utils.update_bn`` does, but under autocast and in channels_last, over the
+    images the caller chose; under DDP each rank passes its share and the statistics are averaged."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return
+    momenta = [bn.momentum for bn in norms]
+    for bn in norms:
+        bn.reset_running_stats()
+        bn.momentum = None  # a cumulative average over every batch
+    training = model.training
+    model.train()
+    for x, _ in loader:
+        x = x.to(runtime.device, non_blocking=True)
+        if channels_last and runtime.device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(runtime.device, amp):
+            model(x)
+    for bn, momentum in zip(norms, momenta, strict=True):
+        bn.momentum = momentum
+        for stat in (bn.running_mean, bn.running_var):
+            sum_over_ranks(stat, runtime).div_(runtime.world_size)
+    model.train(training)
 
 
 def wrap_ddp(model: nn.Module, runtime: Runtime, sync_bn: bool = False) -> nn.Module:

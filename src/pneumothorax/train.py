@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from torch.optim.swa_utils import AveragedModel, update_bn
+from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
@@ -31,30 +31,39 @@ class Interrupted(RuntimeError):
     """Raised by ``max_epochs`` to simulate a killed run (tests)."""
 
 
+def dice_iou_on_device(logits: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-image competition Dice and IoU of ``logits > 0`` against ``masks > 0.5``, on the tensors' device
+    (both empty = 1, as :mod:`pneumothorax.metric`)."""
+    pred, truth = (logits > 0).flatten(1), (masks > 0.5).flatten(1)
+    inter = (pred & truth).sum(1).double()
+    total = pred.sum(1).double() + truth.sum(1).double()
+    dice = torch.where(total > 0, 2 * inter / total.clamp(min=1), torch.ones_like(total))
+    return dice, dice / (2 - dice)
+
+
 @torch.no_grad()
 def evaluate(
     model: torch.nn.Module, loader: DataLoader, loss_fn: Any, runtime: engine.Runtime, amp: str, channels_last: bool
 ) -> dict[str, float]:
-    """Validation loss, competition Dice (p > 0.5) and IoU over a loader."""
+    """Validation loss, competition Dice (p > 0.5) and IoU, each rank over its shard of the images.
+
+    Sums stay on the device and are all-reduced once: every rank returns the scores of the
+    whole validation set (the loss is a mean over batches, so it depends a little on how the
+    images are sharded).
+    """
     model.eval()
-    dices, ious, total_loss, n = [], [], 0.0, 0
+    sums = torch.zeros(4, dtype=torch.float64, device=runtime.device)  # loss * n, Dice, IoU, n
     for x, y in loader:
-        x, y = x.to(runtime.device), y.to(runtime.device)
+        x, y = x.to(runtime.device, non_blocking=True), y.to(runtime.device, non_blocking=True)
         if channels_last and runtime.device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
         with engine.autocast(runtime.device, amp):
-            logits = model(x)
-        total_loss += float(loss_fn(logits.float(), y)) * len(x)
-        n += len(x)
-        pred = (logits.float() > 0).cpu().numpy()[:, 0]
-        truth = y.cpu().numpy()[:, 0] > 0.5
-        dices.append(metric.dice_per_image(pred, truth))
-        ious.append(metric.iou_per_image(pred, truth))
-    return {
-        "val_loss": total_loss / max(1, n),
-        "val_dice": float(np.concatenate(dices).mean()) if dices else float("nan"),
-        "val_iou": float(np.concatenate(ious).mean()) if ious else float("nan"),
-    }
+            logits = model(x).float()
+        dice, iou = dice_iou_on_device(logits, y)
+        sums += torch.stack([loss_fn(logits, y).double() * len(x), dice.sum(), iou.sum(), dice.new_tensor(len(x))])
+    loss, dice, iou, n = engine.sum_over_ranks(sums, runtime).tolist()
+    nan = float("nan")
+    return {"val_loss": loss / n if n else nan, "val_dice": dice / n if n else nan, "val_iou": iou / n if n else nan}
 
 
 def _plan(stages: tuple[StageConfig, ...]) -> list[tuple[int, int]]:
@@ -175,9 +184,8 @@ def _train(
                 cfg.data.channels,
                 data.segmentation_augment(stage.augment, stage.size, stage.augment_p),
             )
-            valid_ds = data.CacheDataset(
-                processed, "train", stage.size, valid_df["index"].to_numpy(), cfg.data.channels
-            )
+            shard = valid_df["index"].to_numpy()[runtime.rank :: runtime.world_size]  # this rank's validation images
+            valid_ds = data.CacheDataset(processed, "train", stage.size, shard, cfg.data.channels)
             sampler = data.PositiveRateSampler(
                 train_df["has_pneumothorax"].to_numpy(),
                 stage.positive_rate,
@@ -228,10 +236,8 @@ def _train(
         train_loss = engine.mean_over_ranks(total, count, runtime)
         if in_swa:
             swa.update_parameters(model)
-        scores = {"val_loss": float("nan"), "val_dice": float("nan"), "val_iou": float("nan")}
-        if runtime.is_main:
-            scores = evaluate(model, valid_loader, loss_fn, runtime, seg.amp, seg.channels_last)
-        val_dice = engine.broadcast_float(scores["val_dice"], runtime)
+        scores = evaluate(model, valid_loader, loss_fn, runtime, seg.amp, seg.channels_last)
+        val_dice = scores["val_dice"]  # the same on every rank
         if stage.scheduler == "plateau":
             sched.step(val_dice)
         elif not (in_swa and stage.swa_lr is not None):
@@ -266,11 +272,13 @@ def _train(
                 engine.save_checkpoint(out_dir / "best.pt", engine.cpu_state(model))
             engine.save_checkpoint(out_dir / "last.pt", engine.cpu_state(model))
         if last_of_stage and swa is not None:
-            bn_ds = data.CacheDataset(processed, "train", stage.size, train_df["index"].to_numpy(), cfg.data.channels)
-            update_bn(data.make_loader(bn_ds, stage.batch_size, workers=cfg.data.workers), swa, device=runtime.device)
+            rows = _bn_rows(train_df["index"].to_numpy(), seg.swa_bn_images, cfg.seed + s, runtime)
+            bn_ds = data.CacheDataset(processed, "train", stage.size, rows, cfg.data.channels)
+            bn_loader = data.make_loader(bn_ds, batch, workers=cfg.data.workers)
+            engine.update_bn(swa.module, bn_loader, runtime, seg.amp, seg.channels_last)
             engine.broadcast_module(swa.module, runtime)
+            swa_scores = evaluate(swa.module, valid_loader, loss_fn, runtime, seg.amp, seg.channels_last)
             if runtime.is_main:
-                swa_scores = evaluate(swa.module, valid_loader, loss_fn, runtime, seg.amp, seg.channels_last)
                 history.append(
                     {
                         "epoch": step + 1,
@@ -333,6 +341,26 @@ def _train(
     return summary
 
 
+def _oof_scores(oof_path: Path, masks: np.ndarray, valid_df: pd.DataFrame, chunk: int = 64) -> tuple[float, float]:
+    """Mean Dice at p > 0.5 and the all-empty score of a fold's OOF maps, read in chunks (a 1024 fold
+    does not fit in memory twice)."""
+    probs = np.load(oof_path, mmap_mode="r")
+    rows = valid_df["index"].to_numpy()
+    dice, empty = [], []
+    for start in range(0, len(rows), chunk):
+        truth = masks[rows[start : start + chunk]] > 0
+        dice.append(metric.dice_per_image(np.asarray(probs[start : start + chunk]) > 127, truth))
+        empty.append(~truth.reshape(len(truth), -1).any(axis=1))
+    return float(np.concatenate(dice).mean()), float(np.concatenate(empty).mean())
+
+
+def _bn_rows(rows: np.ndarray, limit: int, seed: int, runtime: engine.Runtime) -> np.ndarray:
+    """This rank's share of a seeded subset of at most ``limit`` training images (all when ``limit`` is 0)."""
+    if limit and len(rows) > limit:
+        rows = np.sort(np.random.default_rng(seed).choice(rows, size=limit, replace=False))
+    return rows[runtime.rank :: runtime.world_size]
+
+
 def encoder_init_source(value: str, out_dir: Path, fold: int) -> Path:
     """``classifier`` (this experiment's classifier fold), ``pretrain`` (its external pre-training) or a path."""
     exp_dir = out_dir.parent
@@ -391,9 +419,8 @@ def _finish(
         desc=f"oof fold {fold}",
     )
     files.write_csv(out_dir / "oof_ids.csv", valid_df[["image_id", "index", "has_pneumothorax"]])
-    probs = np.load(out_dir / "oof.npy", mmap_mode="r")
-    masks = prepare.load_cache(processed, "masks", "train", final.size)[valid_df["index"].to_numpy()]
-    oof_dice = metric.mean_dice(np.asarray(probs) > 127, masks > 0)
-    empty = metric.mean_dice(np.zeros_like(masks, dtype=bool), masks > 0)
+    oof_dice, empty = _oof_scores(
+        out_dir / "oof.npy", prepare.load_cache(processed, "masks", "train", final.size), valid_df
+    )
     engine.save_checkpoint(out_dir / "model.pt", models.load_state_dict_file(weights_path(out_dir, seg.oof_weights)))
     return {"oof_dice_at_0.5": oof_dice, "all_empty_dice": empty, "weights": seg.oof_weights}
