@@ -9,7 +9,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import prepared_world, save  # noqa: E402
@@ -58,13 +57,25 @@ def loader_step_rate(cfg, processed, size, batch, steps, device, workers) -> flo
         "train",
         size,
         rows["index"].to_numpy(),
-        cfg.data.channels,
         data.segmentation_augment(["A1", "A2", "A3", "A4"], size, 0.5),
     )
-    loader = DataLoader(ds, batch_size=batch, shuffle=True, num_workers=workers, drop_last=True)
+    sampler = data.PositiveRateSampler(rows["has_pneumothorax"].to_numpy(), seed=0)  # keys: augmented samples
+    loader = data.make_loader(ds, batch, sampler, workers, drop_last=True)
+    channels = cfg.data.channels
+
+    def step(images, masks):
+        _step(
+            model,
+            opt,
+            loss_fn,
+            data.model_input(images, channels, device),
+            data.model_target(masks, device),
+            "none",
+            device,
+        )
+
     it = iter(loader)
-    x, y = next(it)
-    _step(model, opt, loss_fn, x.to(device), y.to(device), "none", device)
+    step(*next(it))
     start, n = time.perf_counter(), 0
     for _ in range(steps):
         try:
@@ -72,7 +83,7 @@ def loader_step_rate(cfg, processed, size, batch, steps, device, workers) -> flo
         except StopIteration:
             it = iter(loader)
             x, y = next(it)
-        _step(model, opt, loss_fn, x.to(device), y.to(device), "none", device)
+        step(x, y)
         n += len(x)
     return n / (time.perf_counter() - start)
 
@@ -84,13 +95,12 @@ def loader_alone_rate(cfg, processed, size, n) -> float:
         "train",
         size,
         rows["index"].to_numpy(),
-        cfg.data.channels,
         data.segmentation_augment(["A1", "A2", "A3", "A4"], size, 0.5),
     )
-    ds[0]
+    ds[(0, (0, 0, 0))]
     start = time.perf_counter()
     for i in range(n):
-        ds[i % len(ds)]
+        ds[(i % len(ds), (0, 0, i))]  # a sampler key: the sample is augmented
     return n / (time.perf_counter() - start)
 
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
-from pneumothorax import data
+from pneumothorax import data, prepare
 
 
 def _indices(sampler):
@@ -56,15 +57,20 @@ def test_augment_groups():
 
 def test_cache_dataset(processed):
     rows = data.train_rows(processed)
-    ds = data.CacheDataset(processed, "train", 64, rows["index"].to_numpy()[:4], channels=3)
-    x, y = ds[0]
-    assert x.shape == (3, 64, 64) and y.shape == (1, 64, 64) and y.max() <= 1
+    ds = data.CacheDataset(processed, "train", 64, rows["index"].to_numpy()[:4])
+    x, y = ds[0]  # what workers ship: uint8, one channel
+    assert x.shape == y.shape == (1, 64, 64) and x.dtype == y.dtype == torch.uint8 and y.max() <= 1
+    images = prepare.load_cache(processed, "images", "train", 64)
+    assert torch.equal(x[0], torch.from_numpy(np.array(images[rows["index"].iloc[0]])))
+    batch = data.model_input(torch.stack([x, x]), 3, torch.device("cpu"))  # normalised and expanded on the device
+    assert batch.shape == (2, 3, 64, 64) and batch.dtype == torch.float32
+    expected = (x[0].float() / 255 - data.MEAN) / data.STD
+    assert all(torch.allclose(batch[1, c], expected) for c in range(3))
     labels = data.CacheDataset(
         processed,
         "train",
         32,
         rows["index"].to_numpy()[:4],
-        1,
         target="label",
         labels=rows["has_pneumothorax"].to_numpy()[:4],
     )
@@ -103,7 +109,7 @@ def _augmented(processed, sampler, workers):
 
     rows = data.train_rows(processed)
     same_row = np.full(len(sampler.labels), rows["index"].iloc[0])  # every item is the same image
-    ds = data.CacheDataset(processed, "train", 32, same_row, 1, data.segmentation_augment(["A1", "A2", "A3"], 32, 0.9))
+    ds = data.CacheDataset(processed, "train", 32, same_row, data.segmentation_augment(["A1", "A2", "A3"], 32, 0.9))
     return torch.cat([x for x, _ in data.make_loader(ds, 4, sampler, workers)])
 
 

@@ -87,7 +87,6 @@ def _train(
         "train",
         c.size,
         train_df["index"].to_numpy(),
-        cfg.data.channels,
         data.classifier_augment(c.size, c.augment_p),
         target="label",
         labels=train_df["has_pneumothorax"].to_numpy(),
@@ -97,7 +96,6 @@ def _train(
         "train",
         c.size,
         valid_df["index"].to_numpy(),
-        cfg.data.channels,
         target="label",
         labels=valid_df["has_pneumothorax"].to_numpy(),
     )
@@ -159,16 +157,15 @@ def _fit(
         started = time.time()
         total = torch.zeros((), device=runtime.device)  # summed on the device: no host sync per step
         count = torch.zeros((), device=runtime.device)
-        for x, y in tqdm(
+        for images, labels_batch in tqdm(
             loader,
             desc=f"classifier {name} epoch {epoch + 1}/{c.epochs}",
             unit="batch",
             disable=not (progress and runtime.is_main),
             leave=False,
         ):
-            x, y = x.to(runtime.device), y.to(runtime.device)
-            if c.channels_last and runtime.device.type == "cuda":
-                x = x.contiguous(memory_format=torch.channels_last)
+            x = data.model_input(images, cfg.data.channels, runtime.device, c.channels_last)
+            y = data.model_target(labels_batch, runtime.device)
             with engine.autocast(runtime.device, c.amp):
                 logits = net(x)
             loss = F.binary_cross_entropy_with_logits(logits.float(), y)
@@ -187,7 +184,9 @@ def _fit(
             "seconds": round(time.time() - started, 2),
         }
         if runtime.is_main:
-            probs = infer.predict_labels([model], valid_ds, (), runtime.device, c.batch_size, c.amp, progress=False)
+            probs = infer.predict_labels(
+                [model], valid_ds, (), runtime.device, cfg.data.channels, c.batch_size, c.amp, progress=False
+            )
             row.update({f"val_{k}": v for k, v in gate_metrics(labels, probs, c.threshold).items() if k != "threshold"})
             row["val_loss"] = float(
                 F.binary_cross_entropy(
@@ -238,7 +237,7 @@ def _fit(
     if runtime.is_main:
         best_model = load_fold_classifier(cfg, out_dir, runtime.device, "best")
         probs = infer.predict_labels(
-            [best_model], valid_ds, ("hflip",), runtime.device, c.batch_size, c.amp, progress=False
+            [best_model], valid_ds, ("hflip",), runtime.device, cfg.data.channels, c.batch_size, c.amp, progress=False
         )
         oof = pd.DataFrame(
             {
@@ -303,10 +302,9 @@ def pretrain_external(
         train_df["path"].tolist(),
         train_df["label"].to_numpy(),
         c.size,
-        cfg.data.channels,
         data.classifier_augment(c.size, c.augment_p),
     )
-    valid_ds = data.ImageListDataset(valid_df["path"].tolist(), valid_df["label"].to_numpy(), c.size, cfg.data.channels)
+    valid_ds = data.ImageListDataset(valid_df["path"].tolist(), valid_df["label"].to_numpy(), c.size)
     with engine.running(device) as runtime:
         return _fit(
             cfg,

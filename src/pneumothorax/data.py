@@ -142,10 +142,22 @@ def apply_augment(transform: A.Compose, key: SampleKey, **arrays: np.ndarray) ->
     return transform(**arrays)
 
 
-def to_tensor(image: np.ndarray, channels: int) -> torch.Tensor:
-    """uint8 (H, W) -> normalised float (channels, H, W)."""
-    x = torch.from_numpy(np.ascontiguousarray(image)).float().div_(255.0).sub_(MEAN).div_(STD)
-    return x.unsqueeze(0).expand(channels, -1, -1).contiguous()
+def to_tensor(image: np.ndarray) -> torch.Tensor:
+    """uint8 (H, W) -> uint8 (1, H, W): what loader workers ship (a quarter of float32, a twelfth of
+    3-channel float32); :func:`model_input` normalises and expands it on the device."""
+    return torch.from_numpy(np.ascontiguousarray(image))[None]
+
+
+def model_input(x: torch.Tensor, channels: int, device: torch.device, channels_last: bool = False) -> torch.Tensor:
+    """A uint8 (B, 1, H, W) batch -> the normalised float (B, channels, H, W) input, on ``device``."""
+    x = x.to(device, non_blocking=True).float().div_(255.0).sub_(MEAN).div_(STD).expand(-1, channels, -1, -1)
+    memory_format = torch.channels_last if channels_last and device.type == "cuda" else torch.contiguous_format
+    return x.contiguous(memory_format=memory_format)
+
+
+def model_target(y: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A uint8 mask or a float label batch -> float, on ``device``."""
+    return y.to(device, non_blocking=True).float()
 
 
 class CacheDataset(Dataset):
@@ -157,14 +169,13 @@ class CacheDataset(Dataset):
         split: str,
         size: int,
         rows: Sequence[int],
-        channels: int,
         transform: A.Compose | None = None,
         target: str = "mask",
         labels: Sequence[int] | None = None,
     ) -> None:
         self.processed, self.split, self.size = Path(processed), split, size
         self.rows = np.asarray(rows, dtype=np.int64)
-        self.channels, self.transform, self.target = channels, transform, target
+        self.transform, self.target = transform, target
         self.labels = None if labels is None else np.asarray(labels, dtype=np.float32)
         self._images: np.ndarray | None = None
         self._masks: np.ndarray | None = None
@@ -190,11 +201,11 @@ class CacheDataset(Dataset):
             if augment:
                 out = apply_augment(self.transform, key, image=image, mask=mask)
                 image, mask = out["image"], out["mask"]
-            return to_tensor(image, self.channels), torch.from_numpy(np.ascontiguousarray(mask)).float()[None]
+            return to_tensor(image), to_tensor(mask)
         if augment:
             image = apply_augment(self.transform, key, image=image)["image"]
         label = torch.tensor([self.labels[i]]) if self.labels is not None else torch.zeros(1)
-        return to_tensor(image, self.channels), label
+        return to_tensor(image), label
 
 
 class PositiveRateSampler(Sampler[tuple[int, SampleKey]]):
@@ -330,11 +341,10 @@ class ImageListDataset(Dataset):
         paths: Sequence[str],
         labels: Sequence[int],
         size: int,
-        channels: int,
         transform: A.Compose | None = None,
     ) -> None:
         self.paths, self.labels = list(paths), np.asarray(labels, dtype=np.float32)
-        self.size, self.channels, self.transform = size, channels, transform
+        self.size, self.transform = size, transform
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -345,4 +355,4 @@ class ImageListDataset(Dataset):
         image = read_image(self.paths[i], self.size)
         if self.transform is not None and key is not None:
             image = apply_augment(self.transform, key, image=image)["image"]
-        return to_tensor(image, self.channels), torch.tensor([self.labels[i]])
+        return to_tensor(image), torch.tensor([self.labels[i]])

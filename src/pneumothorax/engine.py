@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from . import files
+from . import data, files
 
 
 class DeviceError(RuntimeError):
@@ -178,7 +178,7 @@ def mean_over_ranks(total: torch.Tensor, count: torch.Tensor, runtime: Runtime) 
 
 
 @torch.no_grad()
-def update_bn(model: nn.Module, loader: Any, runtime: Runtime, amp: str, channels_last: bool) -> None:
+def update_bn(model: nn.Module, loader: Any, runtime: Runtime, amp: str, channels: int, channels_last: bool) -> None:
     """Recompute the batch-norm statistics of ``model`` (SWA weights) from ``loader``, as
     ``torch.optim.swa_utils.update_bn`` does, but under autocast and in channels_last, over the
     images the caller chose; under DDP each rank passes its share and the statistics are averaged."""
@@ -191,12 +191,9 @@ def update_bn(model: nn.Module, loader: Any, runtime: Runtime, amp: str, channel
         bn.momentum = None  # a cumulative average over every batch
     training = model.training
     model.train()
-    for x, _ in loader:
-        x = x.to(runtime.device, non_blocking=True)
-        if channels_last and runtime.device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
+    for images, _ in loader:
         with autocast(runtime.device, amp):
-            model(x)
+            model(data.model_input(images, channels, runtime.device, channels_last))
     for bn, momentum in zip(norms, momenta, strict=True):
         bn.momentum = momentum
         for stat in (bn.running_mean, bn.running_var):

@@ -13,7 +13,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from . import engine, files
+from . import data, engine, files
 
 FLIPS: dict[str, tuple[int, ...]] = {"hflip": (-1,), "vflip": (-2,), "hvflip": (-2, -1)}
 
@@ -55,6 +55,7 @@ def predict_to_file(
     out_path: Path,
     tta: Sequence[str],
     device: torch.device,
+    channels: int,
     batch_size: int = 16,
     amp: str = "none",
     channels_last: bool = False,
@@ -74,10 +75,8 @@ def predict_to_file(
     with files.atomic_path(out_path) as tmp:
         out = open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
         start = 0
-        for x, _ in tqdm(loader, desc=desc, unit="batch", disable=not progress):
-            x = x.to(device, non_blocking=True)
-            if channels_last and device.type == "cuda":
-                x = x.contiguous(memory_format=torch.channels_last)
+        for images, _ in tqdm(loader, desc=desc, unit="batch", disable=not progress):
+            x = data.model_input(images, channels, device, channels_last)
             probs = predict_batch(models, x, tta, amp)[:, 0]
             out[start : start + len(x)] = to_uint8(probs)
             start += len(x)
@@ -92,6 +91,7 @@ def predict_labels(
     dataset: Dataset,
     tta: Sequence[str],
     device: torch.device,
+    channels: int,
     batch_size: int = 32,
     amp: str = "none",
     progress: bool = True,
@@ -103,8 +103,8 @@ def predict_labels(
         model.eval()
     views = tta_views(tta)
     out = []
-    for x, _ in tqdm(loader, desc=desc, unit="batch", disable=not progress):
-        x = x.to(device)
+    for images, _ in tqdm(loader, desc=desc, unit="batch", disable=not progress):
+        x = data.model_input(images, channels, device)
         stacked = torch.cat([x.flip(d) if d else x for d in views], dim=0)
         total = 0.0
         for model in models:
@@ -124,7 +124,7 @@ def infer_test(cfg: Any, exp_dir: Path, processed: Path, device: str | None = No
     import pandas as pd
 
     from . import classifier as classifier_mod
-    from . import data, train
+    from . import train
 
     runtime = engine.setup_runtime(device)
     out = exp_dir / "test"
@@ -136,7 +136,7 @@ def infer_test(cfg: Any, exp_dir: Path, processed: Path, device: str | None = No
     folds = range(cfg.data.n_folds)
     fold_models = [train.load_fold_model(cfg, exp_dir / f"fold{k}", cfg.infer.weights, runtime.device) for k in folds]
     # test images have no masks: the "label" target with no labels yields zeros
-    dataset = data.CacheDataset(processed, "test", size, good["index"].to_numpy(), cfg.data.channels, target="label")
+    dataset = data.CacheDataset(processed, "test", size, good["index"].to_numpy(), target="label")
     if len(good):
         predict_to_file(
             fold_models,
@@ -144,6 +144,7 @@ def infer_test(cfg: Any, exp_dir: Path, processed: Path, device: str | None = No
             out / "probs.npy",
             cfg.infer.tta,
             runtime.device,
+            cfg.data.channels,
             cfg.infer.batch_size,
             seg.amp,
             seg.channels_last,
@@ -157,14 +158,13 @@ def infer_test(cfg: Any, exp_dir: Path, processed: Path, device: str | None = No
         cls_models = [
             classifier_mod.load_fold_classifier(cfg, exp_dir / "classifier" / f"fold{k}", runtime.device) for k in folds
         ]
-        cls_ds = data.CacheDataset(
-            processed, "test", cfg.classifier.size, good["index"].to_numpy(), cfg.data.channels, target="label"
-        )
+        cls_ds = data.CacheDataset(processed, "test", cfg.classifier.size, good["index"].to_numpy(), target="label")
         gate = predict_labels(
             cls_models,
             cls_ds,
             cfg.infer.tta,
             runtime.device,
+            cfg.data.channels,
             cfg.infer.batch_size,
             cfg.classifier.amp,
             progress=progress,

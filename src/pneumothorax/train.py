@@ -43,7 +43,13 @@ def dice_iou_on_device(logits: torch.Tensor, masks: torch.Tensor) -> tuple[torch
 
 @torch.no_grad()
 def evaluate(
-    model: torch.nn.Module, loader: DataLoader, loss_fn: Any, runtime: engine.Runtime, amp: str, channels_last: bool
+    model: torch.nn.Module,
+    loader: DataLoader,
+    loss_fn: Any,
+    runtime: engine.Runtime,
+    amp: str,
+    channels: int,
+    channels_last: bool,
 ) -> dict[str, float]:
     """Validation loss, competition Dice (p > 0.5) and IoU, each rank over its shard of the images.
 
@@ -53,10 +59,11 @@ def evaluate(
     """
     model.eval()
     sums = torch.zeros(4, dtype=torch.float64, device=runtime.device)  # loss * n, Dice, IoU, n
-    for x, y in loader:
-        x, y = x.to(runtime.device, non_blocking=True), y.to(runtime.device, non_blocking=True)
-        if channels_last and runtime.device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
+    for images, masks in loader:
+        x, y = (
+            data.model_input(images, channels, runtime.device, channels_last),
+            data.model_target(masks, runtime.device),
+        )
         with engine.autocast(runtime.device, amp):
             logits = model(x).float()
         dice, iou = dice_iou_on_device(logits, y)
@@ -181,11 +188,10 @@ def _train(
                 "train",
                 stage.size,
                 train_df["index"].to_numpy(),
-                cfg.data.channels,
                 data.segmentation_augment(stage.augment, stage.size, stage.augment_p),
             )
             shard = valid_df["index"].to_numpy()[runtime.rank :: runtime.world_size]  # this rank's validation images
-            valid_ds = data.CacheDataset(processed, "train", stage.size, shard, cfg.data.channels)
+            valid_ds = data.CacheDataset(processed, "train", stage.size, shard)
             sampler = data.PositiveRateSampler(
                 train_df["has_pneumothorax"].to_numpy(),
                 stage.positive_rate,
@@ -217,10 +223,9 @@ def _train(
             disable=not (progress and runtime.is_main),
             leave=False,
         )
-        for x, y in bar:
-            x, y = x.to(runtime.device, non_blocking=True), y.to(runtime.device, non_blocking=True)
-            if seg.channels_last and runtime.device.type == "cuda":
-                x = x.contiguous(memory_format=torch.channels_last)
+        for images, masks in bar:
+            x = data.model_input(images, cfg.data.channels, runtime.device, seg.channels_last)
+            y = data.model_target(masks, runtime.device)
             with engine.autocast(runtime.device, seg.amp):
                 logits = net(x)
             loss = loss_fn(logits.float(), y)
@@ -236,7 +241,7 @@ def _train(
         train_loss = engine.mean_over_ranks(total, count, runtime)
         if in_swa:
             swa.update_parameters(model)
-        scores = evaluate(model, valid_loader, loss_fn, runtime, seg.amp, seg.channels_last)
+        scores = evaluate(model, valid_loader, loss_fn, runtime, seg.amp, cfg.data.channels, seg.channels_last)
         val_dice = scores["val_dice"]  # the same on every rank
         if stage.scheduler == "plateau":
             sched.step(val_dice)
@@ -273,11 +278,13 @@ def _train(
             engine.save_checkpoint(out_dir / "last.pt", engine.cpu_state(model))
         if last_of_stage and swa is not None:
             rows = _bn_rows(train_df["index"].to_numpy(), seg.swa_bn_images, cfg.seed + s, runtime)
-            bn_ds = data.CacheDataset(processed, "train", stage.size, rows, cfg.data.channels)
+            bn_ds = data.CacheDataset(processed, "train", stage.size, rows)
             bn_loader = data.make_loader(bn_ds, batch, workers=cfg.data.workers)
-            engine.update_bn(swa.module, bn_loader, runtime, seg.amp, seg.channels_last)
+            engine.update_bn(swa.module, bn_loader, runtime, seg.amp, cfg.data.channels, seg.channels_last)
             engine.broadcast_module(swa.module, runtime)
-            swa_scores = evaluate(swa.module, valid_loader, loss_fn, runtime, seg.amp, seg.channels_last)
+            swa_scores = evaluate(
+                swa.module, valid_loader, loss_fn, runtime, seg.amp, cfg.data.channels, seg.channels_last
+            )
             if runtime.is_main:
                 history.append(
                     {
@@ -405,13 +412,14 @@ def _finish(
     seg = cfg.segmentation
     final = seg.stages[-1]
     model = load_fold_model(cfg, out_dir, seg.oof_weights, runtime.device)
-    dataset = data.CacheDataset(processed, "train", final.size, valid_df["index"].to_numpy(), cfg.data.channels)
+    dataset = data.CacheDataset(processed, "train", final.size, valid_df["index"].to_numpy())
     infer.predict_to_file(
         [model],
         dataset,
         out_dir / "oof.npy",
         ("hflip",),
         runtime.device,
+        cfg.data.channels,
         final.batch_size,
         seg.amp,
         seg.channels_last,
