@@ -146,7 +146,7 @@ def _fit(
     sampler = data.PositiveRateSampler(
         train_labels, c.positive_rate, None, c.epochs, cfg.seed + 100 + key, runtime.rank, runtime.world_size
     )
-    net = engine.wrap_ddp(model, runtime)
+    net = engine.compiled(engine.wrap_ddp(model, runtime), cfg.compile)
     ran = 0
     batch = engine.rank_batch(c.batch_size, runtime, "classifier.batch_size")
     loader = data.make_loader(train_ds, batch, sampler, cfg.data.workers, drop_last=len(sampler) > batch, seed=cfg.seed)

@@ -158,6 +158,7 @@ class Config:
     name: str = "base"
     seed: int = 42
     deterministic: bool = False  # torch's deterministic kernels (slower on GPU); false: cuDNN benchmark
+    compile: bool = False  # torch.compile the training model (a slow first step; see bench-train)
     data: DataConfig = field(default_factory=DataConfig)
     classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
     segmentation: SegmentationConfig = field(default_factory=SegmentationConfig)

@@ -201,6 +201,11 @@ def update_bn(model: nn.Module, loader: Any, runtime: Runtime, amp: str, channel
     model.train(training)
 
 
+def compiled(net: nn.Module, enabled: bool) -> nn.Module:
+    """``torch.compile(net)`` when asked (checkpoints keep coming from the uncompiled module)."""
+    return torch.compile(net) if enabled else net
+
+
 def wrap_ddp(model: nn.Module, runtime: Runtime, sync_bn: bool = False) -> nn.Module:
     """DistributedDataParallel over the runtime's group (the model itself when alone); with ``sync_bn``
     its batch norms use the statistics of the global batch (small per-GPU batches at 1024)."""

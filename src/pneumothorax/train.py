@@ -165,6 +165,7 @@ def _train(
     net = engine.wrap_ddp(model, runtime, seg.sync_bn)
     if net is not model:
         model = engine.unwrap(net)  # SyncBatchNorm conversion makes a new module
+    net = engine.compiled(net, cfg.compile)
     ran = 0
     scaler = torch.amp.GradScaler("cuda", enabled=runtime.device.type == "cuda" and seg.amp == "fp16")
     current_stage = -1
