@@ -160,9 +160,9 @@ lint: install ## ruff
 	$(VENV)/bin/ruff check src scripts tests benchmarks
 
 bench: bench-data bench-train bench-post ## all benchmarks
-bench-data: install ## RLE decode/encode of the real CSV; prepare vs bare decode
+bench-data: install ## RLE of the real CSV; prepare on today's layout (real DICOMs) vs a bare decode loop
 	$(PY) benchmarks/bench_data.py
-bench-train: install ## training and loader throughput
+bench-train: install ## per recipe stage: loader rate vs workers, fp32/bf16/channels_last steps, memory, epoch and fold time
 	$(PY) benchmarks/bench_train.py
 bench-post: install ## grid search vs brute force; inference with and without TTA; memory
 	$(PY) benchmarks/bench_post.py

@@ -125,6 +125,8 @@ def test_every_collective_survives_a_group_without_a_cpu_backend(processed, tmp_
     assert result.stdout.count(refused) == 2
     assert result.stdout.count("trained") == 2 and (out / "model.pt").exists()
     assert len(pd.read_csv(out / "metrics.csv")) == 3  # 2 epochs + SWA, through DDP, validation and SWA broadcast
+    cls = pd.read_csv(tmp_path / "ddp-cls" / "metrics.csv")  # the classifier: validation gathered from both ranks
+    assert len(cls) == 2 and cls["val_auc"].between(0, 1).all() and (tmp_path / "ddp-cls" / "model.pt").exists()
 
 
 def test_device_choice_never_falls_back_to_cpu_silently(monkeypatch):
@@ -154,3 +156,31 @@ def test_cuda_rng_state_is_the_current_devices(monkeypatch):
     four_gpus = {**state, "cuda": [torch.tensor([i], dtype=torch.uint8) for i in range(4)]}  # saved on 4 GPUs
     engine.set_rng_state(four_gpus)  # resumed on one: no IndexError, one generator set
     assert [int(t) for t in restored] == [7, 0]
+
+
+def _gather_in_two_processes(rank: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+
+    from pneumothorax import engine
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    runtime = engine.Runtime(torch.device("cpu"), rank, 2, dist.group.WORLD)
+    mine = np.arange(rank, 7, 2, dtype=float) * 10  # this rank's items: rank::2 of 7
+    np.save(f"{out}/rank{rank}.npy", engine.gather_shards(mine, 7, runtime))
+    dist.destroy_process_group()
+
+
+def test_shards_gather_back_in_item_order(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    from pneumothorax import engine
+
+    assert (engine.gather_shards(np.arange(3.0), 3, engine.Runtime(torch.device("cpu"))) == np.arange(3.0)).all()
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_gather_in_two_processes, args=(port, str(tmp_path)), nprocs=2)
+    for rank in (0, 1):
+        assert np.load(tmp_path / f"rank{rank}.npy").tolist() == [0, 10, 20, 30, 40, 50, 60]

@@ -183,10 +183,12 @@ def _fit(
             "train_loss": engine.mean_over_ranks(total, count, runtime),
             "seconds": round(time.time() - started, 2),
         }
+        shard = torch.utils.data.Subset(valid_ds, range(runtime.rank, len(valid_ds), runtime.world_size))
+        mine = infer.predict_labels(
+            [model], shard, (), runtime.device, cfg.data.channels, c.batch_size, c.amp, progress=False
+        )
+        probs = engine.gather_shards(mine, len(valid_ds), runtime)  # every rank predicted its share
         if runtime.is_main:
-            probs = infer.predict_labels(
-                [model], valid_ds, (), runtime.device, cfg.data.channels, c.batch_size, c.amp, progress=False
-            )
             row.update({f"val_{k}": v for k, v in gate_metrics(labels, probs, c.threshold).items() if k != "threshold"})
             row["val_loss"] = float(
                 F.binary_cross_entropy(

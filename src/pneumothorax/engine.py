@@ -171,6 +171,19 @@ def sum_over_ranks(values: torch.Tensor, runtime: Runtime) -> torch.Tensor:
     return values
 
 
+def gather_shards(values: np.ndarray, n: int, runtime: Runtime) -> np.ndarray:
+    """The ``n`` values that ranks computed for items ``rank::world_size``, back in item order, on every rank."""
+    if not runtime.distributed:
+        return values
+    width = -(-n // runtime.world_size)
+    mine = torch.zeros(width, dtype=torch.float64, device=runtime.device)
+    mine[: len(values)] = torch.as_tensor(values, dtype=torch.float64, device=runtime.device)
+    parts = [torch.empty_like(mine) for _ in range(runtime.world_size)]
+    dist.all_gather(parts, mine, group=runtime.group)
+    ordered = torch.stack(parts, dim=1).reshape(-1)  # item i came from rank i % world, position i // world
+    return ordered[:n].cpu().numpy()
+
+
 def mean_over_ranks(total: torch.Tensor, count: torch.Tensor, runtime: Runtime) -> float:
     """``sum(total) / sum(count)`` over every rank: one host sync, at the end of an epoch."""
     total_all, count_all = sum_over_ranks(torch.stack([total.double(), count.double()]), runtime).tolist()
