@@ -144,15 +144,6 @@ def broadcast_module(module: nn.Module, runtime: Runtime) -> None:
             dist.broadcast(tensor, 0, group=runtime.group)
 
 
-def broadcast_float(value: float, runtime: Runtime) -> float:
-    """Rank 0's value on every rank (the tensor lives on the runtime's device: NCCL has no CPU backend)."""
-    if not runtime.distributed:
-        return value
-    t = torch.tensor([value], dtype=torch.float64, device=runtime.device)
-    dist.broadcast(t, 0, group=runtime.group)
-    return float(t.item())
-
-
 def rank_batch(batch_size: int, runtime: Runtime, key: str) -> int:
     """The per-rank share of a global ``batch_size`` (the recipe's batch holds under DDP, so its LR does too).
 
