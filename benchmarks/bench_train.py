@@ -89,7 +89,8 @@ def stage_figures(cfg, stage, processed, device, workers_list) -> dict:
     """Loader and step figures of one recipe stage, and its epoch time."""
     batch = stage.batch_size if device.type == "cuda" else 2
     steps = 20 if device.type == "cuda" else 2
-    loader = {w: round(loader_rate(processed, stage.size, stage.augment, batch, w, 6), 1) for w in workers_list}
+    batches = 10 if device.type == "cuda" else 40
+    loader = {w: round(loader_rate(processed, stage.size, stage.augment, batch, w, batches), 1) for w in workers_list}
     out = {"size": stage.size, "batch": batch, "augment": list(stage.augment), "loader_images_per_s_by_workers": loader}
     variants = {"fp32": ("none", False)}
     if device.type == "cuda":

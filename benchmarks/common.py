@@ -48,7 +48,10 @@ def prepared_world(root: Path, n_train: int, n_test: int, sizes: tuple[int, ...]
     )
     processed = root / "processed"
     meta = prepare.prepare(
-        layout.detect(world, patient_map=world / "kaggle-to-nih-id.csv"), processed, sizes=sizes, progress=False
+        layout.detect(world, test_dir=None if n_test else "none", patient_map=world / "kaggle-to-nih-id.csv"),
+        processed,
+        sizes=sizes,
+        progress=False,
     )
     files.write_csv(processed / "folds.csv", folds.make_folds(meta[meta["split"] == "train"], 5, 0))
     return world, processed
