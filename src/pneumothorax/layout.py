@@ -212,26 +212,25 @@ def index_dicoms(paths: Iterable[Path]) -> Found:
     return found
 
 
-def read_sample_ids(path: Path) -> list[str]:
-    """The image ids of a sample submission, in file order (BOM and header spaces tolerated)."""
+def _image_ids(path: Path) -> list[str]:
+    """The ``ImageId`` column of a CSV, in file order (a byte-order mark and header spaces tolerated)."""
     with open(path, newline="", encoding="utf-8-sig") as fh:
         reader = csv.reader(fh)
         header = [h.strip() for h in next(reader, [])]
         if "ImageId" not in header:
             raise LayoutError(f"{path}: header {header} lacks 'ImageId'")
         column = header.index("ImageId")
-        ids = [row[column].strip() for row in reader if row and row[column].strip()]
+        return [row[column].strip() for row in reader if len(row) > column and row[column].strip()]
+
+
+def read_sample_ids(path: Path) -> list[str]:
+    """The image ids of a sample submission, once each, in file order."""
+    ids = list(dict.fromkeys(_image_ids(path)))
     if not ids:
         raise LayoutError(f"{path}: sample submission lists no image")
-    return list(dict.fromkeys(ids))
+    return ids
 
 
 def label_ids(path: Path) -> set[str]:
     """The image ids of a label CSV, read fast (no RLE parsing): what the manifest needs."""
-    with open(path, newline="", encoding="utf-8-sig") as fh:
-        reader = csv.reader(fh)
-        header = [h.strip() for h in next(reader, [])]
-        if "ImageId" not in header:
-            raise LayoutError(f"{path}: header {header} lacks 'ImageId'")
-        column = header.index("ImageId")
-        return {row[column].strip() for row in reader if len(row) > column}
+    return set(_image_ids(path))
