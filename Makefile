@@ -17,6 +17,15 @@ SAMPLE_SUBMISSION ?=
 LABELS    ?= $(DATA_DIR)/test-labels.csv
 FOLD      ?=
 NPROC     ?= 1
+# Scaling: GPUS=0,1,2,3 runs each training job on free GPUs of the list (make -j4: one fold per GPU);
+# NNODES>1 trains one fold over several machines (torchrun, c10d rendezvous at RDZV_ENDPOINT);
+# LAUNCH prefixes every training command (e.g. LAUNCH="srun --nodes=2 --ntasks-per-node=1").
+GPUS      ?=
+GPU_LOCKS ?=
+NNODES    ?= 1
+NODE_RANK ?=
+RDZV_ENDPOINT ?=
+LAUNCH    ?=
 SKIP_BAD  ?=
 QUIET     ?=
 SYNTH_SEED  ?= 0
@@ -27,10 +36,12 @@ SYNTH_LAYOUT ?= stage2
 VENV     := .venv
 PY       := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
-CONFIG   := configs/$(EXP).yaml
+CONFIGS  ?= configs
+CONFIG   := $(CONFIGS)/$(EXP).yaml
 PROCESSED ?= data/processed/$(notdir $(abspath $(DATA_DIR)))
 MODELS_DIR ?= models
 SUBMISSIONS_DIR ?= submissions
+PREDICTIONS_DIR ?= predictions
 MODELS   := $(MODELS_DIR)/$(EXP)
 SUBMISSION := $(SUBMISSIONS_DIR)/$(EXP).csv
 PATIENT_MAP ?= $(firstword $(wildcard $(DATA_DIR)/kaggle-to-nih-id.csv) data/external/kaggle-to-nih-id.csv)
@@ -38,15 +49,19 @@ export HF_HUB_OFFLINE ?=
 export PYTHONUNBUFFERED := 1
 
 # Config queries need the venv; before it exists they fall back to the defaults.
-cfg = $(shell [ -x $(PY) ] && $(PY) -m pneumothorax.query $(1) --config $(EXP) 2>/dev/null)
-CONFIG_DEPS := $(or $(call cfg,deps),configs/base.yaml $(CONFIG))
+cfg = $(shell [ -x $(PY) ] && $(PY) -m pneumothorax.query $(1) --config $(CONFIG) 2>/dev/null)
 N_FOLDS     := $(or $(call cfg,get data.n_folds),5)
 CLS_ENABLED := $(call cfg,get classifier.enabled)
 ENC_INIT    := $(call cfg,get segmentation.encoder_init)
 EXTERNAL_CSV := $(filter-out none,$(call cfg,get classifier.external_csv))
 FOLDS       := $(if $(FOLD),$(FOLD),$(shell seq 0 $$(($(N_FOLDS) - 1))))
 ALL_FOLDS   := $(shell seq 0 $$(($(N_FOLDS) - 1)))
-RUN         := $(if $(filter-out 1,$(NPROC)),$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC),$(PY))
+# One rendezvous per training job, the same on every node: e.g. demo-fold0, demo-classifier-fold0.
+RDZV_ID      = $(EXP)-$(subst /,-,$(patsubst $(MODELS)/%,%,$(@D)))
+TORCHRUN     = $(VENV)/bin/torchrun --nproc_per_node=$(NPROC) $(if $(filter-out 1,$(NNODES)),--nnodes=$(NNODES) \
+  $(if $(NODE_RANK),--node_rank=$(NODE_RANK)) --rdzv_backend=c10d --rdzv_endpoint=$(RDZV_ENDPOINT) --rdzv_id=$(RDZV_ID),--standalone)
+POOL        := $(if $(GPUS),$(PY) -m pneumothorax.gpus --gpus $(GPUS) --per-job $(NPROC) $(if $(GPU_LOCKS),--lock-dir $(GPU_LOCKS)) --)
+RUN          = $(LAUNCH) $(POOL) $(if $(filter-out 1,$(NPROC) $(NNODES)),$(TORCHRUN),$(PY))
 Q           := $(if $(QUIET),--quiet,)
 
 SEG_MODELS := $(foreach k,$(FOLDS),$(MODELS)/fold$(k)/model.pt)
@@ -54,8 +69,15 @@ CLS_MODELS := $(if $(CLS_ENABLED),$(foreach k,$(FOLDS),$(MODELS)/classifier/fold
 ALL_SEG    := $(foreach k,$(ALL_FOLDS),$(MODELS)/fold$(k)/model.pt)
 ALL_CLS    := $(if $(CLS_ENABLED),$(foreach k,$(ALL_FOLDS),$(MODELS)/classifier/fold$(k)/model.pt))
 PREPARED   := $(PROCESSED)/prepared-$(EXP).stamp
-FOLDS_CSV  := $(PROCESSED)/folds.csv
+FOLDS_CSV  := $(MODELS)/folds.csv
+FOLDS_MADE := $(MODELS)/stamps/folds.made
+stamp       = $(MODELS)/stamps/$(1).json
 
+ifneq ($(filter-out 1,$(NNODES)),)
+ifeq ($(RDZV_ENDPOINT),)
+$(error NNODES=$(NNODES) needs RDZV_ENDPOINT=host:port, the same on every node (e.g. the first node's name and a free port))
+endif
+endif
 ifneq ($(FOLD),)
 ifeq ($(filter $(FOLD),$(ALL_FOLDS)),)
 $(error FOLD=$(FOLD) is not a fold of EXP=$(EXP), whose data.n_folds is $(N_FOLDS): use FOLD=0 to FOLD=$(lastword $(ALL_FOLDS)))
@@ -67,18 +89,29 @@ endif
 # label file or a replaced DICOM reruns exactly what depends on it.
 TRAIN_INPUTS := $(PROCESSED)/inputs-train.json
 TEST_INPUTS  := $(PROCESSED)/inputs-test.json
-NO_DATA_GOALS := help install test test-fast lint bench bench-data bench-train bench-post clean clean-models synthetic demo
+NO_DATA_GOALS := help install test test-fast lint bench bench-data bench-train bench-post clean clean-models synthetic demo print-paths \
+  predict leaderboard ensemble
 ifneq ($(filter-out $(NO_DATA_GOALS),$(or $(MAKECMDGOALS),help)),)
 MANIFEST_ERROR := $(shell [ -x $(PY) ] && $(PY) -m pneumothorax.query manifest --data-dir $(DATA_DIR) \
   --processed $(PROCESSED) --patient-map $(PATIENT_MAP) $(if $(TRAIN_CSV),--train-csv $(TRAIN_CSV)) \
   $(if $(TRAIN_DIR),--train-dir "$(TRAIN_DIR)") $(if $(TEST_DIR),--test-dir $(TEST_DIR)) \
   $(if $(SAMPLE_SUBMISSION),--sample-submission $(SAMPLE_SUBMISSION)))
 endif
+# Config stamps: the resolved value of each config section (pneumothorax.config.SECTIONS),
+# rewritten at parse time only when it changes. Each step depends on the sections it reads, so
+# an edited postprocess reruns search and submit only, and an edited comment reruns nothing.
+ifneq ($(filter-out $(NO_DATA_GOALS),$(or $(MAKECMDGOALS),help)),)
+STAMP_ERROR := $(shell [ -x $(PY) ] && $(PY) -m pneumothorax.query stamps --config $(CONFIG) --exp-dir $(MODELS))
+ifneq ($(STAMP_ERROR),)
+$(error $(STAMP_ERROR))
+endif
+endif
 LAYOUT_ARGS := $(if $(TRAIN_CSV),--train-csv $(TRAIN_CSV)) $(foreach d,$(TRAIN_DIR),--train-dir $(d)) \
   $(if $(TEST_DIR),--test-dir $(TEST_DIR)) $(if $(SAMPLE_SUBMISSION),--sample-submission $(SAMPLE_SUBMISSION))
 
 .PHONY: help install demo synthetic prepare folds pretrain train train-seg train-cls infer search submit score report \
-        test test-fast lint bench bench-data bench-train bench-post clean clean-models
+        test test-fast lint bench bench-data bench-train bench-post clean clean-models print-paths ensemble predict \
+        leaderboard
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_%/-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | column -t -s $$'\t'
@@ -104,39 +137,45 @@ $(TRAIN_INPUTS) $(TEST_INPUTS):
 	@echo "error: $(or $(MANIFEST_ERROR),$@ is missing: cannot tell which inputs DATA_DIR=$(DATA_DIR) holds)" >&2; exit 2
 
 prepare: $(PREPARED) ## DICOMs + labels -> $(PROCESSED)/metadata.csv and caches at the config's sizes
-$(PREPARED): $(TRAIN_INPUTS) $(TEST_INPUTS) $(CONFIG_DEPS) | $(INSTALLED)
-	$(PY) scripts/01_prepare.py --config $(EXP) --data-dir $(DATA_DIR) --out $(PROCESSED) --patient-map $(PATIENT_MAP) \
+$(PREPARED): $(TRAIN_INPUTS) $(TEST_INPUTS) $(call stamp,prepare) | $(INSTALLED)
+	$(PY) scripts/01_prepare.py --config $(CONFIG) --data-dir $(DATA_DIR) --out $(PROCESSED) --patient-map $(PATIENT_MAP) \
 	  $(LAYOUT_ARGS) $(if $(SKIP_BAD),--skip-bad) $(Q)
 	touch $@
 
-# Folds follow the training inputs (not metadata.csv, which a new test folder changes too).
-folds: $(FOLDS_CSV) ## patient-grouped, stratified folds
-$(FOLDS_CSV): $(TRAIN_INPUTS) | $(PREPARED)
-	$(PY) scripts/02_folds.py --config $(EXP) --processed $(PROCESSED) --out $@
+# Folds belong to the experiment and follow the training inputs (not metadata.csv, which a new
+# test folder changes too). folds.csv is rewritten only when its content changes, and training
+# follows folds.csv itself: changed training inputs that leave the split as it was retrain
+# nothing (the folds step, a second, then reruns until the split changes, and `make -n` lists
+# the training steps it cannot rule out).
+folds: $(FOLDS_CSV) ## patient-grouped, stratified folds of this experiment: models/EXP/folds.csv
+$(FOLDS_CSV): $(FOLDS_MADE) ;
+$(FOLDS_MADE): $(TRAIN_INPUTS) $(call stamp,folds) | $(PREPARED)
+	$(PY) scripts/02_folds.py --config $(CONFIG) --processed $(PROCESSED) --exp-dir $(MODELS)
+	touch -r $(FOLDS_CSV) $@
 
 train: train-cls train-seg ## train gate and segmenter folds that are out of date (FOLD=k for one)
 train-seg: $(SEG_MODELS) ## segmentation folds only
 train-cls: $(CLS_MODELS) ## classifier folds only
 
-$(MODELS)/classifier/fold%/model.pt: $(CONFIG_DEPS) $(FOLDS_CSV) | $(PREPARED)
-	$(RUN) scripts/03_train_classifier.py --config $(EXP) --fold $* --processed $(PROCESSED) --out $(@D) $(Q)
+$(MODELS)/classifier/fold%/model.pt: $(call stamp,classifier) $(FOLDS_CSV) | $(PREPARED)
+	$(RUN) scripts/03_train_classifier.py --config $(CONFIG) --fold $* --processed $(PROCESSED) --exp-dir $(MODELS) $(Q)
 
 pretrain: $(MODELS)/pretrain/model.pt ## classifier on the config's classifier.external_csv (encoder_init: pretrain)
-$(MODELS)/pretrain/model.pt: $(CONFIG_DEPS) $(EXTERNAL_CSV) | $(INSTALLED)
-	$(RUN) scripts/03_train_classifier.py --config $(EXP) --pretrain --out $(@D) $(Q)
+$(MODELS)/pretrain/model.pt: $(call stamp,classifier) $(EXTERNAL_CSV) | $(INSTALLED)
+	$(RUN) scripts/03_train_classifier.py --config $(CONFIG) --pretrain --exp-dir $(MODELS) $(Q)
 
 SEG_INIT = $(if $(filter classifier,$(ENC_INIT)),$(MODELS)/classifier/fold%/model.pt) \
            $(if $(filter pretrain,$(ENC_INIT)),$(MODELS)/pretrain/model.pt)
-$(MODELS)/fold%/model.pt: $(CONFIG_DEPS) $(FOLDS_CSV) $(SEG_INIT) | $(PREPARED)
-	$(RUN) scripts/04_train_segmentation.py --config $(EXP) --fold $* --processed $(PROCESSED) --out $(@D) $(Q)
+$(MODELS)/fold%/model.pt: $(call stamp,segmentation) $(FOLDS_CSV) $(SEG_INIT) | $(PREPARED)
+	$(RUN) scripts/04_train_segmentation.py --config $(CONFIG) --fold $* --processed $(PROCESSED) --exp-dir $(MODELS) $(Q)
 
 infer: $(MODELS)/test/ids.csv ## test probabilities: folds ensembled, flip TTA, gate
-$(MODELS)/test/ids.csv: $(ALL_SEG) $(ALL_CLS) $(TEST_INPUTS) | $(PREPARED)
-	$(PY) scripts/05_infer.py --config $(EXP) --processed $(PROCESSED) --exp-dir $(MODELS) $(Q)
+$(MODELS)/test/ids.csv: $(ALL_SEG) $(ALL_CLS) $(TEST_INPUTS) $(call stamp,infer) | $(PREPARED)
+	$(PY) scripts/05_infer.py --config $(CONFIG) --processed $(PROCESSED) --exp-dir $(MODELS) $(Q)
 
 search: $(MODELS)/thresholds.json ## exact B-TH x R-TH x gate search on out-of-fold predictions
-$(MODELS)/thresholds.json: $(ALL_SEG) $(ALL_CLS) $(CONFIG_DEPS)
-	$(PY) scripts/06_search_thresholds.py --config $(EXP) --processed $(PROCESSED) --exp-dir $(MODELS)
+$(MODELS)/thresholds.json: $(ALL_SEG) $(ALL_CLS) $(call stamp,postprocess)
+	$(PY) scripts/06_search_thresholds.py --config $(CONFIG) --processed $(PROCESSED) --exp-dir $(MODELS) $(Q)
 
 submit: $(SUBMISSION) ## validated submission CSV
 $(SUBMISSION): $(MODELS)/thresholds.json $(MODELS)/test/ids.csv
@@ -148,7 +187,28 @@ $(MODELS)/score.json: $(SUBMISSION) $(LABELS)
 
 report: $(MODELS)/report/summary.md ## markdown summary and OOF case panels
 $(MODELS)/report/summary.md: $(MODELS)/thresholds.json
-	$(PY) scripts/09_report.py --config $(EXP) --processed $(PROCESSED) --exp-dir $(MODELS)
+	$(PY) scripts/09_report.py --config $(CONFIG) --processed $(PROCESSED) --exp-dir $(MODELS)
+
+# Ensembles: the members must have been searched (make search EXP=member) and inferred (make infer).
+ENSEMBLE ?=
+NAME     ?= ensemble
+WEIGHTS  ?= equal
+ENSEMBLE_SUBMISSION := $(SUBMISSIONS_DIR)/$(NAME).csv
+ensemble: $(ENSEMBLE_SUBMISSION) ## blend experiments' OOF and test maps: ENSEMBLE="a b" NAME=ens1 [WEIGHTS=search]
+$(ENSEMBLE_SUBMISSION): $(foreach e,$(ENSEMBLE),$(MODELS_DIR)/$(e)/thresholds.json $(MODELS_DIR)/$(e)/test/ids.csv) | $(INSTALLED)
+	@[ -n "$(ENSEMBLE)" ] || { echo 'error: name the members: make ensemble ENSEMBLE="exp_a exp_b" NAME=ens1' >&2; exit 2; }
+	$(PY) scripts/10_ensemble.py --members $(ENSEMBLE) --name $(NAME) --configs-dir $(CONFIGS) --models-dir $(MODELS_DIR) \
+	  --processed $(PROCESSED) --weights $(WEIGHTS) --out $@ $(if $(wildcard $(LABELS)),--labels $(LABELS)) $(Q)
+
+# Prediction on new images with a trained experiment or ensemble (its saved post-processing decides).
+INPUT     ?=
+PRED_NAME ?= $(EXP)-$(notdir $(abspath $(INPUT)))
+predict: | $(INSTALLED) ## new DICOM/PNG/JPEG images: INPUT=<folder> EXP=<exp or ensemble> -> predictions/<EXP>-<folder>/
+	@[ -n "$(INPUT)" ] || { echo 'error: name the images: make predict INPUT=<folder> EXP=<exp or ensemble>' >&2; exit 2; }
+	$(PY) scripts/11_predict.py --exp-dir $(MODELS) --input $(INPUT) --out $(PREDICTIONS_DIR)/$(PRED_NAME) $(Q)
+
+leaderboard: | $(INSTALLED) ## every experiment and ensemble under MODELS_DIR, best OOF first -> models/leaderboard.md, .csv
+	$(PY) scripts/12_leaderboard.py --models-dir $(MODELS_DIR)
 
 test: install ## the test suite (what CI runs)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
@@ -166,6 +226,13 @@ bench-train: install ## per recipe stage: loader rate vs workers, fp32/bf16/chan
 	$(PY) benchmarks/bench_train.py
 bench-post: install ## grid search vs brute force; inference with and without TTA; memory
 	$(PY) benchmarks/bench_post.py
+
+print-paths: ## the paths this Makefile builds for EXP (a test compares them with pneumothorax.paths)
+	@printf '%s\n' "models $(MODELS)" "folds $(FOLDS_CSV)" "segmenter $(MODELS)/fold0/model.pt" \
+	  "classifier $(MODELS)/classifier/fold0/model.pt" "pretrain $(MODELS)/pretrain/model.pt" \
+	  "test_ids $(MODELS)/test/ids.csv" "postprocess $(MODELS)/thresholds.json" "score $(MODELS)/score.json" \
+	  "summary $(MODELS)/report/summary.md" "stamp $(call stamp,infer)" "prepared $(PREPARED)" \
+	  "inputs $(TRAIN_INPUTS)" "submission $(SUBMISSION)"
 
 clean-models: ## remove models/$(EXP) and its submission
 	rm -rf $(MODELS) $(SUBMISSION)

@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from common import prepared_world, save  # noqa: E402
 
-from pneumothorax import config, data, engine, losses, models  # noqa: E402
+from pneumothorax import config, data, devices, losses, models  # noqa: E402
 
 RECIPES = ("2st_exp5", "1st_place")
 FOLD_IMAGES = 12047 * 4 // 5  # training images of one fold of the real data
@@ -32,7 +32,7 @@ FOLD_IMAGES = 12047 * 4 // 5  # training images of one fold of the real data
 
 def loader_rate(processed, size: int, augment: tuple[str, ...], batch: int, workers: int, batches: int) -> float:
     """Augmented images/s delivered by a DataLoader with ``workers`` processes (after its first batch)."""
-    rows = data.train_rows(processed)
+    rows = data.train_rows(processed, processed / "folds.csv")  # the benchmark world keeps its split there
     ds = data.CacheDataset(
         processed, "train", size, rows["index"].to_numpy(), data.segmentation_augment(augment, size, 0.5)
     )
@@ -57,14 +57,14 @@ def step_rate(cfg, size: int, batch: int, device, amp: str, channels_last: bool,
     model = models.create_segmenter(seg, cfg.data.channels).to(device)
     if channels_last and device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
-    net = engine.compiled(model, compile_)
+    net = devices.compiled(model, compile_)
     opt, loss_fn = torch.optim.Adam(model.parameters(), 1e-3), losses.ComboLoss(seg.loss)
     images = torch.randint(0, 256, (batch, 1, size, size), dtype=torch.uint8)
     masks = (torch.rand(batch, 1, size, size) > 0.9).to(torch.uint8)
 
     def step() -> None:
         x = data.model_input(images, cfg.data.channels, device, channels_last)
-        with engine.autocast(device, amp):
+        with devices.autocast(device, amp):
             out = net(x)
         loss = loss_fn(out.float(), data.model_target(masks, device))
         opt.zero_grad(set_to_none=True)
@@ -110,7 +110,7 @@ def main() -> dict:
     cores = len(os.sched_getaffinity(0))
     workers_list = sorted({0, 1, 2, min(4, cores), min(8, cores)})
     results: dict = {
-        "device": engine.describe_device(device),
+        "device": devices.describe_device(device),
         "fold_images": FOLD_IMAGES,
         "note": None if device.type == "cuda" else "CPU figures at batch 2; the GPU figures need CUDA",
     }

@@ -13,7 +13,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from pneumothorax import config, files, infer, models, submission, thresholds
+from pneumothorax import config, files, infer, models, submission
+from pneumothorax.paths import ExperimentDir, ProcessedDir
+from pneumothorax.postprocess import PostProcess
 
 
 def main(n: int) -> None:
@@ -22,7 +24,7 @@ def main(n: int) -> None:
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        processed, exp = root / "p", root / "models" / "tiny"
+        processed, exp = root / "p", ExperimentDir(root / "models" / "tiny", 128)
         processed.mkdir()
         meta = pd.DataFrame(
             {"image_id": [f"t{i}" for i in range(n)], "split": "test", "index": np.arange(n), "error": ""}
@@ -43,7 +45,7 @@ def main(n: int) -> None:
         masks[:50, 40:60, 40:60] = 1
         masks.flush()
         for k in range(2):
-            fold = exp / f"fold{k}"
+            fold = exp.segmenter(k).root
             fold.mkdir(parents=True)
             model = models.create_segmenter(replace(cfg.segmentation, encoder_weights="none"), cfg.data.channels)
             torch.save(model.state_dict(), fold / "swa.pt")
@@ -55,7 +57,7 @@ def main(n: int) -> None:
                     {"image_id": [f"r{i}" for i in part], "index": part, "has_pneumothorax": (part < 50).astype(int)}
                 ),
             )
-            cls_dir = exp / "classifier" / f"fold{k}"
+            cls_dir = exp.classifier(k).root
             cls_dir.mkdir(parents=True)
             clf = models.create_classifier(replace(cfg.classifier, pretrained="none"), cfg.data.channels)
             torch.save(clf.state_dict(), cls_dir / "model.pt")
@@ -70,9 +72,9 @@ def main(n: int) -> None:
                 ),
             )
         cfg = replace(cfg, classifier=replace(cfg.classifier, size=size))
-        infer.infer_test(cfg, exp, processed, "cpu", progress=False)
-        thresholds.search(cfg, exp, processed)
-        submission.make_submission(exp, processed, root / "sub.csv", progress=False)
+        infer.infer_test(cfg, exp, ProcessedDir(processed), "cpu", progress=False)
+        files.write_json(exp.postprocess, {"postprocess": PostProcess("b_r", 0.5, 1024, 0.3).to_dict()})
+        submission.make_submission(exp, ProcessedDir(processed), root / "sub.csv", progress=False)
         rows = len(pd.read_csv(root / "sub.csv"))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps({"images": n, "rows": rows, "peak_rss_mb": round(peak, 1)}))

@@ -1,24 +1,20 @@
-"""metadata.csv -> folds.csv: K folds stratified by label and mask area, grouped by patient."""
+"""metadata.csv -> models/<exp>/folds.csv: K folds stratified by label and mask area, grouped by patient.
 
-from pathlib import Path
+The split belongs to the experiment: another experiment's `make folds` never changes it, and it
+is rewritten only when its content changes.
+"""
 
-import pandas as pd
-
-from pneumothorax import cli, files, folds
+from pneumothorax import cli, folds, steps
+from pneumothorax.paths import ProcessedDir
 
 
 def main() -> None:
     p = cli.parser(__doc__)
     p.add_argument("--processed", required=True)
-    p.add_argument("--out", required=True, help="folds.csv path")
+    p.add_argument("--exp-dir", required=True, help="models/<exp>")
     args = p.parse_args()
     cfg = cli.load_config(args)
-    meta = pd.read_csv(
-        Path(args.processed) / "metadata.csv", dtype={"image_id": str, "patient": str}, keep_default_na=False
-    )
-    train = meta[(meta["split"] == "train") & (meta["error"] == "")]
-    table = folds.make_folds(train, cfg.data.n_folds, cfg.seed, cfg.data.area_bins)
-    files.write_csv(args.out, table)
+    table = steps.make_folds(cfg, ProcessedDir(args.processed), cli.experiment(cfg, args.exp_dir))
     print(folds.fold_summary(table).to_string())
 
 

@@ -9,21 +9,22 @@ def main() -> None:
     which.add_argument("--fold", type=int, help="train this fold on the prepared caches")
     which.add_argument("--pretrain", action="store_true", help="train on the config's classifier.external_csv")
     p.add_argument("--processed", help="prepared data (with --fold)")
-    p.add_argument("--out", required=True, help="models/<exp>/classifier/fold<k> or models/<exp>/pretrain")
+    p.add_argument("--exp-dir", required=True, help="models/<exp>")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     args = p.parse_args()
     cfg = cli.load_config(args)
+    exp = cli.experiment(cfg, args.exp_dir)
     if args.pretrain:
         if cfg.classifier.external_csv == "none":
             p.error("--pretrain needs classifier.external_csv in the config")
         summary = classifier.pretrain_external(
-            cfg, cfg.classifier.external_csv, args.out, device=args.device, progress=not args.quiet
+            cfg, cfg.classifier.external_csv, exp.pretrain.root, device=args.device, progress=not args.quiet
         )
     else:
         if not args.processed:
             p.error("--fold needs --processed")
         summary = classifier.train_classifier_fold(
-            cfg, args.fold, args.processed, args.out, args.device, not args.quiet
+            cfg, args.fold, args.processed, exp, device=args.device, progress=not args.quiet
         )
     print(summary)
 

@@ -1,17 +1,22 @@
-"""Train one segmentation fold (all stages, SWA, OOF predictions); resumes from state.pt; DDP under torchrun."""
+"""Train one segmentation fold (all stages, SWA, OOF predictions); resumes from state.pt; DDP under torchrun.
 
-from pneumothorax import cli, train
+A fold trained under other settings (its config section or its split) is moved aside and
+trained from scratch; a finished fold with the same settings is left as it is.
+"""
+
+from pneumothorax import cli, segmentation
 
 
 def main() -> None:
     p = cli.parser(__doc__)
     p.add_argument("--fold", type=int, required=True)
     p.add_argument("--processed", required=True)
-    p.add_argument("--out", required=True, help="models/<exp>/fold<k>")
+    p.add_argument("--exp-dir", required=True, help="models/<exp>")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     args = p.parse_args()
     cfg = cli.load_config(args)
-    print(train.train_fold(cfg, args.fold, args.processed, args.out, args.device, not args.quiet))
+    exp = cli.experiment(cfg, args.exp_dir)
+    print(segmentation.train_fold(cfg, args.fold, args.processed, exp, device=args.device, progress=not args.quiet))
 
 
 if __name__ == "__main__":

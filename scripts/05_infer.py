@@ -1,8 +1,7 @@
 """Test-set probabilities: every fold with flip TTA, averaged; classifier gate probabilities."""
 
-from pathlib import Path
-
 from pneumothorax import cli, infer
+from pneumothorax.paths import ProcessedDir
 
 
 def main() -> None:
@@ -12,7 +11,8 @@ def main() -> None:
     p.add_argument("--device", default=None)
     args = p.parse_args()
     cfg = cli.load_config(args)
-    out = infer.infer_test(cfg, Path(args.exp_dir), Path(args.processed), args.device, not args.quiet)
+    exp = cli.experiment(cfg, args.exp_dir)
+    out = infer.infer_test(cfg, exp, ProcessedDir(args.processed), args.device, not args.quiet)
     print(f"test predictions -> {out}")
 
 

@@ -1,8 +1,8 @@
-"""Exact grid search of B-TH, R-TH, gate (and triplet / min component) on out-of-fold predictions."""
+"""Exact grid search of B-TH, R-TH, gate (and triplet / min component) on out-of-fold predictions, then
+the choice re-scored at 1024x1024 with the competition metric against the original RLE rows."""
 
-from pathlib import Path
-
-from pneumothorax import cli, thresholds
+from pneumothorax import cli, postprocess, steps
+from pneumothorax.paths import ProcessedDir
 
 
 def main() -> None:
@@ -11,11 +11,12 @@ def main() -> None:
     p.add_argument("--exp-dir", required=True, help="models/<exp>")
     args = p.parse_args()
     cfg = cli.load_config(args)
-    result = thresholds.search(cfg, Path(args.exp_dir), Path(args.processed))
+    result = steps.search(cfg, cli.experiment(cfg, args.exp_dir), ProcessedDir(args.processed), not args.quiet)
+    post = postprocess.PostProcess.from_dict(result["postprocess"])
     print(
-        f"OOF Dice {result['score']:.4f} (all-empty {result['all_empty_score']:.4f}, "
-        f"B-TH 0.5 alone {result['no_postprocess_score']:.4f}) with "
-        + ", ".join(f"{k}={result[k]}" for k in ("rule", "b_th", "r_th", "gate", "min_component"))
+        f"OOF Dice {result['score_full_resolution']:.4f} at 1024 on the original RLE "
+        f"({result['score_search']:.4f} at {result['size']} in the search; all-empty {result['all_empty_score']:.4f}, "
+        f"B-TH 0.5 alone {result['no_postprocess_score']:.4f}) with {post.describe()}"
     )
 
 

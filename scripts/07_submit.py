@@ -7,6 +7,7 @@ The RLE is the competition's relative, column-major format: stage 2 used it too 
 from pathlib import Path
 
 from pneumothorax import cli, submission
+from pneumothorax.paths import ExperimentDir, ProcessedDir
 
 
 def main() -> None:
@@ -15,9 +16,8 @@ def main() -> None:
     p.add_argument("--exp-dir", required=True, help="models/<exp>")
     p.add_argument("--out", required=True, help="submission CSV")
     args = p.parse_args()
-    frame = submission.make_submission(
-        Path(args.exp_dir), Path(args.processed), Path(args.out), progress=not args.quiet
-    )
+    exp = ExperimentDir(Path(args.exp_dir))
+    frame = submission.make_submission(exp, ProcessedDir(args.processed), Path(args.out), progress=not args.quiet)
     empty = (frame["EncodedPixels"] == "-1").sum()
     print(f"submission: {len(frame)} images, {len(frame) - empty} with pneumothorax -> {args.out}")
 

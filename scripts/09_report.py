@@ -1,8 +1,7 @@
 """models/<exp>/report/: summary.md and PNG panels of the best and worst out-of-fold cases."""
 
-from pathlib import Path
-
 from pneumothorax import cli, report
+from pneumothorax.paths import ProcessedDir
 
 
 def main() -> None:
@@ -11,7 +10,7 @@ def main() -> None:
     p.add_argument("--exp-dir", required=True)
     args = p.parse_args()
     cfg = cli.load_config(args)
-    out = report.build(cfg, Path(args.exp_dir), Path(args.processed))
+    out = report.build(cfg, cli.experiment(cfg, args.exp_dir), ProcessedDir(args.processed))
     print(f"report -> {out / 'summary.md'}")
 
 

@@ -52,6 +52,46 @@ def processed(world, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture()
+def exp(processed, tmp_path):
+    """A fresh experiment folder (models/<exp>) holding the 2-fold split of :func:`processed`."""
+    import shutil
+
+    from pneumothorax.paths import ExperimentDir
+
+    out = ExperimentDir(tmp_path / "models" / "tiny", 64)
+    out.root.mkdir(parents=True)
+    shutil.copy(processed / "folds.csv", out.folds)
+    return out
+
+
+def _finished_folds(cfg, exp, processed, maps_of, size=64):
+    """Fake finished segmentation folds whose OOF maps are ``maps_of(masks)``, recorded on the current split."""
+    import numpy as np
+    import pandas as pd
+
+    from pneumothorax import checkpoints, folds, prepare
+
+    split = pd.read_csv(exp.folds, dtype={"image_id": str})
+    rows = pd.read_csv(processed / "metadata.csv", dtype={"image_id": str}, keep_default_na=False)
+    rows = rows[rows["split"] == "train"].merge(split[["image_id", "fold"]], on="image_id")
+    masks = prepare.load_cache(processed, "masks", "train", size)
+    for k in range(cfg.data.n_folds):
+        run = exp.segmenter(k)
+        run.root.mkdir(parents=True)
+        part = rows[rows["fold"] == k]
+        np.save(run.oof_maps, maps_of(np.asarray(masks[part["index"].to_numpy()])))
+        part[["image_id", "index", "has_pneumothorax"]].to_csv(run.oof_ids, index=False)
+        meta = {"section": {"split": folds.split_hash(split, k)}}
+        checkpoints.save_checkpoint(run.model, {"state_dict": {}, "meta": meta})
+
+
+@pytest.fixture()
+def finished_folds():
+    """Make fake finished segmentation folds of an experiment: ``(cfg, exp, processed, maps_of, size=64)``."""
+    return _finished_folds
+
+
 def to_stage2(source: Path, dest_dir: Path, image_id: str) -> Path:
     """A copy of a real DICOM as today's test files are: named ``ID_<9 hex>.dcm``, SOPInstanceUID
     that same string (not a UID), PatientID and study/series UIDs empty."""

@@ -3,7 +3,7 @@
 A collective on a CPU tensor through the default group then fails ("No backend type associated
 with device type cpu"), on CPU as it would on a GPU box: the trainer must send every collective
 through its runtime's group, on its device. Trains a segmentation fold, then a classifier fold.
-Arguments: processed folder, output folder.
+Arguments: processed folder, experiment folder (with its folds.csv).
 """
 
 import sys
@@ -11,7 +11,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-from pneumothorax import classifier, config, train
+from pneumothorax import classifier, config, segmentation
 
 dist.init_process_group(backend="cuda:gloo")  # what NCCL gives: no CPU backend
 try:
@@ -20,8 +20,8 @@ except RuntimeError as exc:
     print(f"default group refuses CPU tensors: {str(exc).splitlines()[0]}", flush=True)
 else:
     raise SystemExit("the default group served a CPU tensor: this test would prove nothing")
-train.train_fold(config.load("tiny"), 0, sys.argv[1], sys.argv[2], device="cpu", progress=False)
+segmentation.train_fold(config.load("tiny"), 0, sys.argv[1], sys.argv[2], device="cpu", progress=False)
 summary = classifier.train_classifier_fold(
-    config.load("tiny", ["classifier.epochs=2"]), 0, sys.argv[1], sys.argv[2] + "-cls", device="cpu", progress=False
+    config.load("tiny", ["classifier.epochs=2"]), 0, sys.argv[1], sys.argv[2], device="cpu", progress=False
 )
 print("trained", summary.get("auc", "(rank > 0)"), flush=True)

@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 import torch
 
-from pneumothorax import classifier, config, models, prepare, train
-from pneumothorax.train import Interrupted
+from pneumothorax import checkpoints, classifier, config, models, paths, prepare, segmentation
+from pneumothorax.trainer import Interrupted
 
 TINY = ["data.sizes=[32, 64]", "data.n_folds=2"]
 
@@ -24,25 +24,43 @@ def test_gate_metrics_by_hand():
     assert m["auc"] == pytest.approx(5 / 6)
 
 
-def test_classifier_learns_and_resumes(processed, tmp_path):
+def _experiment(processed, root):
+    import shutil
+
+    out = paths.ExperimentDir(root, 64)
+    out.root.mkdir(parents=True)
+    shutil.copy(processed / "folds.csv", out.folds)
+    return out
+
+
+def test_classifier_resumes_exactly_and_predicts_its_held_out_images(processed, tmp_path):
     cfg = config.load("demo", [*TINY, "classifier.size=64", "classifier.epochs=3"])
-    out = tmp_path / "cls"
+    whole = _experiment(processed, tmp_path / "whole")
+    classifier.train_classifier_fold(cfg, 0, processed, whole, device="cpu", progress=False)
+    parts = _experiment(processed, tmp_path / "parts")
     with pytest.raises(Interrupted):
-        classifier.train_classifier_fold(cfg, 0, processed, out, device="cpu", progress=False, max_epochs=2)
-    summary = classifier.train_classifier_fold(cfg, 0, processed, out, device="cpu", progress=False)
-    assert len(pd.read_csv(out / "metrics.csv")) == 3
-    oof = pd.read_csv(out / "oof.csv")
-    folds = pd.read_csv(processed / "folds.csv")
-    assert len(oof) == (folds["fold"] == 0).sum() and oof["prob"].between(0, 1).all()
-    for key in ("auc", "mcc", "precision", "recall", "accuracy"):
-        assert key in summary
-    assert (out / "metrics.json").exists() and (out / "model.pt").exists()
+        classifier.train_classifier_fold(cfg, 0, processed, parts, device="cpu", progress=False, max_epochs=2)
+    assert not parts.classifier(0).model.exists()
+    summary = classifier.train_classifier_fold(cfg, 0, processed, parts, device="cpu", progress=False)
+    a, b = pd.read_csv(whole.classifier(0).metrics), pd.read_csv(parts.classifier(0).metrics)
+    assert len(a) == len(b) == 3
+    np.testing.assert_allclose(a["train_loss"], b["train_loss"], rtol=1e-5)
+    wa = checkpoints.load_checkpoint(whole.classifier(0).model)["state_dict"]
+    wb = checkpoints.load_checkpoint(parts.classifier(0).model)["state_dict"]
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    oof = pd.read_csv(parts.classifier(0).oof_probs, dtype={"image_id": str})
+    folds = pd.read_csv(parts.folds, dtype={"image_id": str})
+    assert sorted(oof["image_id"]) == sorted(folds.loc[folds["fold"] == 0, "image_id"])
+    assert oof["prob"].between(0, 1).all() and oof["prob"].std() > 0  # not a constant
+    labels, probs = oof["label"].to_numpy(), oof["prob"].to_numpy()
+    assert summary["accuracy"] == pytest.approx(((probs >= 0.5) == labels).mean())
+    assert summary["weights"] == "best"
 
 
 @pytest.mark.slow
-def test_classifier_auc_beats_chance(processed, tmp_path):
+def test_classifier_auc_beats_chance(processed, exp):
     cfg = config.load("demo", [*TINY, "classifier.size=64", "classifier.epochs=20"])
-    summary = classifier.train_classifier_fold(cfg, 1, processed, tmp_path / "cls", device="cpu", progress=False)
+    summary = classifier.train_classifier_fold(cfg, 1, processed, exp, device="cpu", progress=False)
     assert summary["auc"] > 0.7  # 0.82 measured; chance is 0.5
 
 
@@ -68,9 +86,9 @@ def test_external_pretraining_initialises_the_encoder(processed, tmp_path):
     seg = models.create_segmenter(seg_cfg, 1)
     report = models.init_encoder_from_classifier(seg, models.load_state_dict_file(out / "model.pt"))
     assert report["missing"] == [] and len(report["loaded"]) == len(seg.encoder.state_dict())
-    source = train.encoder_init_source("pretrain", tmp_path / "models" / "demo" / "fold0", 0)
+    source = segmentation.encoder_init_source("pretrain", paths.ExperimentDir(tmp_path / "models" / "demo"), 0)
     assert source == out / "model.pt"
-    pretrained = torch.load(out / "model.pt", weights_only=True)
+    pretrained = models.load_state_dict_file(out / "model.pt")
     assert torch.equal(seg.encoder.state_dict()["model.conv1.0.weight"], pretrained["conv1.0.weight"])
 
 

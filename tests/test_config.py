@@ -65,3 +65,53 @@ def test_overrides_and_inheritance():
 def test_unknown_experiment_lists_known():
     with pytest.raises(config.ConfigError, match="known experiments"):
         config.load("nope")
+
+
+def test_base_is_the_one_source_of_defaults(tmp_path):
+    """Section dataclasses have no defaults: a key missing from the chain fails with its dotted name."""
+    (tmp_path / "base.yaml").write_text(paths.CONFIGS.joinpath("base.yaml").read_text().replace("  grad_clip: 0.0", ""))
+    (tmp_path / "child.yaml").write_text("defaults: [base]\n")
+    with pytest.raises(config.ConfigError, match="missing config key 'segmentation.grad_clip'"):
+        config.load(tmp_path / "child.yaml")
+    with pytest.raises(TypeError):
+        config.InferConfig()  # no defaults in the dataclass
+
+
+def test_interpolation_and_list_overrides(tmp_path):
+    path = tmp_path / "interp.yaml"
+    path.write_text("defaults: [demo]\nclassifier: {size: '${data.sizes.1}'}\n")
+    assert config.load(path).classifier.size == 128
+    assert config.load(path, ["data.sizes=[64, 256]"]).classifier.size == 256  # resolved after overrides
+    with pytest.raises(config.ConfigError, match="override 'segmentation.stages.7.lr'"):
+        config.load("demo", ["segmentation.stages.7.lr=1"])
+
+
+def test_sections_name_what_each_step_reads():
+    demo = config.load("demo")
+    assert config.section(demo, "postprocess")["postprocess"]["r_th"] == list(demo.postprocess.r_th)
+    same = config.load("demo", ["compile=true", "data.workers=1", "postprocess.r_th=[0]"])
+    assert config.fingerprint(config.section(same, "segmentation")) == config.fingerprint(
+        config.section(demo, "segmentation")
+    )
+    lr = config.load("demo", ["segmentation.stages.1.lr=0.1"])
+    old, new = config.section(demo, "segmentation"), config.section(lr, "segmentation")
+    assert config.fingerprint(old) != config.fingerprint(new)
+    assert config.changed_keys(old, new) == [
+        "segmentation.stages: " + repr(old["segmentation"]["stages"]) + " -> " + repr(new["segmentation"]["stages"])
+    ]
+    init = config.load("demo", ["segmentation.encoder_init=classifier"])
+    assert "classifier" in config.section(init, "segmentation")  # its encoder starts from the classifier
+
+
+def test_stamps_are_rewritten_only_when_their_section_changes(tmp_path):
+    from pneumothorax import query
+
+    exp = tmp_path / "demo"
+    assert query.main(["stamps", "--config", "demo", "--exp-dir", str(exp)]) == 0
+    stamps = {p.name: p.stat().st_mtime_ns for p in (exp / "stamps").glob("*.json")}
+    assert set(stamps) == {f"{name}.json" for name in config.SECTIONS}
+    child = tmp_path / "demo2.yaml"
+    child.write_text("defaults: [demo]\ninfer: {batch_size: 3}\n")
+    assert query.main(["stamps", "--config", str(child), "--exp-dir", str(exp)]) == 0
+    changed = {p.name for p in (exp / "stamps").glob("*.json") if p.stat().st_mtime_ns != stamps[p.name]}
+    assert changed == {"infer.json"}

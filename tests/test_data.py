@@ -56,7 +56,7 @@ def test_augment_groups():
 
 
 def test_cache_dataset(processed):
-    rows = data.train_rows(processed)
+    rows = data.train_rows(processed, processed / "folds.csv")
     ds = data.CacheDataset(processed, "train", 64, rows["index"].to_numpy()[:4])
     x, y = ds[0]  # what workers ship: uint8, one channel
     assert x.shape == y.shape == (1, 64, 64) and x.dtype == y.dtype == torch.uint8 and y.max() <= 1
@@ -107,7 +107,7 @@ def test_augmentation_groups_are_applied_independently():
 def _augmented(processed, sampler, workers):
     import torch
 
-    rows = data.train_rows(processed)
+    rows = data.train_rows(processed, processed / "folds.csv")
     same_row = np.full(len(sampler.labels), rows["index"].iloc[0])  # every item is the same image
     ds = data.CacheDataset(processed, "train", 32, same_row, data.segmentation_augment(["A1", "A2", "A3"], 32, 0.9))
     return torch.cat([x for x, _ in data.make_loader(ds, 4, sampler, workers)])

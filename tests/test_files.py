@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from pneumothorax import files
+from pneumothorax import files, pools
 
 
 def test_create_npy_is_page_aligned_and_loads(tmp_path):
@@ -52,7 +52,7 @@ def test_steady_malloc_on_glibc():
 
     if platform.libc_ver()[0] != "glibc":
         pytest.skip("mallopt is glibc's")
-    assert files.steady_malloc() is True
+    assert pools.steady_malloc() is True
 
 
 def test_atomic_path_leaves_nothing_on_error(tmp_path):
@@ -67,7 +67,7 @@ def test_atomic_path_leaves_nothing_on_error(tmp_path):
 def test_a_full_disk_names_the_file_and_the_free_space(tmp_path, monkeypatch):
     import torch
 
-    from pneumothorax import engine
+    from pneumothorax import checkpoints
 
     def full_disk(obj, f, *args, **kwargs):
         raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 470")
@@ -75,7 +75,7 @@ def test_a_full_disk_names_the_file_and_the_free_space(tmp_path, monkeypatch):
     monkeypatch.setattr(torch, "save", full_disk)
     target = tmp_path / "fold0" / "state.pt"
     with pytest.raises(files.WriteError, match=r"fold0/state.pt: could not write .* GiB free on the disk holding"):
-        engine.save_checkpoint(target, {"x": 1})
+        checkpoints.save_checkpoint(target, {"x": 1})
     assert not target.exists() and not files.tmp_path(target).exists()
     (tmp_path / "a-file").write_text("")
     with pytest.raises(files.WriteError, match="a-file/out.json: could not write"):  # a file where a folder should be
@@ -83,7 +83,7 @@ def test_a_full_disk_names_the_file_and_the_free_space(tmp_path, monkeypatch):
 
 
 def test_fold_out_of_range_fails_before_training():
-    from pneumothorax import config, train
+    from pneumothorax import config, trainer
 
     with pytest.raises(config.ConfigError, match="fold 9 is not a fold of tiny, whose data.n_folds is 2"):
-        train.check_fold(config.load("tiny"), 9)
+        trainer.check_fold(config.load("tiny"), 9)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pneumothorax import infer
+from pneumothorax import tta
 
 
 class Ramp(nn.Module):
@@ -20,11 +20,11 @@ def test_hflip_tta_equals_manual_flip():
     torch.manual_seed(0)
     x = torch.randn(3, 1, 8, 8)
     model = Ramp()
-    got = infer.predict_batch([model], x, ["hflip"])
+    got = tta.predict_batch([model], x, ["hflip"])
     manual = (torch.sigmoid(model(x)) + torch.sigmoid(model(x.flip(-1))).flip(-1)) / 2
     torch.testing.assert_close(got, manual)
     assert not torch.allclose(got, torch.sigmoid(model(x)))  # the flip did change something
-    vh = infer.predict_batch([model], x, ["hflip", "vflip"])
+    vh = tta.predict_batch([model], x, ["hflip", "vflip"])
     manual3 = (
         torch.sigmoid(model(x)) + torch.sigmoid(model(x.flip(-1))).flip(-1) + torch.sigmoid(model(x.flip(-2))).flip(-2)
     ) / 3
@@ -42,5 +42,5 @@ def test_fold_ensemble_is_the_mean():
         def forward(self, x):
             return torch.full_like(x[:, :1], self.v)
 
-    got = infer.predict_batch([Const(0.0), Const(2.0)], x, [])
+    got = tta.predict_batch([Const(0.0), Const(2.0)], x, [])
     torch.testing.assert_close(got, torch.full_like(got, (0.5 + torch.sigmoid(torch.tensor(2.0)).item()) / 2))

@@ -58,16 +58,19 @@ def test_encoder_init_from_classifier(demo, cls_name, encoder):
     classifier = models.create_classifier(replace(demo.classifier, model=cls_name), 1)
     seg = models.create_segmenter(replace(demo.segmentation, encoder=encoder), 1)
     decoder_before = {k: v.clone() for k, v in seg.state_dict().items() if not k.startswith("encoder.")}
-    report = models.init_encoder_from_classifier(seg, classifier.state_dict())
+    cls_state = classifier.state_dict()
+
+    def counterpart(name):
+        return cls_state[name[len("model.") :] if name.startswith("model.") else name]
+
+    weights = [n for n, t in seg.encoder.state_dict().items() if t.dtype.is_floating_point and t.dim() == 4]
+    assert not any(torch.equal(seg.encoder.state_dict()[n], counterpart(n)) for n in weights)  # random before
+    report = models.init_encoder_from_classifier(seg, cls_state)
     encoder_state = seg.encoder.state_dict()
     assert report["missing"] == [] and len(report["loaded"]) == len(encoder_state)
-    cls_state = classifier.state_dict()
-    matched = 0
     for name, tensor in encoder_state.items():
-        key = name[len("model.") :] if name.startswith("model.") else name
-        assert torch.equal(tensor, cls_state[key]), name
-        matched += 1
-    assert matched == len(encoder_state)
+        assert torch.equal(tensor, counterpart(name)), name
+    assert all(name.split(".")[0] in ("fc", "head", "classifier") for name in report["unused"])  # the head only
     for name, tensor in seg.state_dict().items():
         if not name.startswith("encoder."):
             assert torch.equal(tensor, decoder_before[name]), name  # decoder untouched

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 
@@ -10,6 +11,7 @@ import pandas as pd
 import pytest
 
 from pneumothorax import paths, rle
+from pneumothorax.paths import ExperimentDir, ProcessedDir
 
 
 def make(*args: str, check: bool = True, dry: bool = False) -> subprocess.CompletedProcess:
@@ -39,23 +41,55 @@ def test_make_plans_exactly_one_fold(tmp_path):
 
 
 def test_make_help_lists_targets():
-    out = make("help").stdout
-    for target in ("demo", "prepare", "folds", "train", "infer", "search", "submit", "score", "report", "test"):
-        assert target in out
+    listed = {line.split()[0] for line in make("help").stdout.splitlines() if line.strip()}
+    targets = ("demo", "prepare", "folds", "train", "infer", "search", "submit", "score", "report", "test")
+    assert set(targets) <= listed
+
+
+def test_the_makefile_builds_the_paths_of_the_experiment_folder(tmp_path):
+    out = make("print-paths", "EXP=tiny", f"MODELS_DIR={tmp_path}/m", f"PROCESSED={tmp_path}/p").stdout
+    made = dict(line.split(" ", 1) for line in out.splitlines())
+    exp, processed = ExperimentDir(tmp_path / "m" / "tiny", 64), ProcessedDir(tmp_path / "p")
+    ours = {
+        "models": exp.root,
+        "folds": exp.folds,
+        "segmenter": exp.segmenter(0).model,
+        "classifier": exp.classifier(0).model,
+        "pretrain": exp.pretrain.model,
+        "test_ids": exp.test_ids,
+        "postprocess": exp.postprocess,
+        "score": exp.score,
+        "summary": exp.summary,
+        "stamp": exp.stamp("infer"),
+        "prepared": processed.prepared("tiny"),
+        "inputs": processed.inputs("train"),
+        "submission": paths.submission("tiny", paths.ROOT / "submissions"),
+    }
+    assert {key: str(paths.ROOT / made[key]) if not made[key].startswith("/") else made[key] for key in ours} == {
+        key: str(value) for key, value in ours.items()
+    }
+
+
+SCRIPTS = (
+    "01_prepare",
+    "02_folds",
+    "03_train_classifier",
+    "04_train_segmentation",
+    "05_infer",
+    "06_search",
+    "07_submit",
+)
 
 
 def _planned(plan: str) -> dict[str, int]:
-    """How many times each pipeline script appears in a ``make -n`` plan."""
-    scripts = (
-        "01_prepare",
-        "02_folds",
-        "03_train_classifier",
-        "04_train_segmentation",
-        "05_infer",
-        "06_search",
-        "07_submit",
-    )
-    return {s: sum(s in line for line in plan.splitlines()) for s in scripts}
+    """How many times each pipeline script is run in a ``make -n`` plan (script paths, not target names)."""
+    ran = re.findall(r"scripts/(\d\d_[a-z_]+)\.py", plan)
+    return {name: sum(r.startswith(name) for r in ran) for name in SCRIPTS}
+
+
+def _plan(**counts: int) -> dict[str, int]:
+    """The plan running each named step that many times (``segmentation=2``), and nothing else."""
+    return {name: counts.get(name.split("_")[-1], 0) for name in SCRIPTS}
 
 
 def test_fold_out_of_range_fails_before_any_work(tmp_path):
@@ -125,8 +159,13 @@ def test_todays_download_end_to_end(today, tmp_path):
 @pytest.mark.slow
 def test_pipeline_end_to_end(tmp_path):
     world, models_dir, subs, processed = tmp_path / "world", tmp_path / "models", tmp_path / "subs", tmp_path / "p"
+    configs = tmp_path / "configs"
+    configs.mkdir()
+    base = "# an experiment of the test's own\ndefaults: [tiny]\n"
+    (configs / "mine.yaml").write_text(base)
     common = [
-        "EXP=tiny",
+        "EXP=mine",
+        f"CONFIGS={configs}",
         f"DATA_DIR={world}",
         f"MODELS_DIR={models_dir}",
         f"SUBMISSIONS_DIR={subs}",
@@ -137,21 +176,55 @@ def test_pipeline_end_to_end(tmp_path):
     broken = sorted((world / "dicom-images-test").rglob("*.dcm"))[2]
     broken.write_bytes(b"corrupt")
     make("prepare", "train", "infer", "submit", "score", "report", *common)
-    sub = pd.read_csv(subs / "tiny.csv", dtype=str)
+    exp = ExperimentDir(models_dir / "mine", 64)
+    sub = pd.read_csv(subs / "mine.csv", dtype=str)
     assert list(sub.columns) == ["ImageId", "EncodedPixels"] and len(sub) == 8
     assert sub.set_index("ImageId").loc[broken.stem, "EncodedPixels"] == "-1"
-    for value in sub["EncodedPixels"]:
-        rle.parse(value)
-    score = json.loads((models_dir / "tiny" / "score.json").read_text())
-    assert score["n_images"] == 8 and 0 <= score["score"] <= 1
-    post = json.loads((models_dir / "tiny" / "thresholds.json").read_text())
-    assert post["score"] >= post["no_postprocess_score"] - 1e-12 and post["score"] >= post["all_empty_score"] - 1e-12
-    for name in ("grid.csv", "heatmap.png", "report/summary.md", "test/probs.npy", "classifier/fold1/metrics.json"):
-        assert (models_dir / "tiny" / name).exists(), name
-    # a finished run is up to date: nothing to do
-    assert make("-q", "prepare", "train", "infer", "submit", "score", "report", *common, check=False).returncode == 0
+    labels = rle.read_labels(world / "test-labels.csv")
+    score = json.loads(exp.score.read_text())
+    assert score["n_images"] == 8 and score["n_positive"] == sum(bool(rows) for rows in labels.values())
+    post = json.loads(exp.postprocess.read_text())
+    assert post["full_resolution"]["n_images"] == post["n_images"] == len(pd.read_csv(exp.folds))
+    assert f"{post['score_full_resolution']:.4f}" in exp.summary.read_text()
+    for path in (exp.grid, exp.heatmap, exp.test_maps, exp.classifier(1).summary, exp.report / "worst.png"):
+        assert path.exists(), path
+    everything = ["prepare", "folds", "train", "infer", "search", "submit", "score", "report"]
+    assert make("-q", *everything, *common, check=False).returncode == 0  # a finished run is up to date
+
+    def plan_after(text: str) -> dict[str, int]:
+        (configs / "mine.yaml").write_text(base + text)
+        planned = _planned(make(*everything, *common, dry=True).stdout)
+        make(*everything, *common)  # carry it out: the next edit starts from an up-to-date run
+        return planned
+
+    assert plan_after("# only a comment\n") == _plan()
+    assert plan_after("postprocess: {r_th: [0, 2048]}\n") == _plan(search=1, submit=1)
+    assert plan_after("postprocess: {r_th: [0, 2048]}\ninfer: {tta: [vflip]}\n") == _plan(infer=1, submit=1)
+    edited_stage = "segmentation: {stages: [{size: 32, epochs: 1, batch_size: 16, lr: 0.002, augment: [A1]}, " + (
+        "{size: 64, epochs: 1, batch_size: 16, lr: 0.001, swa_epochs: 1, augment: [A1, A2]}]}\n"
+    )
+    assert plan_after(edited_stage) == _plan(segmentation=2, infer=1, search=1, submit=1)
+    assert plan_after(edited_stage + "classifier: {lr: 0.001}\n") == _plan(classifier=2, infer=1, search=1, submit=1)
+    assert plan_after(edited_stage + "classifier: {lr: 0.001}\ndata: {area_bins: 3}\n") == _plan(
+        folds=1, classifier=2, segmentation=2, infer=1, search=1, submit=1
+    )
     # one fold out of date reruns that fold and what depends on it, nothing else
-    (models_dir / "tiny" / "fold1" / "model.pt").unlink()
-    plan = make("submit", *common, dry=True).stdout
-    assert sum("04_train_segmentation.py" in line for line in plan.splitlines()) == 1
-    assert "--fold 1" in plan and "03_train_classifier.py" not in plan and "05_infer.py" in plan
+    exp.segmenter(1).model.unlink()
+    assert _planned(make("submit", *common, dry=True).stdout) == _plan(segmentation=1, infer=1, search=1, submit=1)
+
+
+@pytest.mark.slow
+def test_experiments_sharing_a_processed_folder_keep_their_own_folds(tmp_path):
+    """`make folds` of a 3-fold experiment leaves a finished 2-fold experiment's split and results alone."""
+    world, models_dir, processed = tmp_path / "world", tmp_path / "models", tmp_path / "p"
+    common = [f"DATA_DIR={world}", f"MODELS_DIR={models_dir}", f"PROCESSED={processed}", "QUIET=1"]
+    make("synthetic", "SYNTH_TRAIN=60", "SYNTH_TEST=4", "SYNTH_SEED=5", *common)
+    make("prepare", "folds", "train", "search", "EXP=tiny", *common)
+    before = (models_dir / "tiny" / "folds.csv").read_bytes()
+    configs = tmp_path / "configs"
+    configs.mkdir()
+    (configs / "three.yaml").write_text("defaults: [tiny]\ndata: {n_folds: 3}\n")
+    make("folds", "EXP=three", f"CONFIGS={configs}", *common)
+    assert (models_dir / "tiny" / "folds.csv").read_bytes() == before
+    assert pd.read_csv(models_dir / "three" / "folds.csv")["fold"].nunique() == 3
+    assert make("-q", "folds", "train", "search", "EXP=tiny", *common, check=False).returncode == 0

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import json
+from dataclasses import replace
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
 
-from pneumothorax import rle, submission
+from pneumothorax import postprocess, rle, submission
+from pneumothorax.paths import ExperimentDir, ProcessedDir
+from pneumothorax.postprocess import PostProcess
 
 
 def _frame(rows):
@@ -56,18 +62,54 @@ def test_score_by_hand(tmp_path):
         submission.score(sub, labels)
 
 
-def test_final_mask_gate_and_resize():
+def test_apply_decides_at_map_size_and_shapes_at_full_size():
     probs = np.zeros((64, 64), np.uint8)
     probs[10:30, 5:20] = 230
-    post = {"rule": "b_r", "b_th": 0.5, "r_th": 1024, "gate": 0.5, "min_component": 0}
-    full = submission.final_mask(probs, post, gate_prob=0.9)
+    post = PostProcess("b_r", 0.5, 1024, 0.5)
+    full = post.apply(probs, gate_prob=0.9)
     assert full.shape == (1024, 1024)
     assert abs(int(full.sum()) - 20 * 15 * 256) < 0.05 * 20 * 15 * 256
-    assert not submission.final_mask(probs, post, gate_prob=0.2).any()  # gated
-    assert not submission.final_mask(probs, {**post, "r_th": 10**6}, gate_prob=0.9).any()  # removed
+    assert full[10 * 16 + 8, 5 * 16 + 8] and not full[5 * 16, 5 * 16]  # in the right place (rows, columns)
+    assert not post.apply(probs, gate_prob=0.2).any()  # gated
+    assert not replace(post, r_th=20 * 15 * 256 + 1).apply(probs, gate_prob=0.9).any()  # below R-TH
+    assert replace(post, r_th=20 * 15 * 256 - 1).apply(probs, gate_prob=0.9).any()  # R-TH counts 1024 pixels
 
 
 def test_empty_rule_predicts_nothing():
     probs = np.full((64, 64), 255, np.uint8)
-    post = {"rule": "empty", "b_th": 0.5, "r_th": 0, "gate": 0.0, "min_component": 0}
-    assert not submission.final_mask(probs, post, gate_prob=1.0).any()
+    assert not PostProcess("empty").apply(probs, gate_prob=1.0).any()
+
+
+def test_postprocess_round_trips_through_json(tmp_path):
+    post = PostProcess("triplet", 0.5, 0.0, 0.3, 0, (0.75, 2048.0, 0.4))
+    path = tmp_path / "thresholds.json"
+    path.write_text(json.dumps({"postprocess": post.to_dict(), "score_search": 0.8}))
+    loaded, scores = postprocess.load(path)
+    assert loaded == post and scores == {"score_search": 0.8}
+    with pytest.raises(postprocess.PostProcessError, match="unknown key 'bth'"):
+        PostProcess.from_dict({"rule": "b_r", "bth": 0.5})
+    with pytest.raises(postprocess.PostProcessError, match="needs triplet"):
+        PostProcess("triplet")
+
+
+def test_make_submission_writes_the_sample_order_and_minus_one_for_broken_images(tmp_path, monkeypatch):
+    exp = ExperimentDir(tmp_path / "exp", 64)
+    exp.test.mkdir(parents=True)
+    maps = np.zeros((2, 64, 64), np.uint8)
+    maps[0, 8:16, 8:16] = 250  # a pneumothorax on the first good image only
+    maps[1, 30:40, 30:40] = 250  # the second: gated away
+    np.save(exp.test_maps, maps)
+    pd.DataFrame({"image_id": ["b", "c", "a"], "row": [0, -1, 1], "error": ["", "bad DICOM", ""]}).to_csv(
+        exp.test_ids, index=False
+    )
+    pd.DataFrame({"image_id": ["b", "a"], "prob": [0.9, 0.1]}).to_csv(exp.test_gate, index=False)
+    exp.postprocess.write_text(json.dumps({"postprocess": PostProcess("b_r", 0.5, 0, 0.5).to_dict()}))
+    monkeypatch.setattr(submission.prepare, "expected_test_ids", lambda _: (["a", "b", "c"], Path("sample.csv")))
+    frame = submission.make_submission(exp, ProcessedDir(tmp_path), tmp_path / "sub.csv", progress=False)
+    assert list(frame["ImageId"]) == ["a", "b", "c"]  # the sample's order
+    assert frame["EncodedPixels"].tolist()[0] == "-1" and frame["EncodedPixels"].tolist()[2] == "-1"
+    mask = rle.decode(frame["EncodedPixels"].iloc[1])
+    inside = mask[8 * 16 : 16 * 16, 8 * 16 : 16 * 16]
+    assert inside.sum() == mask.sum() > 0.99 * 128 * 128  # the upsampled square (corners rounded), nothing else
+    assert inside[8:-8, 8:-8].all() and inside[64].all() and inside[:, 64].all()  # full middle row and column
+    assert pd.read_csv(tmp_path / "sub.csv").shape == (3, 2)

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
-from pneumothorax import metric, thresholds
+from pneumothorax import config, metric, postprocess, thresholds
+from pneumothorax.postprocess import PostProcess
+
+BASE = config.load("base").postprocess  # the shipped grid; tests replace parts of it
 
 
 def _inputs(dtype, seed=0, n=30, size=24):
@@ -55,13 +60,14 @@ def test_triplet_and_gate_match_apply():
             for c, bottom in enumerate(bottoms):
                 preds = np.stack(
                     [
-                        thresholds.apply(p, 0.5, 0, 0, g, 0.4, (top, area, bottom))
+                        PostProcess("triplet", gate=0.4, triplet=(top, area, bottom)).decide(p, g)
                         for p, g in zip(probs, gate_probs, strict=True)
                     ]
                 )
                 assert grid[a, b, c] == pytest.approx(metric.mean_dice(preds, masks), abs=1e-12)
     gated = thresholds.gated_grid(thresholds.threshold_counts(probs, masks, [0.5]), gate_probs, [0.0, 0.4], [1024])
-    preds = np.stack([thresholds.apply(p, 0.5, 1024, 0, g, 0.4) for p, g in zip(probs, gate_probs, strict=True)])
+    rule = PostProcess("b_r", 0.5, 1024, 0.4)
+    preds = np.stack([rule.decide(p, g) for p, g in zip(probs, gate_probs, strict=True)])
     assert gated[1, 0, 0] == pytest.approx(metric.mean_dice(preds, masks), abs=1e-12)
     assert gated[0, 0, 0] == pytest.approx(thresholds.grid_search(probs, masks, [0.5], [1024])[0, 0], abs=1e-12)
 
@@ -70,5 +76,56 @@ def test_remove_small_components():
     mask = np.zeros((20, 20), bool)
     mask[1:3, 1:3] = True  # 4 pixels
     mask[10:16, 10:16] = True  # 36 pixels
-    out = thresholds.remove_small(mask, 10)
+    out = postprocess.remove_small(mask, 10)
     assert out.sum() == 36 and not out[1, 1]
+
+
+def _brute_best(parts, b_values, r_values, gates):
+    """The best mean Dice over the grid by thresholding every map with PostProcess.decide (slow, exact)."""
+    best = (-1.0, None)
+    for gate in gates:
+        for b in b_values:
+            for r in r_values:
+                rule = PostProcess("b_r", b, r, gate)
+                dices = [
+                    metric.dice_per_image(rule.decide(p, g)[None], m[None])[0]
+                    for part in parts
+                    for p, m, g in zip(part.probs, part.masks, part.gate, strict=True)
+                ]
+                if np.mean(dices) > best[0] + 1e-12:
+                    best = (float(np.mean(dices)), rule)
+    return best
+
+
+def test_search_returns_the_rule_that_brute_force_finds_best():
+    probs, masks = _inputs(np.uint8, seed=5)
+    gate = np.random.default_rng(5).random(len(probs))
+    gate[masks.reshape(len(masks), -1).any(axis=1)] += 0.5  # an informative gate
+    half = len(probs) // 2
+    parts = [
+        thresholds.OOFPart(probs[:half], masks[:half], gate[:half]),
+        thresholds.OOFPart(probs[half:], masks[half:], gate[half:]),
+    ]
+    pp = replace(BASE, b_th=config_grid(0.2, 0.8, 0.1), r_th=(0, 512, 4096), gate=(0.0, 0.5, 0.9))
+    found = thresholds.search_oof(parts, pp)
+    score, rule = _brute_best(parts, pp.b_th.values(), pp.r_th, pp.gate)
+    assert found.score == pytest.approx(score, abs=1e-12)
+    assert (found.post.b_th, found.post.r_th, found.post.gate) == (rule.b_th, rule.r_th, rule.gate)
+    assert found.all_empty_score == pytest.approx((~masks.reshape(len(masks), -1).any(axis=1)).mean())
+    assert found.grid.shape == (7, 3)
+
+
+def test_search_says_empty_when_nothing_beats_predicting_nothing():
+    probs, masks = _inputs(np.uint8, seed=2)
+    noise = np.random.default_rng(2).integers(0, 256, probs.shape).astype(np.uint8)  # maps unrelated to the truth
+    masks = masks.copy()
+    masks[: len(masks) - 1] = False  # all but one image negative
+    found = thresholds.search_oof([thresholds.OOFPart(noise, masks, None)], replace(BASE, r_th=(0,), gate=(0.0,)))
+    assert found.post.rule == "empty" and found.score == pytest.approx(found.all_empty_score)
+    assert not found.post.apply(noise[0]).any()
+
+
+def config_grid(start, stop, step):
+    from pneumothorax.config import Grid
+
+    return Grid(start, stop, step)

@@ -1,9 +1,9 @@
-"""Per-fold image-level classifier: the gate in front of the segmenter (timm, Xception by default).
+"""The classifier task: the image-level gate in front of the segmenter (timm, Xception by default).
 
-Outputs under ``models/<exp>/classifier/fold<k>/``: ``config.yaml``, ``state.pt`` (resume),
-``last.pt``, ``best.pt`` (by validation AUC), ``metrics.csv``, ``train.log``, ``curves.png``,
-``oof.csv`` (image_id, label, prob), ``metrics.json`` (AUC, MCC, precision, recall, accuracy
-at ``classifier.threshold``) and ``model.pt`` (best weights), written last.
+:func:`train_classifier_fold` trains fold ``k`` with the one :class:`~pneumothorax.trainer.Trainer`
+into ``models/<exp>/classifier/fold<k>/``: ``best.pt`` by validation AUC, and at the end
+``oof.csv`` (image_id, label, prob; hflip TTA) and ``metrics.json`` (AUC, MCC, precision, recall,
+accuracy at ``classifier.threshold``).
 
 :func:`pretrain_external` trains the same classifier on an external weakly-labelled set (a CSV
 of image paths and labels, e.g. ChestX-ray14 or CheXpert downloads) into
@@ -13,8 +13,8 @@ of image paths and labels, e.g. ChestX-ray14 or CheXpert downloads) into
 
 from __future__ import annotations
 
-import time
-from dataclasses import replace
+import hashlib
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,12 +23,14 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from sklearn import metrics as skm
-from tqdm import tqdm
+from torch import nn
 
 from . import config as config_mod
-from . import data, engine, files, infer, models
+from . import data, devices, files, models, tta
 from .config import Config
-from .train import Interrupted, check_fold
+from .devices import Runtime
+from .paths import RunDir
+from .trainer import FoldJob, Phase, Precision, Trainer, fit_fold, settings_for
 
 
 def gate_metrics(labels: np.ndarray, probs: np.ndarray, threshold: float) -> dict[str, float]:
@@ -46,214 +48,117 @@ def gate_metrics(labels: np.ndarray, probs: np.ndarray, threshold: float) -> dic
     }
 
 
-def load_fold_classifier(cfg: Config, out_dir: Path, device: torch.device, which: str = "model") -> torch.nn.Module:
-    """Build the classifier (no download) and load a fold's weights."""
+def load_model(cfg: Config, run: RunDir, device: torch.device, which: str = "model") -> nn.Module:
+    """Build the classifier (no download) and load a run's weights."""
     model = models.create_classifier(replace(cfg.classifier, pretrained="none"), cfg.data.channels)
-    model.load_state_dict(models.load_state_dict_file(out_dir / f"{which}.pt"))
+    model.load_state_dict(models.load_state_dict_file(run.weights(which)))
     return model.to(device).eval()
 
 
-def train_classifier_fold(
-    cfg: Config,
-    fold: int,
-    processed: str | Path,
-    out_dir: str | Path,
-    device: str | None = None,
-    progress: bool = True,
-    max_epochs: int | None = None,
-) -> dict[str, Any]:
-    """Train one classifier fold (resuming from ``state.pt``); return its OOF metrics."""
-    check_fold(cfg, fold)
-    with engine.running(device) as runtime:
-        return _train(cfg, fold, Path(processed), Path(out_dir), runtime, progress, max_epochs)
+@dataclass(frozen=True)
+class Images:
+    """What a classifier run learns from: training and validation datasets with their labels."""
+
+    train: Any
+    train_labels: np.ndarray
+    valid: Any
+    valid_labels: np.ndarray
+    valid_ids: np.ndarray
 
 
-def _train(
-    cfg: Config,
-    fold: int,
-    processed: Path,
-    out_dir: Path,
-    runtime: engine.Runtime,
-    progress: bool,
-    max_epochs: int | None,
-) -> dict[str, Any]:
+class ClassifierTask:
+    """The gate (or its external pre-training): model, BCE loss, AUC validation, out-of-fold probabilities."""
+
+    curves = [("train_loss", "train loss"), ("val_loss", "val loss"), ("val_auc", "val AUC")]
+    log_keys = ("val_auc", "val_mcc")
+    select_from = 0
+
+    def __init__(self, cfg: Config, label: str, images: Images, sampler_seed: int) -> None:
+        c = cfg.classifier
+        self.cfg, self.label, self.images, self.sampler_seed = cfg, label, images, sampler_seed
+        self.phases = (Phase(c.epochs, c.lr, c.batch_size, c.size, c.min_lr, c.weight_decay, accumulate=c.accumulate),)
+        self.precision = Precision(c.amp, c.channels_last)
+
+    def build_model(self, log: Any) -> nn.Module:
+        return models.create_classifier(self.cfg.classifier, self.cfg.data.channels)
+
+    def loaders(self, p: int, runtime: Runtime) -> tuple[Any, Any]:
+        c = self.cfg.classifier
+        sampler = data.PositiveRateSampler(
+            self.images.train_labels,
+            c.positive_rate,
+            None,
+            c.epochs,
+            self.sampler_seed,
+            runtime.rank,
+            runtime.world_size,
+        )
+        batch = devices.rank_batch(c.batch_size, runtime, "classifier.batch_size")
+        loader = data.make_loader(
+            self.images.train, batch, sampler, self.cfg.data.workers, drop_last=len(sampler) > batch, seed=self.cfg.seed
+        )
+        return loader, sampler
+
+    def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return F.binary_cross_entropy_with_logits(outputs, targets)
+
+    def predict(self, model: nn.Module, dataset: Any, device: Any, views: tuple[str, ...] = ()) -> np.ndarray:
+        """Probabilities of every image of ``dataset`` on this process (no collective)."""
+        c = self.cfg.classifier
+        channels = self.cfg.data.channels
+        return tta.predict_labels([model], dataset, views, device, channels, c.batch_size, c.amp, progress=False)
+
+    def validate(self, model: nn.Module, p: int, runtime: Runtime) -> dict[str, float]:
+        """AUC, MCC, precision, recall, accuracy and loss: each rank predicts its share, gathered on every rank."""
+        valid = self.images.valid
+        shard = torch.utils.data.Subset(valid, range(runtime.rank, len(valid), runtime.world_size))
+        probs = devices.gather_shards(self.predict(model, shard, runtime.device), len(valid), runtime)
+        labels = self.images.valid_labels
+        scores = {f"val_{k}": v for k, v in gate_metrics(labels, probs, self.cfg.classifier.threshold).items()}
+        scores.pop("val_threshold")
+        clipped = torch.tensor(probs, dtype=torch.float64).clamp(1e-6, 1 - 1e-6)
+        scores["val_loss"] = float(F.binary_cross_entropy(clipped, torch.tensor(labels, dtype=torch.float64)))
+        return scores
+
+    def monitor(self, scores: dict[str, float]) -> float:
+        """AUC; the loss where AUC is undefined (one class only)."""
+        return scores["val_auc"] if not np.isnan(scores["val_auc"]) else -scores["val_loss"]
+
+    def bn_loader(self, p: int, runtime: Runtime) -> Any:
+        raise NotImplementedError("the classifier phase has no SWA")
+
+    def finish(self, run: RunDir, runtime: Runtime, progress: bool) -> tuple[dict[str, Any], str]:
+        """Out-of-fold probabilities of the best weights with hflip TTA, and the gate's metrics."""
+        model = load_model(self.cfg, run, runtime.device, "best")
+        probs = self.predict(model, self.images.valid, runtime.device, ("hflip",))  # rank 0 alone: no collective
+        oof = pd.DataFrame({"image_id": self.images.valid_ids, "label": self.images.valid_labels, "prob": probs})
+        files.write_csv(run.oof_probs, oof)
+        return gate_metrics(oof["label"].to_numpy(), probs, self.cfg.classifier.threshold), "best"
+
+
+def train_classifier_fold(cfg: Config, fold: int, processed: Any, exp: Any, **options: Any) -> dict[str, Any]:
+    """Train classifier fold ``fold`` of experiment folder ``exp`` (resuming; retraining a run made under
+    other settings); return its OOF metrics. ``options``: ``device``, ``progress``, ``max_epochs``."""
+    job = FoldJob.of(cfg, fold, processed, exp)
     c = cfg.classifier
     if c.size not in cfg.data.sizes:
         raise config_mod.ConfigError(f"classifier.size {c.size} is not in data.sizes {cfg.data.sizes}")
-    rows = data.train_rows(processed)
+    rows = data.train_rows(job.processed.root, job.exp.folds)
     train_df, valid_df = rows[rows["fold"] != fold], rows[rows["fold"] == fold]
-    train_ds = data.CacheDataset(
-        processed,
-        "train",
-        c.size,
-        train_df["index"].to_numpy(),
-        data.classifier_augment(c.size, c.augment_p),
-        target="label",
-        labels=train_df["has_pneumothorax"].to_numpy(),
+    images = Images(
+        _labelled(job.processed.root, c.size, train_df, data.classifier_augment(c.size, c.augment_p)),
+        train_df["has_pneumothorax"].to_numpy(),
+        _labelled(job.processed.root, c.size, valid_df),
+        valid_df["has_pneumothorax"].to_numpy(),
+        valid_df["image_id"].to_numpy(),
     )
-    valid_ds = data.CacheDataset(
-        processed,
-        "train",
-        c.size,
-        valid_df["index"].to_numpy(),
-        target="label",
-        labels=valid_df["has_pneumothorax"].to_numpy(),
-    )
-    train_part = (train_ds, train_df["has_pneumothorax"].to_numpy())
-    valid_part = (valid_ds, valid_df["has_pneumothorax"].to_numpy(), valid_df["image_id"].to_numpy())
-    return _fit(cfg, f"fold {fold}", fold, train_part, valid_part, out_dir, runtime, progress, max_epochs)
+    task = ClassifierTask(cfg, f"classifier fold {fold}", images, cfg.seed + 100 + fold)
+    return fit_fold(job, "classifier", task, job.exp.classifier(fold), cfg.seed + 100 + fold, **options)
 
 
-def _fit(
-    cfg: Config,
-    name: str,
-    key: int,
-    train_part: tuple[Any, np.ndarray],
-    valid_part: tuple[Any, np.ndarray, np.ndarray],
-    out_dir: Path,
-    runtime: engine.Runtime,
-    progress: bool,
-    max_epochs: int | None,
-) -> dict[str, Any]:
-    """The training loop shared by fold training and external pre-training (``key`` seeds it)."""
-    c = cfg.classifier
-    train_ds, train_labels = train_part
-    valid_ds, labels, valid_ids = valid_part
-    if runtime.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        files.write_text(out_dir / "config.yaml", config_mod.dump(cfg))
-    log = engine.make_logger(out_dir / "train.log", f"cls{key}", runtime.is_main)
-    engine.seed_everything(cfg.seed + 100 + key, cfg.deterministic)
-    log.info("classifier %s on %s", name, engine.describe_device(runtime.device))
-    model = models.create_classifier(c, cfg.data.channels).to(runtime.device)
-    if c.channels_last and runtime.device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    opt = engine.optimizer_for(model.parameters(), c.lr, c.weight_decay)
-    sched = engine.scheduler_for(opt, "cosine", c.epochs, c.min_lr)
-    state_path = out_dir / "state.pt"
-    done, history, best = 0, [], -1.0
-    scaler = torch.amp.GradScaler("cuda", enabled=runtime.device.type == "cuda" and c.amp == "fp16")
-    if state_path.exists():
-        state = engine.load_checkpoint(state_path)
-        done, history, best = state["done"], state["history"], state["best"]
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        engine.set_rng_state(state["rng"])
-        if state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        log.info("resuming classifier %s after epoch %d of %d", name, done, c.epochs)
-    sampler = data.PositiveRateSampler(
-        train_labels, c.positive_rate, None, c.epochs, cfg.seed + 100 + key, runtime.rank, runtime.world_size
-    )
-    net = engine.compiled(engine.wrap_ddp(model, runtime), cfg.compile)
-    ran = 0
-    batch = engine.rank_batch(c.batch_size, runtime, "classifier.batch_size")
-    loader = data.make_loader(train_ds, batch, sampler, cfg.data.workers, drop_last=len(sampler) > batch, seed=cfg.seed)
-    for epoch in range(done, c.epochs):
-        sampler.set_epoch(epoch)
-        lr = opt.param_groups[0]["lr"]
-        net.train()
-        started = time.time()
-        total = torch.zeros((), device=runtime.device)  # summed on the device: no host sync per step
-        count = torch.zeros((), device=runtime.device)
-        for images, labels_batch in tqdm(
-            loader,
-            desc=f"classifier {name} epoch {epoch + 1}/{c.epochs}",
-            unit="batch",
-            disable=not (progress and runtime.is_main),
-            leave=False,
-        ):
-            x = data.model_input(images, cfg.data.channels, runtime.device, c.channels_last)
-            y = data.model_target(labels_batch, runtime.device)
-            with engine.autocast(runtime.device, c.amp):
-                logits = net(x)
-            loss = F.binary_cross_entropy_with_logits(logits.float(), y)
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-            total += loss.detach() * len(x)
-            count += len(x)
-        sched.step()
-        row: dict[str, Any] = {
-            "epoch": epoch + 1,
-            "kind": "epoch",
-            "lr": lr,
-            "train_loss": engine.mean_over_ranks(total, count, runtime),
-            "seconds": round(time.time() - started, 2),
-        }
-        shard = torch.utils.data.Subset(valid_ds, range(runtime.rank, len(valid_ds), runtime.world_size))
-        mine = infer.predict_labels(
-            [model], shard, (), runtime.device, cfg.data.channels, c.batch_size, c.amp, progress=False
-        )
-        probs = engine.gather_shards(mine, len(valid_ds), runtime)  # every rank predicted its share
-        if runtime.is_main:
-            row.update({f"val_{k}": v for k, v in gate_metrics(labels, probs, c.threshold).items() if k != "threshold"})
-            row["val_loss"] = float(
-                F.binary_cross_entropy(
-                    torch.tensor(probs, dtype=torch.float64).clamp(1e-6, 1 - 1e-6),
-                    torch.tensor(labels, dtype=torch.float64),
-                )
-            )
-            score = row["val_auc"] if not np.isnan(row["val_auc"]) else -row["val_loss"]
-            if score > best:
-                best = score
-                engine.save_checkpoint(out_dir / "best.pt", engine.cpu_state(model))
-            engine.save_checkpoint(out_dir / "last.pt", engine.cpu_state(model))
-            history.append(row)
-            log.info(
-                "classifier %s epoch %d/%d: loss %.4f val_auc %.4f val_mcc %.4f",
-                name,
-                epoch + 1,
-                c.epochs,
-                row["train_loss"],
-                row["val_auc"],
-                row["val_mcc"],
-            )
-            engine.save_checkpoint(
-                state_path,
-                {
-                    "done": epoch + 1,
-                    "history": history,
-                    "best": best,
-                    "model": engine.cpu_state(model),
-                    "optimizer": opt.state_dict(),
-                    "scheduler": sched.state_dict(),
-                    "scaler": scaler.state_dict(),
-                    "rng": engine.rng_state(),
-                },
-            )
-            frame = pd.DataFrame(history)
-            files.write_csv(out_dir / "metrics.csv", frame)
-            engine.plot_curves(
-                frame,
-                out_dir / "curves.png",
-                [("train_loss", "train loss"), ("val_loss", "val loss"), ("val_auc", "val AUC")],
-            )
-        engine.barrier(runtime)
-        ran += 1  # noqa: SIM113 (epochs run by this call, not the loop index)
-        if max_epochs is not None and ran >= max_epochs and epoch + 1 < c.epochs:
-            raise Interrupted(f"stopped after {ran} epoch(s) as asked")
-    summary: dict[str, Any] = {"fold": key} if name.startswith("fold") else {}
-    if runtime.is_main:
-        best_model = load_fold_classifier(cfg, out_dir, runtime.device, "best")
-        probs = infer.predict_labels(
-            [best_model], valid_ds, ("hflip",), runtime.device, cfg.data.channels, c.batch_size, c.amp, progress=False
-        )
-        oof = pd.DataFrame(
-            {
-                "image_id": valid_ids,
-                "label": labels,
-                "prob": probs,
-            }
-        )
-        files.write_csv(out_dir / "oof.csv", oof)
-        summary.update(gate_metrics(oof["label"].to_numpy(), probs, c.threshold))
-        files.write_json(out_dir / "metrics.json", summary)
-        engine.save_checkpoint(out_dir / "model.pt", models.load_state_dict_file(out_dir / "best.pt"))
-        log.info("classifier %s done: %s", name, summary)
-    return summary
+def _labelled(processed: Path, size: int, rows: pd.DataFrame, augment: Any = None) -> data.CacheDataset:
+    labels = rows["has_pneumothorax"].to_numpy()
+    return data.CacheDataset(processed, "train", size, rows["index"].to_numpy(), augment, target="label", labels=labels)
 
 
 def read_external_csv(path: str | Path) -> pd.DataFrame:
@@ -295,27 +200,20 @@ def pretrain_external(
     """
     c = cfg.classifier
     table = read_external_csv(csv_path)
-    rng = np.random.default_rng(cfg.seed)
-    valid = rng.random(len(table)) < holdout
+    valid = np.random.default_rng(cfg.seed).random(len(table)) < holdout
     if valid.all() or not valid.any():
         valid = np.arange(len(table)) % 10 == 0
     train_df, valid_df = table[~valid], table[valid]
-    train_ds = data.ImageListDataset(
-        train_df["path"].tolist(),
+    augment = data.classifier_augment(c.size, c.augment_p)
+    images = Images(
+        data.ImageListDataset(train_df["path"].tolist(), train_df["label"].to_numpy(), c.size, augment),
         train_df["label"].to_numpy(),
-        c.size,
-        data.classifier_augment(c.size, c.augment_p),
+        data.ImageListDataset(valid_df["path"].tolist(), valid_df["label"].to_numpy(), c.size),
+        valid_df["label"].to_numpy(),
+        valid_df["path"].to_numpy(),
     )
-    valid_ds = data.ImageListDataset(valid_df["path"].tolist(), valid_df["label"].to_numpy(), c.size)
-    with engine.running(device) as runtime:
-        return _fit(
-            cfg,
-            "pretrain",
-            999,
-            (train_ds, train_df["label"].to_numpy()),
-            (valid_ds, valid_df["label"].to_numpy(), valid_df["path"].to_numpy()),
-            Path(out_dir),
-            runtime,
-            progress,
-            max_epochs,
-        )
+    task = ClassifierTask(cfg, "classifier pretrain", images, cfg.seed + 1099)
+    split = hashlib.sha256(Path(csv_path).read_bytes()).hexdigest()[:16]  # the external set is the split
+    settings = settings_for(cfg, "classifier", cfg.seed + 1099, split)
+    with devices.running(device) as runtime:
+        return Trainer(task, RunDir(Path(out_dir)), settings, runtime, progress, max_epochs).fit()

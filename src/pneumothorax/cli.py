@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Any
 
 from . import config as config_mod
-from . import dicom, engine, files, models, prepare, rle, submission
+from . import devices, dicom, files, models, postprocess, prepare, rle, submission
 from . import layout as layout_mod
 from .models import WeightsError
+from .paths import ExperimentDir
 
 KINDS = {
     "stage2": "stage 2 (today's download: stage_2_train.csv, stage_2_images/, stage-1 re-uploads for training)",
@@ -37,6 +39,11 @@ def parser(description: str, config: bool = True) -> argparse.ArgumentParser:
         )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
+
+
+def experiment(cfg: config_mod.Config, exp_dir: str) -> ExperimentDir:
+    """The experiment folder of ``cfg`` at ``exp_dir`` (``models/<exp>``)."""
+    return ExperimentDir(Path(exp_dir), cfg.final_size)
 
 
 def load_config(args: argparse.Namespace) -> config_mod.Config:
@@ -70,7 +77,8 @@ ERRORS = (
     prepare.PrepareError,
     submission.SubmissionError,
     WeightsError,
-    engine.DeviceError,
+    devices.DeviceError,
+    postprocess.PostProcessError,
     files.WriteError,
     FileNotFoundError,
 )

@@ -1,21 +1,32 @@
-"""Experiment configs: YAML files with a base and overrides, loaded into frozen dataclasses.
+"""Experiment configs: YAML files over ``configs/base.yaml``, merged by OmegaConf, frozen into dataclasses.
 
 An experiment file names its parents under ``defaults`` (``[base]`` by default for any file
-but ``base.yaml``) and overrides keys; mappings merge deeply, lists replace. Unknown or
-mistyped keys fail with their dotted path. ``load(name, overrides)`` also takes dotted
-``key=value`` overrides (values parsed as YAML), as scripts get them from ``--set``.
+but ``base.yaml``) and overrides keys; mappings merge deeply, lists replace (OmegaConf's
+merge). ``load(name, overrides)`` also takes dotted ``key=value`` overrides (values parsed as
+YAML; ``segmentation.stages.1.epochs=2`` indexes lists), as scripts get them from ``--set``.
+Values may interpolate others (``size: ${data.sizes.0}``).
+
+**One source of defaults:** ``base.yaml`` holds every key of every section; the section
+dataclasses have no defaults, so a key missing from the chain fails with its dotted name. Only
+the items of lists (a segmentation stage) and small values (a threshold grid) have defaults
+here, since YAML cannot give each list item defaults. Unknown or mistyped keys fail with their
+dotted name, and registry names (``Literal`` types) list the valid ones.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from . import paths
 
@@ -36,21 +47,21 @@ Weights = Literal["best", "last", "swa"]
 class DataConfig:
     """Caches and loading."""
 
-    sizes: tuple[int, ...] = (256, 512, 1024)  # cache sizes that `make prepare` builds
-    channels: int = 3  # 1 = grayscale input; 3 = the gray image repeated (ImageNet encoders)
-    workers: int | Literal["auto"] = 4  # DataLoader workers; auto: this process's share of the cores
-    n_folds: int = 5
-    area_bins: int = 4  # mask-area quantile bins for fold stratification
+    sizes: tuple[int, ...]  # cache sizes that `make prepare` builds
+    channels: int  # 1 = grayscale input; 3 = the gray image repeated (ImageNet encoders)
+    workers: int | Literal["auto"]  # DataLoader workers; auto: this process's share of the cores
+    n_folds: int
+    area_bins: int  # mask-area quantile bins for fold stratification
 
 
 @dataclass(frozen=True)
 class LossConfig:
     """Weights of the loss terms (BCE + Dice by default; focal optional)."""
 
-    bce: float = 1.0
-    dice: float = 1.0
-    focal: float = 0.0
-    focal_gamma: float = 2.0
+    bce: float
+    dice: float
+    focal: float
+    focal_gamma: float
 
 
 @dataclass(frozen=True)
@@ -68,6 +79,7 @@ class StageConfig:
     plateau_patience: int = 5
     swa_epochs: int = 0  # average the weights of the last N epochs (0 = no SWA)
     swa_lr: float | None = None  # constant LR during SWA epochs (None: keep the schedule)
+    accumulate: int = 1  # gradient accumulation: an optimiser step every k batches (effective batch x k)
     positive_rate: float | None = None  # share of positives per epoch (None: natural sampling)
     positive_rate_end: float | None = None  # linearly towards this by the stage's last epoch
     augment: tuple[AugmentGroup, ...] = ("A1",)
@@ -78,49 +90,50 @@ class StageConfig:
 class SegmentationConfig:
     """The per-fold segmenter."""
 
-    arch: Arch = "unet"
-    encoder: str = "resnet34"
-    encoder_weights: str = "imagenet"  # imagenet | none | path to a local encoder state dict
-    encoder_init: str = "none"  # none | classifier (this fold's classifier) | pretrain (external) | path
-    decoder_channels: tuple[int, ...] = (256, 128, 64, 32, 16)
-    loss: LossConfig = field(default_factory=LossConfig)
-    stages: tuple[StageConfig, ...] = (StageConfig(),)
-    amp: Literal["none", "bf16", "fp16"] = "bf16"  # on CUDA only
-    channels_last: bool = True  # on CUDA only
-    grad_clip: float = 0.0
-    sync_bn: bool = False  # DDP: batch-norm statistics over the global batch
-    swa_bn_images: int = 2048  # SWA batch-norm statistics from at most this many training images (0: all)
-    oof_weights: Weights = "swa"
+    arch: Arch
+    encoder: str
+    encoder_weights: str  # imagenet | none | path to a local encoder state dict
+    encoder_init: str  # none | classifier (this fold's classifier) | pretrain (external) | path
+    decoder_channels: tuple[int, ...]
+    loss: LossConfig
+    stages: tuple[StageConfig, ...]
+    amp: Literal["none", "bf16", "fp16"]  # on CUDA only
+    channels_last: bool  # on CUDA only
+    grad_clip: float
+    sync_bn: bool  # DDP: batch-norm statistics over the global batch
+    swa_bn_images: int  # SWA batch-norm statistics from at most this many training images (0: all)
+    oof_weights: Weights
 
 
 @dataclass(frozen=True)
 class ClassifierConfig:
     """The image-level gate (and optional source of encoder pre-training)."""
 
-    enabled: bool = True
-    model: str = "legacy_xception"  # any timm model name
-    pretrained: str = "imagenet"  # imagenet | none | path to a local timm checkpoint
-    size: int = 512
-    epochs: int = 20
-    batch_size: int = 32
-    lr: float = 3e-4
-    min_lr: float = 1e-6
-    weight_decay: float = 0.0
-    augment_p: float = 0.7  # probability of each aggressive augmentation (flip, zoom, CLAHE)
-    positive_rate: float | None = None  # balanced sampling: share of positives per epoch (None: natural)
-    threshold: float = 0.5  # for the metrics.json summary; the gate itself is searched
-    amp: Literal["none", "bf16", "fp16"] = "bf16"
-    channels_last: bool = True
-    external_csv: str = "none"  # CSV (path,label) of an external weakly-labelled set for `make pretrain`
+    enabled: bool
+    model: str  # any timm model name
+    pretrained: str  # imagenet | none | path to a local timm checkpoint
+    size: int
+    epochs: int
+    batch_size: int
+    lr: float
+    min_lr: float
+    weight_decay: float
+    accumulate: int  # gradient accumulation: an optimiser step every k batches (effective batch x k)
+    augment_p: float  # probability of each aggressive augmentation (flip, zoom, CLAHE)
+    positive_rate: float | None  # balanced sampling: share of positives per epoch (None: natural)
+    threshold: float  # for the metrics.json summary; the gate itself is searched
+    amp: Literal["none", "bf16", "fp16"]
+    channels_last: bool
+    external_csv: str  # CSV (path,label) of an external weakly-labelled set for `make pretrain`
 
 
 @dataclass(frozen=True)
 class InferConfig:
     """Test-time inference."""
 
-    tta: tuple[TTAView, ...] = ("hflip",)  # any of hflip, vflip, hvflip (the identity is always used)
-    weights: Weights = "swa"
-    batch_size: int = 16
+    tta: tuple[TTAView, ...]  # any of hflip, vflip, hvflip (the identity is always used)
+    weights: Weights
+    batch_size: int
 
 
 @dataclass(frozen=True)
@@ -141,89 +154,156 @@ class Grid:
 class PostprocessConfig:
     """The post-processing grid searched on out-of-fold predictions."""
 
-    b_th: Grid = field(default_factory=Grid)
-    r_th: tuple[int, ...] = (0, 1024, 2048, 3072, 4096)
-    gate: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
-    min_component: tuple[int, ...] = (0,)  # remove components smaller than this (1024x1024 pixels)
-    triplet: bool = False
-    triplet_top: tuple[float, ...] = (0.6, 0.7, 0.75, 0.8)
-    triplet_area: tuple[int, ...] = (1024, 2048, 3072, 4096)
-    triplet_bottom: tuple[float, ...] = (0.3, 0.4, 0.5)
+    b_th: Grid
+    r_th: tuple[int, ...]
+    gate: tuple[float, ...]
+    min_component: tuple[int, ...]  # remove components smaller than this (1024x1024 pixels)
+    triplet: bool
+    triplet_top: tuple[float, ...]
+    triplet_area: tuple[int, ...]
+    triplet_bottom: tuple[float, ...]
 
 
 @dataclass(frozen=True)
 class Config:
     """One experiment."""
 
-    name: str = "base"
-    seed: int = 42
-    deterministic: bool = False  # torch's deterministic kernels (slower on GPU); false: cuDNN benchmark
-    compile: bool = False  # torch.compile the training model (a slow first step; see bench-train)
-    data: DataConfig = field(default_factory=DataConfig)
-    classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
-    segmentation: SegmentationConfig = field(default_factory=SegmentationConfig)
-    infer: InferConfig = field(default_factory=InferConfig)
-    postprocess: PostprocessConfig = field(default_factory=PostprocessConfig)
+    name: str
+    seed: int
+    deterministic: bool  # torch's deterministic kernels (slower on GPU); false: cuDNN benchmark
+    compile: bool  # torch.compile the training model (a slow first step; see bench-train)
+    data: DataConfig
+    classifier: ClassifierConfig
+    segmentation: SegmentationConfig
+    infer: InferConfig
+    postprocess: PostprocessConfig
+
+    @property
+    def final_size(self) -> int:
+        """The last segmentation stage's size: out-of-fold and test maps are at it."""
+        return self.segmentation.stages[-1].size
 
 
-# --- building dataclasses from dicts, strictly -------------------------------------------
+# --- what each step reads: Make's stamps and the training fingerprints ----------------------
+SECTIONS: dict[str, tuple[str, ...]] = {
+    "prepare": ("data.sizes",),
+    "folds": ("seed", "data.n_folds", "data.area_bins"),
+    "classifier": ("seed", "deterministic", "data.channels", "data.n_folds", "classifier"),
+    "segmentation": ("seed", "deterministic", "data.channels", "data.n_folds", "segmentation"),
+    "infer": ("classifier.enabled", "infer"),
+    "postprocess": ("classifier.enabled", "postprocess"),
+}
+"""The keys each step's result depends on. ``compile`` and ``data.workers`` change speed, not
+results, so no step reruns for them; a comment or a key's spelling in the YAML changes none."""
+
+
+def _lookup(value: Any, key: str) -> Any:
+    for part in key.split("."):
+        value = value[part]
+    return value
+
+
+def section(cfg: Config, name: str) -> dict[str, Any]:
+    """The resolved values step ``name`` reads (see :data:`SECTIONS`), as a plain dict by dotted key.
+
+    A segmenter whose encoder starts from the classifier (``encoder_init: classifier`` or
+    ``pretrain``) reads the classifier's section too.
+    """
+    if name not in SECTIONS:
+        raise ConfigError(f"unknown section {name!r}; sections: {sorted(SECTIONS)}")
+    whole = to_dict(cfg)
+    keys = list(SECTIONS[name])
+    if name == "segmentation" and cfg.segmentation.encoder_init in ("classifier", "pretrain"):
+        keys.append("classifier")
+    return {key: _lookup(whole, key) for key in keys}
+
+
+def changed_keys(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two section dicts (what to tell a user who edited a config)."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b, where = old.get(key), new.get(key), f"{prefix}{key}"
+        if isinstance(a, dict) and isinstance(b, dict):
+            out.extend(changed_keys(a, b, where + "."))
+        elif a != b:
+            out.append(f"{where}: {a!r} -> {b!r}")
+    return out
+
+
+# --- building dataclasses from plain containers, strictly ---------------------------------
+def _coerce_dataclass(tp: Any, value: Any, where: str) -> Any:
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+    return build(tp, value, where)
+
+
+def _coerce_union(args: tuple[Any, ...], value: Any, where: str) -> Any:
+    if value is None and type(None) in args:
+        return None
+    errors = []
+    for arg in (a for a in args if a is not type(None)):
+        try:
+            return _coerce(arg, value, where)
+        except ConfigError as exc:
+            errors.append(str(exc))
+    raise ConfigError("; or ".join(errors) if errors else f"{where}: bad value {value!r}")
+
+
+def _coerce_literal(args: tuple[Any, ...], value: Any, where: str) -> Any:
+    if value not in args:
+        raise ConfigError(f"{where}: {value!r} is not one of the valid names {list(args)}")
+    return value
+
+
+def _coerce_tuple(args: tuple[Any, ...], value: Any, where: str) -> tuple[Any, ...]:
+    if not isinstance(value, list | tuple):
+        raise ConfigError(f"{where}: expected a list, got {value!r}")
+    return tuple(_coerce(args[0], v, f"{where}[{i}]") for i, v in enumerate(value))
+
+
+def _coerce_scalar(tp: type, value: Any, where: str) -> Any:
+    """bool, int, float (an int is a float) or str (YAML's null is the string ``none``)."""
+    if tp is str and value is None:
+        return "none"
+    accepted = {bool: (bool,), int: (int,), float: (int, float), str: (str,)}[tp]
+    wrong_bool = isinstance(value, bool) and tp is not bool
+    if wrong_bool or not isinstance(value, accepted):
+        kind = {bool: "true/false", int: "an integer", float: "a number", str: "a string"}[tp]
+        raise ConfigError(f"{where}: expected {kind}, got {value!r}")
+    return float(value) if tp is float else value
+
+
 def _coerce(tp: Any, value: Any, where: str) -> Any:
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
     if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
-        return build(tp, value, where)
+        return _coerce_dataclass(tp, value, where)
     if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(arg, value, where)
-            except ConfigError as exc:
-                errors.append(str(exc))
-        raise ConfigError("; or ".join(errors) if errors else f"{where}: bad value {value!r}")
+        return _coerce_union(args, value, where)
     if origin is Literal:
-        if value not in args:
-            raise ConfigError(f"{where}: {value!r} is not one of the valid names {list(args)}")
-        return value
+        return _coerce_literal(args, value, where)
     if origin is tuple:
-        if not isinstance(value, list | tuple):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
-        item = args[0]
-        return tuple(_coerce(item, v, f"{where}[{i}]") for i, v in enumerate(value))
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{where}: expected true/false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if value is None:
-            return "none"
-        if not isinstance(value, str):
-            raise ConfigError(f"{where}: expected a string, got {value!r}")
-        return value
+        return _coerce_tuple(args, value, where)
+    if tp in (bool, int, float, str):
+        return _coerce_scalar(tp, value, where)
     raise ConfigError(f"{where}: unsupported type {tp}")
 
 
 def build(cls: type, data: dict[str, Any], where: str = "") -> Any:
-    """Build dataclass ``cls`` from ``data``; unknown keys and wrong types raise ConfigError."""
+    """Build dataclass ``cls`` from ``data``; unknown, missing and mistyped keys raise ConfigError."""
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
+    fields = dataclasses.fields(cls)
+    names = {f.name for f in fields}
     unknown = sorted(set(data) - names)
     if unknown:
         key = f"{where}.{unknown[0]}" if where else unknown[0]
         raise ConfigError(f"unknown config key '{key}'; valid keys here: {sorted(names)}")
+    no_default = dataclasses.MISSING
+    missing = [
+        f.name for f in fields if f.name not in data and f.default is no_default and f.default_factory is no_default
+    ]
+    if missing:
+        key = f"{where}.{missing[0]}" if where else missing[0]
+        raise ConfigError(f"missing config key '{key}' (configs/base.yaml gives every key)")
     kwargs = {k: _coerce(hints[k], v, f"{where}.{k}" if where else k) for k, v in data.items()}
     return cls(**kwargs)
 
@@ -237,17 +317,7 @@ def to_dict(obj: Any) -> Any:
     return obj
 
 
-# --- files --------------------------------------------------------------------------------
-def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in over.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
+# --- files ----------------------------------------------------------------------------------
 def resolve_path(name: str | Path, config_dir: Path = paths.CONFIGS) -> Path:
     """A config name (``demo``) or a path (``configs/demo.yaml``) -> the YAML file."""
     path = Path(name)
@@ -261,7 +331,15 @@ def resolve_path(name: str | Path, config_dir: Path = paths.CONFIGS) -> Path:
     raise ConfigError(f"config {name!r} not found; known experiments: {known}")
 
 
-def _read(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+def sources(name: str | Path) -> list[Path]:
+    """The YAML files an experiment reads, parents first."""
+    out: list[Path] = []
+    _read(resolve_path(name), (), out)
+    return out
+
+
+def _read(path: Path, seen: tuple[Path, ...] = (), read: list[Path] | None = None) -> DictConfig:
+    """One file merged over its ``defaults`` chain (OmegaConf: mappings merge, lists replace)."""
     if path in seen:
         raise ConfigError(f"{path}: circular defaults")
     try:
@@ -271,53 +349,38 @@ def _read(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     parents = data.pop("defaults", None if path.stem == "base" else ["base"]) or []
-    if isinstance(parents, str):
-        parents = [parents]
-    merged: dict[str, Any] = {}
-    for parent in parents:
-        merged = _merge(merged, _read(resolve_path(parent, path.parent), (*seen, path)))
-    return _merge(merged, data)
+    merged = OmegaConf.create({})
+    for parent in [parents] if isinstance(parents, str) else parents:
+        merged = OmegaConf.merge(merged, _read(resolve_path(parent, path.parent), (*seen, path), read))
+    if read is not None and path not in read:
+        read.append(path)
+    return OmegaConf.merge(merged, OmegaConf.create(data))
 
 
-def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
-    """Apply ``a.b.c=value`` overrides (YAML values; ``stages.1.epochs`` indexes lists)."""
-    data = _merge({}, data)
+def apply_overrides(node: DictConfig, overrides: list[str] | tuple[str, ...]) -> DictConfig:
+    """Apply ``a.b.c=value`` overrides (YAML values; ``stages.1.epochs`` indexes lists) in place."""
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not key=value")
         key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw)
-        parts = key.strip().split(".")
-        node: Any = data
-        for i, part in enumerate(parts):
-            last = i == len(parts) - 1
-            if isinstance(node, list):
-                if not part.isdigit() or int(part) >= len(node):
-                    raise ConfigError(f"override {key!r}: no list item {part!r}")
-                if last:
-                    node[int(part)] = value
-                else:
-                    node[int(part)] = dict(node[int(part)]) if isinstance(node[int(part)], dict) else node[int(part)]
-                    node = node[int(part)]
-            else:
-                if last:
-                    node[part] = value
-                else:
-                    child = node.get(part, {})
-                    child = list(child) if isinstance(child, list) else dict(child)
-                    node[part] = child
-                    node = child
-    return data
+        try:
+            OmegaConf.update(node, key.strip(), yaml.safe_load(raw), merge=True)
+        except (OmegaConfBaseException, yaml.YAMLError) as exc:
+            raise ConfigError(f"override {key!r}: {str(exc).splitlines()[0]}") from None
+    return node
 
 
 def load(name: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Load an experiment by name or path, with optional ``key=value`` overrides."""
     path = resolve_path(name)
-    data = _read(path)
-    data.setdefault("name", path.stem)
-    data = apply_overrides(data, overrides)
+    node = apply_overrides(_read(path), overrides)
+    if "name" not in node:
+        node["name"] = path.stem
     try:
+        data = OmegaConf.to_container(node, resolve=True)
         return build(Config, data)
+    except OmegaConfBaseException as exc:  # an interpolation that does not resolve
+        raise ConfigError(f"{path}: {str(exc).splitlines()[0]}") from None
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
 
@@ -332,3 +395,9 @@ def from_yaml(text: str) -> Config:
     data = yaml.safe_load(text)
     data.pop("defaults", None)
     return build(Config, data)
+
+
+def fingerprint(values: dict[str, Any]) -> str:
+    """A short, stable hash of resolved values (key order and number spelling do not matter)."""
+    text = json.dumps(values, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]

@@ -15,7 +15,7 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from . import files, prepare, scale
+from . import dicom, paths, pools, prepare, scale
 
 MEAN, STD = 0.449, 0.226  # ImageNet's mean and std averaged over channels (gray input)
 
@@ -296,7 +296,7 @@ def make_loader(
     its sampler key, not by worker state, so workers can persist across epochs)."""
     workers = resolve_workers(workers)
     if workers > 0:
-        files.single_threaded_opencv()
+        pools.single_threaded_opencv()
     return DataLoader(
         dataset,
         batch_size=batch_size,
@@ -310,19 +310,18 @@ def make_loader(
     )
 
 
-def train_rows(processed: str | Path) -> pd.DataFrame:
-    """Training rows of ``metadata.csv`` that decoded, with their folds (``folds.csv``)."""
-    processed = Path(processed)
-    meta = pd.read_csv(processed / "metadata.csv", dtype={"image_id": str, "patient": str}, keep_default_na=False)
-    folds = pd.read_csv(processed / "folds.csv", dtype={"image_id": str})
+def train_rows(processed: str | Path, folds_csv: str | Path) -> pd.DataFrame:
+    """Training rows of ``metadata.csv`` that decoded, with their folds (an experiment's ``folds.csv``)."""
+    meta = pd.read_csv(
+        paths.ProcessedDir(processed).metadata, dtype={"image_id": str, "patient": str}, keep_default_na=False
+    )
+    folds = pd.read_csv(folds_csv, dtype={"image_id": str})
     meta = meta[(meta["split"] == "train") & (meta["error"] == "")]
     return meta.merge(folds[["image_id", "fold"]], on="image_id", how="inner").reset_index(drop=True)
 
 
 def read_image(path: str | Path, size: int) -> np.ndarray:
     """A grayscale uint8 image (PNG/JPEG, or DICOM by suffix) resized to ``size`` x ``size``."""
-    from . import dicom
-
     path = Path(path)
     if path.suffix.lower() == ".dcm":
         image, _ = dicom.read(path)

@@ -126,5 +126,6 @@ def _pixels_and_meta(path: Path, ds: pydicom.Dataset) -> tuple[np.ndarray, dict[
         "rows": rows,
         "columns": cols,
         "pixel_spacing": float(spacing[0]) if spacing else None,
+        "pixel_area_mm2": float(spacing[0]) * float(spacing[-1]) if spacing else None,  # row x column spacing
     }
     return np.ascontiguousarray(pixels), meta

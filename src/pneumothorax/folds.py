@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
@@ -66,3 +68,12 @@ def fold_summary(folds: pd.DataFrame) -> pd.DataFrame:
             "positive_rate": grouped["has_pneumothorax"].mean().round(4),
         }
     )
+
+
+def split_hash(folds: pd.DataFrame, fold: int) -> str:
+    """A hash of the images a fold trains on and validates on: a run records it, and its
+    out-of-fold output is refused against any other split."""
+    valid = sorted(folds.loc[folds["fold"] == fold, "image_id"].astype(str))
+    train = sorted(folds.loc[folds["fold"] != fold, "image_id"].astype(str))
+    text = "\n".join(valid) + "\n--\n" + "\n".join(train)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]

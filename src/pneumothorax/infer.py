@@ -1,147 +1,45 @@
-"""Prediction with flip TTA and fold ensembling, streamed into uint8 memory maps."""
+"""``make infer``: test-set probabilities of every fold (ensembled, flip TTA) and the gate's probabilities."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
-import torch
-from numpy.lib.format import open_memmap
-from torch import nn
-from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
+import pandas as pd
 
-from . import data, engine, files
-
-FLIPS: dict[str, tuple[int, ...]] = {"hflip": (-1,), "vflip": (-2,), "hvflip": (-2, -1)}
+from . import classifier, data, devices, files, segmentation, tta
+from .config import Config
+from .paths import ExperimentDir, ProcessedDir
 
 
-def tta_views(tta: Sequence[str]) -> list[tuple[int, ...]]:
-    """The flip dims of each TTA view; the identity ``()`` first."""
-    unknown = [t for t in tta if t not in FLIPS]
-    if unknown:
-        raise ValueError(f"unknown TTA {unknown[0]!r}; choose from {sorted(FLIPS)}")
-    return [(), *(FLIPS[t] for t in tta)]
+def test_rows(processed: ProcessedDir) -> pd.DataFrame:
+    """The prepared test images in cache order, with their decode errors ("" when fine)."""
+    meta = pd.read_csv(processed.metadata, dtype={"image_id": str}, keep_default_na=False)
+    return meta[meta["split"] == "test"].sort_values("index").reset_index(drop=True)
 
 
-@torch.no_grad()
-def predict_batch(models: Sequence[nn.Module], x: torch.Tensor, tta: Sequence[str], amp: str = "none") -> torch.Tensor:
-    """Mean sigmoid output over models and TTA views (each view flipped back).
-
-    All views of a batch go through a model in one forward pass.
-    """
-    views = tta_views(tta)
-    stacked = torch.cat([x.flip(d) if d else x for d in views], dim=0)
-    total = None
-    for model in models:
-        with engine.autocast(x.device, amp):
-            out = torch.sigmoid(model(stacked).float())
-        parts = out.split(x.shape[0], dim=0)
-        summed = sum(p.flip(d) if d else p for p, d in zip(parts, views, strict=True))
-        total = summed if total is None else total + summed
-    return total / (len(models) * len(views))
-
-
-def to_uint8(probs: torch.Tensor) -> np.ndarray:
-    """Probabilities in [0, 1] -> uint8 p*255, rounded."""
-    return probs.mul(255.0).round_().clamp_(0, 255).to(torch.uint8).cpu().numpy()
-
-
-def predict_to_file(
-    models: Sequence[nn.Module],
-    dataset: Dataset,
-    out_path: Path,
-    tta: Sequence[str],
-    device: torch.device,
-    channels: int,
-    batch_size: int = 16,
-    amp: str = "none",
-    channels_last: bool = False,
-    workers: int = 0,
-    progress: bool = True,
-    desc: str = "predict",
+def infer_test(
+    cfg: Config, exp: ExperimentDir, processed: ProcessedDir, device: str | None = None, progress: bool = True
 ) -> Path:
-    """Predict every item of ``dataset`` into ``out_path`` (N, H, W) uint8 p*255, atomically.
-
-    Peak memory is one batch: the output is a memory map on disk.
-    """
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
-    first, _ = dataset[0]
-    shape = (len(dataset), first.shape[-2], first.shape[-1])
-    for model in models:
-        model.eval()
-    with files.atomic_path(out_path) as tmp:
-        out = open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
-        start = 0
-        for images, _ in tqdm(loader, desc=desc, unit="batch", disable=not progress):
-            x = data.model_input(images, channels, device, channels_last)
-            probs = predict_batch(models, x, tta, amp)[:, 0]
-            out[start : start + len(x)] = to_uint8(probs)
-            start += len(x)
-        out.flush()
-        del out
-    return out_path
-
-
-@torch.no_grad()
-def predict_labels(
-    models: Sequence[nn.Module],
-    dataset: Dataset,
-    tta: Sequence[str],
-    device: torch.device,
-    channels: int,
-    batch_size: int = 32,
-    amp: str = "none",
-    progress: bool = True,
-    desc: str = "classify",
-) -> np.ndarray:
-    """Image-level probabilities (mean over models and TTA views) for every item."""
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
-    for model in models:
-        model.eval()
-    views = tta_views(tta)
-    out = []
-    for images, _ in tqdm(loader, desc=desc, unit="batch", disable=not progress):
-        x = data.model_input(images, channels, device)
-        stacked = torch.cat([x.flip(d) if d else x for d in views], dim=0)
-        total = 0.0
-        for model in models:
-            with engine.autocast(device, amp):
-                total = total + torch.sigmoid(model(stacked).float()).view(len(views), len(x)).mean(0)
-        out.append((total / len(models)).cpu().numpy())
-    return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
-
-
-def infer_test(cfg: Any, exp_dir: Path, processed: Path, device: str | None = None, progress: bool = True) -> Path:
     """Test-set probabilities for every trained fold (ensembled), plus gate probabilities.
 
-    Writes ``<exp_dir>/test/probs.npy`` (N, S, S) uint8 p*255 at the final stage's size,
-    ``ids.csv`` (image_id, row in probs or -1 for an image that failed to decode, error)
-    and ``gate.csv`` (image_id, prob; 1.0 where the gate is off). Returns the folder.
+    Writes ``test/probs.npy`` (N, S, S) uint8 p*255 at the final stage's size, ``gate.csv``
+    (image_id, prob; 1.0 where the gate is off) and, last, ``ids.csv`` (image_id, row in probs
+    or -1 for an image that failed to decode, error). Returns the folder.
     """
-    import pandas as pd
-
-    from . import classifier as classifier_mod
-    from . import train
-
-    runtime = engine.setup_runtime(device)
-    out = exp_dir / "test"
-    meta = pd.read_csv(processed / "metadata.csv", dtype={"image_id": str}, keep_default_na=False)
-    test = meta[meta["split"] == "test"].sort_values("index").reset_index(drop=True)
+    runtime = devices.setup_runtime(device)
+    test = test_rows(processed)
     good = test[test["error"] == ""]
-    seg = cfg.segmentation
-    size = seg.stages[-1].size
     folds = range(cfg.data.n_folds)
-    fold_models = [train.load_fold_model(cfg, exp_dir / f"fold{k}", cfg.infer.weights, runtime.device) for k in folds]
-    # test images have no masks: the "label" target with no labels yields zeros
-    dataset = data.CacheDataset(processed, "test", size, good["index"].to_numpy(), target="label")
     if len(good):
-        predict_to_file(
+        fold_models = [segmentation.load_model(cfg, exp.segmenter(k), cfg.infer.weights, runtime.device) for k in folds]
+        # test images have no masks: the "label" target with no labels yields zeros
+        dataset = data.CacheDataset(processed.root, "test", cfg.final_size, good["index"].to_numpy(), target="label")
+        seg = cfg.segmentation
+        tta.predict_to_file(
             fold_models,
             dataset,
-            out / "probs.npy",
+            exp.test_maps,
             cfg.infer.tta,
             runtime.device,
             cfg.data.channels,
@@ -152,28 +50,33 @@ def infer_test(cfg: Any, exp_dir: Path, processed: Path, device: str | None = No
             desc="test segmentation",
         )
     else:
-        files.save_npy(out / "probs.npy", np.zeros((0, size, size), np.uint8))
+        files.save_npy(exp.test_maps, np.zeros((0, cfg.final_size, cfg.final_size), np.uint8))
     gate = np.ones(len(good))
     if cfg.classifier.enabled and len(good):
-        cls_models = [
-            classifier_mod.load_fold_classifier(cfg, exp_dir / "classifier" / f"fold{k}", runtime.device) for k in folds
-        ]
-        cls_ds = data.CacheDataset(processed, "test", cfg.classifier.size, good["index"].to_numpy(), target="label")
-        gate = predict_labels(
-            cls_models,
-            cls_ds,
-            cfg.infer.tta,
-            runtime.device,
-            cfg.data.channels,
-            cfg.infer.batch_size,
-            cfg.classifier.amp,
-            progress=progress,
-            desc="test gate",
-        )
+        gate = _gate(cfg, exp, processed, good, runtime.device, progress)
     ids = test[["image_id", "error"]].copy()
     row = np.full(len(test), -1, dtype=np.int64)
     row[test["error"].to_numpy() == ""] = np.arange(len(good))
     ids.insert(1, "row", row)
-    files.write_csv(out / "gate.csv", pd.DataFrame({"image_id": good["image_id"].to_numpy(), "prob": gate}))
-    files.write_csv(out / "ids.csv", ids)
-    return out
+    files.write_csv(exp.test_gate, pd.DataFrame({"image_id": good["image_id"].to_numpy(), "prob": gate}))
+    files.write_csv(exp.test_ids, ids)
+    return exp.test
+
+
+def _gate(
+    cfg: Config, exp: ExperimentDir, processed: ProcessedDir, good: pd.DataFrame, device: object, progress: bool
+) -> np.ndarray:
+    """Mean gate probability of the classifier folds (with the TTA of ``infer.tta``)."""
+    models = [classifier.load_model(cfg, exp.classifier(k), device) for k in range(cfg.data.n_folds)]
+    dataset = data.CacheDataset(processed.root, "test", cfg.classifier.size, good["index"].to_numpy(), target="label")
+    return tta.predict_labels(
+        models,
+        dataset,
+        cfg.infer.tta,
+        device,
+        cfg.data.channels,
+        cfg.infer.batch_size,
+        cfg.classifier.amp,
+        progress=progress,
+        desc="test gate",
+    )

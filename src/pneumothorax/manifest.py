@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from . import layout as layout_mod
+from . import paths
 
 SPLITS = ("train", "test")
 
@@ -67,7 +68,7 @@ def build(found: layout_mod.Layout) -> dict[str, dict[str, Any]]:
 
 def path_for(processed: Path, split: str) -> Path:
     """``<processed>/inputs-<split>.json``."""
-    return Path(processed) / f"inputs-{split}.json"
+    return paths.ProcessedDir(processed).inputs(split)
 
 
 def write_if_changed(path: Path, content: dict[str, Any]) -> bool:

@@ -1,7 +1,16 @@
-"""Project paths, all rooted at the repository (never the working directory)."""
+"""Every path the pipeline writes or reads, built here and nowhere else.
+
+The repository's folders are rooted at the repository (never the working directory). A
+processed folder (:class:`ProcessedDir`) holds what ``prepare`` makes from one download; an
+experiment folder (:class:`ExperimentDir`, ``models/<exp>/``) holds everything trained and
+predicted for one config, its folds included; a run folder (:class:`RunDir`) is one trained
+model (a segmentation fold, a classifier fold or a pre-training). The Makefile spells the same
+paths (``make print-paths`` shows them; a test compares them with these classes).
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT: Path = Path(__file__).resolve().parents[2]
@@ -20,3 +29,211 @@ PATIENT_MAP: Path = EXTERNAL / "kaggle-to-nih-id.csv"
 
 REAL_MASKS: Path = EXTERNAL / "real-masks-rle.csv.gz"
 """A few hundred real SIIM RLE rows that give the synthetic world its shapes."""
+
+
+@dataclass(frozen=True)
+class ProcessedDir:
+    """``data/processed/<data>/``: what ``prepare`` made from one download, shared by experiments."""
+
+    root: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root))
+
+    @property
+    def metadata(self) -> Path:
+        return self.root / "metadata.csv"
+
+    @property
+    def record(self) -> Path:
+        """``prepare.json``: per-image signatures, cached sizes, the layout read."""
+        return self.root / "prepare.json"
+
+    @property
+    def report(self) -> Path:
+        return self.root / "prepare-report.json"
+
+    def progress(self, split: str) -> Path:
+        """The resume log of a split's decoding (removed when the split is done)."""
+        return self.root / f".prepare-{split}.jsonl"
+
+    @property
+    def lock(self) -> Path:
+        return self.root / ".prepare.lock"
+
+    def inputs(self, split: str) -> Path:
+        """The input manifest of ``train`` or ``test`` (files, sizes, times, label hash)."""
+        return self.root / f"inputs-{split}.json"
+
+    def cache(self, kind: str, split: str, size: int) -> Path:
+        """``images`` or ``masks`` of a split at one size (uint8 ``.npy``)."""
+        return self.root / f"{kind}_{split}_{size}.npy"
+
+    def prepared(self, exp: str) -> Path:
+        """Make's marker that ``prepare`` ran for experiment ``exp``'s sizes."""
+        return self.root / f"prepared-{exp}.stamp"
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """One trained model's folder: resume state, weights, logs, curves and out-of-fold output."""
+
+    root: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root))
+
+    def weights(self, which: str) -> Path:
+        """``best``, ``last``, ``swa``, ``swa_stage<k>``, ``model`` (the done marker) -> ``<which>.pt``."""
+        return self.root / f"{which}.pt"
+
+    @property
+    def model(self) -> Path:
+        """The chosen weights with their metadata, written last: the run is done."""
+        return self.weights("model")
+
+    @property
+    def state(self) -> Path:
+        return self.root / "state.pt"
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.yaml"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics.csv"
+
+    @property
+    def summary(self) -> Path:
+        return self.root / "metrics.json"
+
+    @property
+    def log(self) -> Path:
+        return self.root / "train.log"
+
+    @property
+    def curves(self) -> Path:
+        return self.root / "curves.png"
+
+    @property
+    def oof_maps(self) -> Path:
+        """Segmentation: uint8 p*255 maps of the held-out images at the final size."""
+        return self.root / "oof.npy"
+
+    @property
+    def oof_ids(self) -> Path:
+        return self.root / "oof_ids.csv"
+
+    @property
+    def oof_probs(self) -> Path:
+        """Classifier: image_id, label, prob of the held-out images."""
+        return self.root / "oof.csv"
+
+    def stale(self, fingerprint: str) -> Path:
+        """Where a run trained under another config is moved before retraining."""
+        return self.root.with_name(f"{self.root.name}.stale-{fingerprint[:8]}")
+
+
+@dataclass(frozen=True)
+class ExperimentDir:
+    """``models/<exp>/``: one experiment's folds, runs, test predictions, post-processing, report."""
+
+    root: Path
+    final_size: int = 0  # the last segmentation stage's size: OOF and test maps are at it
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root))
+
+    @property
+    def name(self) -> str:
+        return self.root.name
+
+    @property
+    def folds(self) -> Path:
+        """This experiment's split (other experiments never change it)."""
+        return self.root / "folds.csv"
+
+    def segmenter(self, fold: int) -> RunDir:
+        return RunDir(self.root / f"fold{fold}")
+
+    def classifier(self, fold: int) -> RunDir:
+        return RunDir(self.root / "classifier" / f"fold{fold}")
+
+    @property
+    def pretrain(self) -> RunDir:
+        return RunDir(self.root / "pretrain")
+
+    def stamp(self, section: str) -> Path:
+        """The resolved value of one config section, rewritten only when it changes (Make's input)."""
+        return self.root / "stamps" / f"{section}.json"
+
+    @property
+    def test(self) -> Path:
+        return self.root / "test"
+
+    @property
+    def blended_oof(self) -> Path:
+        """An ensemble's out-of-fold maps (every training image, the members' weighted mean)."""
+        return self.root / "oof.npy"
+
+    @property
+    def blended_ids(self) -> Path:
+        return self.root / "oof_ids.csv"
+
+    @property
+    def ensemble(self) -> Path:
+        """An ensemble's members, weights and scores."""
+        return self.root / "ensemble.json"
+
+    @property
+    def test_maps(self) -> Path:
+        return self.test / "probs.npy"
+
+    @property
+    def test_ids(self) -> Path:
+        """image_id, row in the maps (-1: failed to decode), error; written last by ``infer``."""
+        return self.test / "ids.csv"
+
+    @property
+    def test_gate(self) -> Path:
+        return self.test / "gate.csv"
+
+    @property
+    def postprocess(self) -> Path:
+        """The searched :class:`~pneumothorax.postprocess.PostProcess` and its scores."""
+        return self.root / "thresholds.json"
+
+    @property
+    def grid(self) -> Path:
+        return self.root / "grid.csv"
+
+    @property
+    def gate_scores(self) -> Path:
+        return self.root / "gate_scores.csv"
+
+    @property
+    def heatmap(self) -> Path:
+        return self.root / "heatmap.png"
+
+    @property
+    def score(self) -> Path:
+        return self.root / "score.json"
+
+    @property
+    def report(self) -> Path:
+        return self.root / "report"
+
+    @property
+    def summary(self) -> Path:
+        return self.report / "summary.md"
+
+
+def submission(exp: str, folder: Path = SUBMISSIONS) -> Path:
+    """``submissions/<exp>.csv``."""
+    return Path(folder) / f"{exp}.csv"
+
+
+def leaderboard(models_dir: Path = MODELS) -> tuple[Path, Path]:
+    """``models/leaderboard.csv`` and ``.md``."""
+    return Path(models_dir) / "leaderboard.csv", Path(models_dir) / "leaderboard.md"

@@ -32,7 +32,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from . import dicom, files, rle, scale
+from . import dicom, files, paths, pools, rle, scale
 from . import layout as layout_mod
 
 RECORD_VERSION = 2
@@ -154,7 +154,7 @@ def read_patient_map(path: Path | None) -> dict[str, str]:
 
 def cache_path(out_dir: Path, kind: str, split: str, size: int) -> Path:
     """``images_<split>_<size>.npy`` or ``masks_<split>_<size>.npy`` under ``out_dir``."""
-    return Path(out_dir) / f"{kind}_{split}_{size}.npy"
+    return paths.ProcessedDir(out_dir).cache(kind, split, size)
 
 
 def signature(path: Path, rows: list[str] | None) -> str:
@@ -200,7 +200,7 @@ _WRITER = files.RowWriter()
 
 
 def _init_worker() -> None:
-    files.steady_malloc()
+    pools.steady_malloc()
     _WRITER.close()
 
 
@@ -270,7 +270,7 @@ def _empty_record() -> dict[str, Any]:
 
 
 def _read_record(out_dir: Path) -> dict[str, Any]:
-    path = out_dir / "prepare.json"
+    path = paths.ProcessedDir(out_dir).record
     if not path.exists():
         return _empty_record()
     try:
@@ -282,19 +282,19 @@ def _read_record(out_dir: Path) -> dict[str, Any]:
 
 def _target(out_dir: Path, split: str, size: int, with_masks: bool, n: int, in_place: bool, fresh: bool) -> Target:
     """A size's cache files to write: the finished ones (in place), or ``.tmp`` ones (created unless resumed)."""
-    paths = [cache_path(out_dir, "images", split, size)] + (
+    caches = [cache_path(out_dir, "images", split, size)] + (
         [cache_path(out_dir, "masks", split, size)] if with_masks else []
     )
     if not in_place:
-        paths = [files.tmp_path(p) for p in paths]
+        caches = [files.tmp_path(p) for p in caches]
     offsets = []
-    for path in paths:
+    for path in caches:
         if in_place or (path.exists() and not fresh):
             offsets.append(files.npy_data_offset(path))
         else:
             offsets.append(files.create_npy(path, np.uint8, (n, size, size)))
-    mask = str(paths[1]) if with_masks else None
-    return Target(size, str(paths[0]), offsets[0], mask, offsets[1] if with_masks else 0, in_place)
+    mask = str(caches[1]) if with_masks else None
+    return Target(size, str(caches[0]), offsets[0], mask, offsets[1] if with_masks else 0, in_place)
 
 
 def _source(out_dir: Path, split: str, size: int, with_masks: bool) -> Source:
@@ -322,7 +322,7 @@ def _plan_split(
     same_list = ids == old.get("ids", [])
     log_signature = hashlib.sha1(json.dumps([ids, sigs, sorted(sizes), same_list]).encode()).hexdigest()
     finished, resumable = _finished(split, labels is not None, sizes, out_dir, old, same_list)
-    logged = _read_progress(out_dir / f".prepare-{split}.jsonl", log_signature) if resumable else {}
+    logged = _read_progress(paths.ProcessedDir(out_dir).progress(split), log_signature) if resumable else {}
     targets, sources, renames = _caches(split, len(ids), labels is not None, finished, out_dir, same_list, not logged)
     old_index = {image_id: k for k, image_id in enumerate(old.get("ids", []))}
     tasks, kept, in_place_ids = [], {}, []
@@ -344,8 +344,8 @@ def _plan_split(
             if any(t.in_place for t in decode):
                 in_place_ids.append(image_id)
     _reserve(targets, tasks)
-    paths = [str(dicoms[i]) for i in ids]
-    return SplitPlan(split, ids, paths, sigs, targets, tasks, kept, logged, renames, log_signature, in_place_ids)
+    files_ = [str(dicoms[i]) for i in ids]
+    return SplitPlan(split, ids, files_, sigs, targets, tasks, kept, logged, renames, log_signature, in_place_ids)
 
 
 def _finished(
@@ -439,7 +439,7 @@ def _results(tasks: list[Task], workers: int) -> Any:
     A worker that dies (the out-of-memory killer, a segfault in a decoder) fails the step at
     once, instead of leaving it waiting for a result that never comes.
     """
-    files.single_threaded_opencv()  # before forking: see its docstring
+    pools.single_threaded_opencv()  # before forking: see its docstring
     if workers <= 1:
         _init_worker()
         yield from map(_process, tasks)
@@ -447,7 +447,7 @@ def _results(tasks: list[Task], workers: int) -> Any:
     chunk = _chunksize(len(tasks), workers)
     chunks = [tasks[i : i + chunk] for i in range(0, len(tasks), chunk)]
     rle.decode("1 1", shape=(1, 2))  # load the numba kernels once, before the workers fork
-    pool = futures.ProcessPoolExecutor(workers, files.mp_context(), initializer=_init_worker)
+    pool = futures.ProcessPoolExecutor(workers, pools.mp_context(), initializer=_init_worker)
     try:
         pending = [pool.submit(_process_chunk, c) for c in chunks]
         for done in futures.as_completed(pending):
@@ -474,7 +474,7 @@ def _run_split(plan: SplitPlan, out_dir: Path, workers: int, progress: bool) -> 
     if not plan.tasks:
         return metas
     bar = tqdm(total=len(plan.ids), initial=len(metas), desc=f"prepare {plan.split}", unit="img", disable=not progress)
-    log = _open_progress(out_dir / f".prepare-{plan.split}.jsonl", plan.log_signature, plan.resumed)
+    log = _open_progress(paths.ProcessedDir(out_dir).progress(plan.split), plan.log_signature, plan.resumed)
     try:
         for count, result in enumerate(_results(plan.tasks, min(workers, len(plan.tasks))), start=1):
             metas[result["index"]] = result
@@ -492,7 +492,7 @@ def _run_split(plan: SplitPlan, out_dir: Path, workers: int, progress: bool) -> 
 def _finish_split(plan: SplitPlan, out_dir: Path) -> None:
     for tmp, final in plan.renames:
         os.replace(tmp, final)
-    (out_dir / f".prepare-{plan.split}.jsonl").unlink(missing_ok=True)
+    (paths.ProcessedDir(out_dir).progress(plan.split)).unlink(missing_ok=True)
 
 
 # --- the step --------------------------------------------------------------------------
@@ -515,7 +515,7 @@ def prepare(
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    with files.locked(out_dir / ".prepare.lock", f"the processed folder {out_dir}"):
+    with files.locked(paths.ProcessedDir(out_dir).lock, f"the processed folder {out_dir}"):
         return _prepare(found, out_dir, sizes, workers or os.cpu_count() or 1, skip_bad, progress)
 
 
@@ -548,13 +548,13 @@ def _prepare(
         _finish_split(plan, out_dir)
     table = _table(plans, metas, inputs.labels, read_patient_map(found.patient_map), report)
     _write_report(out_dir, report)
-    files.write_text_if_changed(out_dir / "metadata.csv", table.to_csv(index=False))
+    files.write_text_if_changed(paths.ProcessedDir(out_dir).metadata, table.to_csv(index=False))
     record = {"version": RECORD_VERSION, "sizes": all_sizes, "layout": found.describe(), "splits": {}}
     for split, plan in plans.items():
         ordered = [metas[split][i] for i in range(len(plan.ids))]
         sigs = [None if "error" in m else sig for m, sig in zip(ordered, plan.sigs, strict=True)]
         record["splits"][split] = {"ids": plan.ids, "sigs": sigs, "metas": ordered, "sizes": all_sizes}
-    files.write_json(out_dir / "prepare.json", record)
+    files.write_json(paths.ProcessedDir(out_dir).record, record)
     return table
 
 
@@ -569,7 +569,7 @@ def _forget(record: dict[str, Any], plans: dict[str, SplitPlan], out_dir: Path) 
                 old["sigs"][index[image_id]] = None
             changed = True
     if changed:
-        files.write_json(out_dir / "prepare.json", record)
+        files.write_json(paths.ProcessedDir(out_dir).record, record)
 
 
 def _bad(plan: SplitPlan, metas: dict[int, dict[str, Any]]) -> list[dict[str, str]]:
@@ -617,7 +617,7 @@ def _table(
 
 
 def _write_report(out_dir: Path, report: Report) -> None:
-    files.write_json(out_dir / "prepare-report.json", report.__dict__)
+    files.write_json(paths.ProcessedDir(out_dir).report, report.__dict__)
 
 
 NOTES = {
@@ -656,6 +656,15 @@ def expected_test_ids(out_dir: str | Path) -> tuple[list[str], Path | None]:
             raise PrepareError(f"{sample}: the sample submission that prepare read is gone; rerun `make prepare`")
         return layout_mod.read_sample_ids(Path(sample)), Path(sample)
     return list(record.get("splits", {}).get("test", {}).get("ids", [])), None
+
+
+def labels_path(out_dir: str | Path) -> Path:
+    """The label CSV that prepare read (the original RLE rows: full-resolution scoring reads them)."""
+    record = _read_record(Path(out_dir))
+    labels = record.get("layout", {}).get("labels")
+    if not labels or not Path(labels).exists():
+        raise PrepareError(f"{out_dir}: the label CSV that prepare read ({labels}) is gone; rerun `make prepare`")
+    return Path(labels)
 
 
 def load_cache(out_dir: str | Path, kind: str, split: str, size: int) -> np.ndarray:

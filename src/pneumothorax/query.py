@@ -2,6 +2,9 @@
 
 ``python -m pneumothorax.query get KEY --config NAME``: a config value (lists space-separated,
 booleans as 1 or nothing). ``deps --config NAME``: the YAML files the experiment reads.
+``stamps --config NAME --exp-dir models/NAME``: write ``stamps/<section>.json`` for every
+config section (:data:`pneumothorax.config.SECTIONS`) whose resolved value changed, so that
+Make reruns exactly the steps that read it.
 ``manifest --data-dir D --processed P [--train-csv ...]``: find the data layout and write the
 input manifests ``P/inputs-train.json`` and ``P/inputs-test.json`` where they changed; on a
 layout error, remove them and print the error (Make then stops at the step that needs them).
@@ -10,26 +13,15 @@ layout error, remove them and print the error (Make then stops at the step that 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from . import config as config_mod
+from . import files, manifest, paths
 from . import layout as layout_mod
-from . import manifest
-
-
-def _chain(path: Path, seen: list[Path]) -> list[Path]:
-    data = yaml.safe_load(path.read_text()) or {}
-    parents = data.get("defaults", None if path.stem == "base" else ["base"]) or []
-    for parent in [parents] if isinstance(parents, str) else parents:
-        _chain(config_mod.resolve_path(parent, path.parent), seen)
-    if path not in seen:
-        seen.append(path)
-    return seen
 
 
 def _get(name: str, key: str) -> str:
@@ -62,10 +54,25 @@ def _manifest(args: argparse.Namespace) -> int:
     return 0
 
 
+def _stamps(args: argparse.Namespace) -> int:
+    try:
+        cfg = config_mod.load(args.config)
+    except config_mod.ConfigError as exc:
+        print(str(exc).replace("\n", " "))
+        return 2
+    exp = paths.ExperimentDir(Path(args.exp_dir), cfg.final_size)
+    for name in config_mod.SECTIONS:
+        text = json.dumps(config_mod.section(cfg, name), indent=1, sort_keys=True) + "\n"
+        exp.stamp(name).parent.mkdir(parents=True, exist_ok=True)
+        files.write_text_if_changed(exp.stamp(name), text)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """``get KEY``, ``deps`` or ``manifest``."""
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("command", choices=["get", "deps", "manifest"])
+    p.add_argument("command", choices=["get", "deps", "manifest", "stamps"])
+    p.add_argument("--exp-dir")
     p.add_argument("key", nargs="?")
     p.add_argument("--config")
     p.add_argument("--data-dir")
@@ -78,8 +85,10 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.command == "manifest":
         return _manifest(args)
+    if args.command == "stamps":
+        return _stamps(args)
     if args.command == "deps":
-        print(" ".join(os.path.relpath(f, Path.cwd()) for f in _chain(config_mod.resolve_path(args.config), [])))
+        print(" ".join(os.path.relpath(f, Path.cwd()) for f in config_mod.sources(args.config)))
         return 0
     print(_get(args.config, args.key or ""))
     return 0

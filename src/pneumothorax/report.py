@@ -10,24 +10,27 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from . import files, metric, prepare, submission
+from . import files, metric, postprocess, prepare, steps
+from .config import Config
+from .paths import ExperimentDir, ProcessedDir
+from .postprocess import PostProcess
 
 
-def _fold_table(cfg: Any, exp_dir: Path) -> pd.DataFrame:
+def _fold_table(cfg: Config, exp: ExperimentDir) -> pd.DataFrame:
+    """Per fold: the final stage's best, last and SWA validation Dice, and the gate's metrics."""
     rows = []
     for k in range(cfg.data.n_folds):
-        m = pd.read_csv(exp_dir / f"fold{k}" / "metrics.csv")
+        m = pd.read_csv(exp.segmenter(k).metrics)
         last = m[m["stage"] == m["stage"].max()]
+        swa = last[last["kind"] == "swa"]
         row = {
             "fold": k,
             "best_val_dice": last["val_dice"].max(),
             "last_val_dice": last[last["kind"] == "epoch"]["val_dice"].iloc[-1],
+            "swa_val_dice": swa["val_dice"].iloc[-1] if len(swa) else float("nan"),
         }
-        swa = last[last["kind"] == "swa"]
-        row["swa_val_dice"] = swa["val_dice"].iloc[-1] if len(swa) else float("nan")
-        cls_path = exp_dir / "classifier" / f"fold{k}" / "metrics.json"
-        if cfg.classifier.enabled and cls_path.exists():
-            cls = json.loads(cls_path.read_text())
+        if cfg.classifier.enabled and exp.classifier(k).summary.exists():
+            cls = json.loads(exp.classifier(k).summary.read_text())
             row.update({f"gate_{key}": cls[key] for key in ("auc", "mcc", "precision", "recall", "accuracy")})
         rows.append(row)
     return pd.DataFrame(rows)
@@ -54,31 +57,28 @@ def _panel(
         tmp.write_bytes(png.tobytes())
 
 
-def build(cfg: Any, exp_dir: Path, processed: Path, n_cases: int = 8) -> Path:
-    """Write ``<exp_dir>/report/summary.md``, ``best.png`` and ``worst.png``; return the folder."""
-    out = exp_dir / "report"
-    out.mkdir(parents=True, exist_ok=True)
-    post = json.loads((exp_dir / "thresholds.json").read_text())
-    folds = _fold_table(cfg, exp_dir)
-    size = cfg.segmentation.stages[-1].size
-    images = prepare.load_cache(processed, "images", "train", size)
-    masks = prepare.load_cache(processed, "masks", "train", size)
-    gate = {}
-    if cfg.classifier.enabled:
-        for k in range(cfg.data.n_folds):
-            oof = pd.read_csv(exp_dir / "classifier" / f"fold{k}" / "oof.csv", dtype={"image_id": str})
-            gate.update(zip(oof["image_id"], oof["prob"], strict=True))
+def _cases(cfg: Config, exp: ExperimentDir, processed: ProcessedDir, post: PostProcess) -> list[tuple]:
+    """(Dice, image id, cache row, predicted mask) of every positive OOF image, worst first."""
+    masks = prepare.load_cache(processed.root, "masks", "train", cfg.final_size)
     cases = []
-    for k in range(cfg.data.n_folds):
-        probs = np.load(exp_dir / f"fold{k}" / "oof.npy", mmap_mode="r")
-        ids = pd.read_csv(exp_dir / f"fold{k}" / "oof_ids.csv", dtype={"image_id": str})
-        for i, (image_id, index) in enumerate(zip(ids["image_id"], ids["index"], strict=True)):
+    for part in steps.oof_folds(cfg, exp):
+        for i, index in enumerate(part.ids["index"]):
             truth = masks[index] > 0
             if not truth.any():
                 continue  # positives only: on negatives the panel would show nothing
-            pred = submission.final_mask(np.asarray(probs[i]), post, gate.get(image_id), truth.shape)
-            cases.append((float(metric.dice_per_image(pred, truth)[0]), image_id, index, pred))
-    cases.sort(key=lambda c: c[0])
+            gate = None if part.gate is None else float(part.gate[i])
+            pred = post.apply(np.asarray(part.maps[i]), gate, truth.shape)
+            cases.append((float(metric.dice_per_image(pred, truth)[0]), part.ids["image_id"].iloc[i], index, pred))
+    return sorted(cases, key=lambda c: c[0])
+
+
+def build(cfg: Config, exp: ExperimentDir, processed: ProcessedDir, n_cases: int = 8) -> Path:
+    """Write ``report/summary.md``, ``best.png`` and ``worst.png``; return the folder."""
+    exp.report.mkdir(parents=True, exist_ok=True)
+    post, scores = postprocess.load(exp.postprocess)
+    cases = _cases(cfg, exp, processed, post)
+    images = prepare.load_cache(processed.root, "images", "train", cfg.final_size)
+    masks = prepare.load_cache(processed.root, "masks", "train", cfg.final_size)
     for name, chosen in (("worst", cases[:n_cases]), ("best", cases[::-1][:n_cases])):
         if chosen:
             _panel(
@@ -86,28 +86,37 @@ def build(cfg: Any, exp_dir: Path, processed: Path, n_cases: int = 8) -> Path:
                 [masks[c[2]] > 0 for c in chosen],
                 [c[3] for c in chosen],
                 [f"Dice {c[0]:.3f}" for c in chosen],
-                out / f"{name}.png",
+                exp.report / f"{name}.png",
             )
+    files.write_text(exp.summary, _summary(cfg, exp, post, scores))
+    return exp.report
+
+
+def _summary(cfg: Config, exp: ExperimentDir, post: PostProcess, scores: dict[str, Any]) -> str:
+    folds = _fold_table(cfg, exp)
+    table = folds.to_markdown(index=False, floatfmt=".4f") if _has_tabulate() else f"```\n{folds.to_string()}\n```"
     lines = [
         f"# Experiment `{cfg.name}`",
         "",
         "## Per-fold validation (final stage)",
         "",
-        folds.to_markdown(index=False, floatfmt=".4f")
-        if hasattr(folds, "to_markdown") and _has_tabulate()
-        else "```\n" + folds.to_string(index=False) + "\n```",
+        table,
         "",
         "## Out-of-fold score",
         "",
-        f"- images: {post['n_images']} at {post['size']}x{post['size']}",
-        f"- all-empty baseline: {post['all_empty_score']:.4f}",
-        f"- B-TH 0.5, no post-processing: {post['no_postprocess_score']:.4f}",
-        f"- after post-processing: **{post['score']:.4f}**",
+        f"- images: {scores['n_images']}, maps at {scores['size']}x{scores['size']}",
+        f"- all-empty baseline: {scores['all_empty_score']:.4f}",
+        f"- B-TH 0.5, no post-processing (search resolution): {scores['no_postprocess_score']:.4f}",
+        f"- after post-processing, search estimate at {scores['size']}: {scores['score_search']:.4f}",
+        f"- after post-processing, competition metric at 1024 on the original RLE: "
+        f"**{scores['score_full_resolution']:.4f}**",
         "",
         "## Chosen post-processing",
         "",
+        f"{post.describe()}",
+        "",
         "```json",
-        json.dumps({k: v for k, v in post.items() if k not in ("min_component_scores",)}, indent=2),
+        json.dumps(post.to_dict(), indent=2),
         "```",
         "",
         "![Dice over B-TH x R-TH](../heatmap.png)",
@@ -119,8 +128,7 @@ def build(cfg: Any, exp_dir: Path, processed: Path, n_cases: int = 8) -> Path:
         "Worst: ![worst](worst.png)",
         "",
     ]
-    files.write_text(out / "summary.md", "\n".join(lines))
-    return out
+    return "\n".join(lines)
 
 
 def _has_tabulate() -> bool:

@@ -2,51 +2,22 @@
 
 from __future__ import annotations
 
-import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 import pandas as pd
-from tqdm import tqdm
 
-from . import files, metric, prepare, rle, thresholds
+from . import bars, files, metric, postprocess, prepare, rle
+from .paths import ExperimentDir, ProcessedDir
+from .postprocess import PostProcess
 
 HEADER = ("ImageId", "EncodedPixels")
 
 
 class SubmissionError(ValueError):
     """A submission that must not be written or scored; the message names the id or row."""
-
-
-def final_mask(
-    probs: np.ndarray, post: dict[str, Any], gate_prob: float | None, shape: tuple[int, int] = rle.SHAPE
-) -> np.ndarray:
-    """The 1024x1024 mask of one map: decide at inference resolution (as searched), shape at full size."""
-    if post.get("rule") == "empty":  # the search found nothing better than predicting no pneumothorax
-        return np.zeros(shape, dtype=bool)
-    triplet = tuple(post["triplet"]) if post.get("rule") == "triplet" else None
-    decision = thresholds.apply(
-        probs,
-        post["b_th"],
-        post.get("r_th", 0),
-        post.get("min_component", 0),
-        gate_prob,
-        post.get("gate", 0.0),
-        triplet,
-    )
-    if not decision.any():
-        return np.zeros(shape, dtype=bool)
-    up = cv2.resize(probs, (shape[1], shape[0]), interpolation=cv2.INTER_LINEAR)
-    values = up.astype(np.float64) / 255.0 if up.dtype == np.uint8 else up
-    b = triplet[2] if triplet else post["b_th"]
-    full = values > b
-    keep = cv2.resize(decision.astype(np.uint8), (shape[1], shape[0]), interpolation=cv2.INTER_NEAREST) > 0
-    if post.get("min_component", 0):
-        # components removed at low resolution stay removed
-        full &= cv2.dilate(keep.astype(np.uint8), np.ones((5, 5), np.uint8)) > 0
-    return full
 
 
 def validate(frame: pd.DataFrame, expected_ids: list[str], source: str = "the test set") -> None:
@@ -87,30 +58,38 @@ def write(frame: pd.DataFrame, path: Path, expected_ids: list[str], source: str 
     return path
 
 
-def make_submission(exp_dir: Path, processed: Path, out_path: Path, progress: bool = True) -> pd.DataFrame:
+def encode(
+    maps: np.ndarray,
+    rows: Sequence[int],
+    gates: Sequence[float | None],
+    post: PostProcess,
+    desc: str,
+    progress: bool = True,
+) -> list[str]:
+    """The RLE of each map row (``-1`` for a row of -1: an image that failed to decode), through
+    :meth:`PostProcess.apply` at 1024x1024: what a submission holds, and what OOF re-scoring scores."""
+    out = []
+    for row, gate in bars.bar(zip(rows, gates, strict=True), desc, progress, total=len(rows), unit="image"):
+        out.append(rle.EMPTY if row < 0 else rle.encode(post.apply(np.asarray(maps[row]), gate)))
+    return out
+
+
+def make_submission(exp: ExperimentDir, processed: ProcessedDir, out_path: Path, progress: bool = True) -> pd.DataFrame:
     """Apply the searched post-processing to the test predictions and write the submission.
 
     One row per test image, ``-1`` for empty, and ``-1`` for an image that failed to decode;
     relative column-major RLE (the format of both stages). When the layout has a sample
     submission, the rows are exactly its ids, in its order.
     """
-    post = json.loads((exp_dir / "thresholds.json").read_text())
-    test = exp_dir / "test"
-    ids = pd.read_csv(test / "ids.csv", dtype={"image_id": str}, keep_default_na=False)
-    gate = pd.read_csv(test / "gate.csv", dtype={"image_id": str})
+    post, _ = postprocess.load(exp.postprocess)
+    ids = pd.read_csv(exp.test_ids, dtype={"image_id": str}, keep_default_na=False)
+    gate = pd.read_csv(exp.test_gate, dtype={"image_id": str})
     gate_of = dict(zip(gate["image_id"], gate["prob"], strict=True))
-    probs = np.load(test / "probs.npy", mmap_mode="r")
-    expected, sample = prepare.expected_test_ids(processed)
-    rows = []
-    for image_id, row in tqdm(
-        zip(ids["image_id"], ids["row"], strict=True), total=len(ids), desc="submission", disable=not progress
-    ):
-        if row < 0:
-            rows.append((image_id, rle.EMPTY))
-            continue
-        mask = final_mask(np.asarray(probs[row]), post, gate_of.get(image_id))
-        rows.append((image_id, rle.encode(mask)))
-    frame = pd.DataFrame(rows, columns=list(HEADER))
+    maps = np.load(exp.test_maps, mmap_mode="r")
+    gates = [gate_of.get(image_id) for image_id in ids["image_id"]]
+    encoded = encode(maps, ids["row"].to_numpy(), gates, post, "submission", progress)
+    frame = pd.DataFrame({HEADER[0]: ids["image_id"], HEADER[1]: encoded})
+    expected, sample = prepare.expected_test_ids(processed.root)
     if sample is not None:  # the sample's order; an id it lacks stays, for validate() to name
         order = {image_id: k for k, image_id in enumerate(expected)}
         frame = frame.sort_values("ImageId", key=lambda ids: ids.map(order).fillna(len(order)), kind="stable")
@@ -119,20 +98,10 @@ def make_submission(exp_dir: Path, processed: Path, out_path: Path, progress: bo
     return frame
 
 
-def score(submission: Path, labels: Path) -> dict[str, Any]:
-    """Competition score of a submission against a labels CSV, with a breakdown.
-
-    Returns score, all_empty_score, dice_positive, dice_negative, false_positive_images,
-    n_images, n_positive. Every labelled image must be in the submission.
-    """
-    truth = rle.read_labels(labels, rle.SHAPE)
-    try:
-        pred = rle.group_labels(rle.read_label_rows(submission, rle.SHAPE))
-    except rle.RLEError as exc:
-        raise SubmissionError(str(exc)) from None
-    missing = sorted(set(truth) - set(pred))
-    if missing:
-        raise SubmissionError(f"{submission}: {len(missing)} labelled image(s) missing, e.g. {missing[0]}")
+def score_rows(pred: dict[str, list[str]], truth: dict[str, list[str]]) -> dict[str, Any]:
+    """The competition metric of predicted RLE rows against true ones (both: image id -> rows, union), at
+    1024x1024, with a breakdown: score, all_empty_score, dice_positive, dice_negative,
+    false_positive_images, n_images, n_positive. Every image of ``truth`` must be in ``pred``."""
     dices, positive, fp = [], [], 0
     for image_id, rows in truth.items():
         t = rle.decode_union(rows) if rows else None
@@ -153,3 +122,20 @@ def score(submission: Path, labels: Path) -> dict[str, Any]:
         "n_images": len(dices),
         "n_positive": int(pos.sum()),
     }
+
+
+def score(submission: Path, labels: Path) -> dict[str, Any]:
+    """Competition score of a submission against a labels CSV, with a breakdown.
+
+    Returns score, all_empty_score, dice_positive, dice_negative, false_positive_images,
+    n_images, n_positive. Every labelled image must be in the submission.
+    """
+    truth = rle.read_labels(labels, rle.SHAPE)
+    try:
+        pred = rle.group_labels(rle.read_label_rows(submission, rle.SHAPE))
+    except rle.RLEError as exc:
+        raise SubmissionError(str(exc)) from None
+    missing = sorted(set(truth) - set(pred))
+    if missing:
+        raise SubmissionError(f"{submission}: {len(missing)} labelled image(s) missing, e.g. {missing[0]}")
+    return score_rows(pred, truth)

@@ -41,7 +41,7 @@ from pydicom.encaps import encapsulate
 from pydicom.uid import JPEGBaseline8Bit, SecondaryCaptureImageStorage
 from tqdm import tqdm
 
-from . import dicom, files, paths, rle
+from . import dicom, files, paths, pools, rle
 
 SIZE = 1024
 LOW = 256
@@ -245,7 +245,7 @@ _SHAPES: list[list[str]] = []
 def _init_worker(shapes: list[list[str]]) -> None:
     global _SHAPES
     _SHAPES = shapes
-    files.steady_malloc()
+    pools.steady_malloc()
 
 
 def _make_one(args: tuple[_Item, str, int]) -> None:
@@ -304,7 +304,7 @@ def make_world(out_dir: str | Path, spec: WorldSpec, workers: int | None = None,
     shapes = load_shapes()
     items = _plan(spec, len(shapes))
     workers = workers or os.cpu_count() or 1
-    files.single_threaded_opencv()  # before forking: see its docstring
+    pools.single_threaded_opencv()  # before forking: see its docstring
     jobs = [(item, str(out_dir), spec.seed) for item in items]
     bar = tqdm(total=len(jobs), desc="synthetic", unit="img", disable=not progress)
     if workers == 1:
@@ -313,7 +313,7 @@ def make_world(out_dir: str | Path, spec: WorldSpec, workers: int | None = None,
             _make_one(job)
             bar.update()
     else:
-        with files.mp_context().Pool(workers, _init_worker, (shapes,)) as pool:
+        with pools.mp_context().Pool(workers, _init_worker, (shapes,)) as pool:
             for _ in pool.imap_unordered(_make_one, jobs, chunksize=4):
                 bar.update()
     bar.close()

@@ -1,9 +1,8 @@
 """Exact, fast search of post-processing thresholds on out-of-fold predictions.
 
-A pixel is predicted where ``p > B-TH``. An image is emptied when its predicted area,
-counted in 1024x1024 pixels (``count * (1024/H) * (1024/W)``), is below R-TH, or when its
-classifier probability is below the gate threshold. The 1st place's triplet rule empties an
-image unless ``count(p > top)`` (scaled) reaches ``area``, and then predicts ``p > bottom``.
+The rules are :class:`~pneumothorax.postprocess.PostProcess`'s (B-TH, R-TH counted in 1024x1024
+pixels as ``count * (1024/H) * (1024/W)``, the gate, the triplet, minimum components); the
+search returns one of them.
 
 Instead of re-thresholding every map for every grid point, one pass per image builds
 histograms of the pixels by how many thresholds they exceed, inside and outside the truth;
@@ -16,16 +15,14 @@ dtype, as ``probs > b`` does in NumPy.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+from dataclasses import dataclass, field
 
 import numba
 import numpy as np
 
+from .config import PostprocessConfig
 from .metric import dice_from_counts
-
-FULL = 1024
+from .postprocess import FULL, PostProcess
 
 
 @numba.njit(cache=True, parallel=True, nogil=True)
@@ -205,194 +202,97 @@ def triplet_grid(
     return out
 
 
-def apply(
-    probs: np.ndarray,
-    b_th: float,
-    r_th: float = 0.0,
-    min_component: int = 0,
-    gate_prob: float | None = None,
-    gate: float = 0.0,
-    triplet: tuple[float, float, float] | None = None,
-) -> np.ndarray:
-    """Post-process one (H, W) probability map (float, or uint8 meaning p/255) into a bool mask."""
-    values = probs.astype(np.float64) / 255.0 if probs.dtype == np.uint8 else probs
-    h, w = values.shape
-    scale = (FULL / h) * (FULL / w)
-    if gate_prob is not None and gate > 0 and gate_prob < gate:
-        return np.zeros((h, w), dtype=bool)
-    if triplet is not None:
-        top, area, bottom = triplet
-        if (values > top).sum() * scale < area:
-            return np.zeros((h, w), dtype=bool)
-        mask = values > bottom
-    else:
-        mask = values > b_th
-    if min_component > 0 and mask.any():
-        mask = remove_small(mask, min_component / scale)
-    if mask.sum() * scale < r_th:
-        return np.zeros((h, w), dtype=bool)
-    return mask
+@dataclass(frozen=True)
+class OOFPart:
+    """One fold's out-of-fold maps, their truth at the same size, and their gate probabilities."""
+
+    probs: np.ndarray  # (N, H, W) uint8 p*255 (a memory map is fine)
+    masks: np.ndarray  # (N, H, W) bool
+    gate: np.ndarray | None  # (N,) or None when the gate is off
 
 
-def remove_small(mask: np.ndarray, min_pixels: float) -> np.ndarray:
-    """Drop 8-connected components with fewer than ``min_pixels`` pixels."""
-    import cv2
+@dataclass(frozen=True)
+class SearchResult:
+    """The chosen decision, its low-resolution OOF score, and what it was compared with."""
 
-    n, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
-    keep = np.zeros(n, dtype=bool)
-    keep[1:] = stats[1:, cv2.CC_STAT_AREA] >= min_pixels
-    return keep[labels]
+    post: PostProcess
+    score: float  # mean Dice at the maps' resolution (the search's estimate)
+    all_empty_score: float
+    no_postprocess_score: float  # B-TH 0.5, nothing else
+    grid: np.ndarray  # (B, R) mean Dice at the chosen gate
+    b_values: list[float]
+    gates: list[float]
+    gate_best: np.ndarray  # (G,) best score at each gate
+    min_component_scores: dict[int, float] = field(default_factory=dict)
 
 
-def search(cfg: Any, exp_dir: Path, processed: Path) -> dict[str, Any]:
-    """Search post-processing on the out-of-fold predictions of every fold of an experiment.
-
-    Writes ``thresholds.json`` (chosen values, their score, the all-empty score, the score
-    at B-TH 0.5 without post-processing), ``grid.csv`` (every B-TH x R-TH at the chosen gate)
-    and ``heatmap.png``. Returns the JSON's content.
-    """
-    import pandas as pd
-
-    from . import files, prepare
-
-    pp = cfg.postprocess
-    size = cfg.segmentation.stages[-1].size
-    probs_parts, ids_parts = [], []
-    for k in range(cfg.data.n_folds):
-        fold_dir = exp_dir / f"fold{k}"
-        probs_parts.append(np.load(fold_dir / "oof.npy", mmap_mode="r"))
-        ids_parts.append(pd.read_csv(fold_dir / "oof_ids.csv", dtype={"image_id": str}))
-    ids = pd.concat(ids_parts, ignore_index=True)
-    masks_cache = prepare.load_cache(processed, "masks", "train", size)
-    # one pass per fold keeps memory at one fold's maps
-    b_values = list(pp.b_th.values())
-    extra = (
-        sorted({*pp.triplet_top, *pp.triplet_bottom, 0.5} - set(b_values))
-        if pp.triplet
-        else sorted({0.5} - set(b_values))
+def _pooled_counts(parts: Sequence[OOFPart], thresholds: list[float]) -> Counts:
+    """Counts of every part at every threshold, one part at a time (memory: one fold's maps)."""
+    counts = [threshold_counts(part.probs, part.masks, thresholds) for part in parts]
+    return Counts(
+        np.asarray(thresholds),
+        np.concatenate([c.pred for c in counts]),
+        np.concatenate([c.inter for c in counts]),
+        np.concatenate([c.true_area for c in counts]),
+        counts[0].scale,
     )
-    all_th = b_values + extra
-    parts = []
-    for probs, part in zip(probs_parts, ids_parts, strict=True):
-        masks = masks_cache[part["index"].to_numpy()] > 0
-        parts.append(threshold_counts(probs, masks, all_th))
-    counts = Counts(
-        np.asarray(all_th),
-        np.concatenate([c.pred for c in parts]),
-        np.concatenate([c.inter for c in parts]),
-        np.concatenate([c.true_area for c in parts]),
-        parts[0].scale,
-    )
-    gate_probs = None
-    gates = list(pp.gate) if cfg.classifier.enabled else [0.0]
-    if cfg.classifier.enabled:
-        oof = pd.concat(
-            [
-                pd.read_csv(exp_dir / "classifier" / f"fold{k}" / "oof.csv", dtype={"image_id": str})
-                for k in range(cfg.data.n_folds)
-            ]
-        )
-        gate_probs = ids["image_id"].map(dict(zip(oof["image_id"], oof["prob"], strict=True))).to_numpy(np.float64)
-        if np.isnan(gate_probs).any():
-            raise ValueError("classifier OOF probabilities are missing for some segmentation OOF images")
-    b_idx = np.arange(len(b_values))
-    sub = Counts(
-        counts.thresholds[b_idx], counts.pred[:, b_idx], counts.inter[:, b_idx], counts.true_area, counts.scale
-    )
+
+
+def _best_b_r(counts: Counts, n_b: int, gate_probs: np.ndarray | None, gates: list[float], pp: PostprocessConfig):
+    """The best (gate, B-TH, R-TH) over the grid; the first ``n_b`` thresholds of ``counts`` are B-TH's."""
+    sub = Counts(counts.thresholds[:n_b], counts.pred[:, :n_b], counts.inter[:, :n_b], counts.true_area, counts.scale)
     grid = gated_grid(sub, gate_probs, gates, pp.r_th)  # (G, B, R)
     g, b, r = np.unravel_index(int(np.argmax(grid)), grid.shape)
-    best = {
-        "rule": "b_r",
-        "b_th": b_values[b],
-        "r_th": int(pp.r_th[r]),
-        "gate": float(gates[g]),
-        "min_component": 0,
-        "score": float(grid[g, b, r]),
-    }
-    keep = None if gate_probs is None or gates[g] <= 0 else gate_probs >= gates[g]
+    post = PostProcess("b_r", float(counts.thresholds[b]), float(pp.r_th[r]), float(gates[g]))
+    return post, float(grid[g, b, r]), grid
+
+
+def _refine_components(
+    parts: Sequence[OOFPart], post: PostProcess, candidates: Sequence[int], n_images: int
+) -> dict[int, float]:
+    """Exact scores of minimum component sizes at the chosen B-TH/R-TH/gate (components are not
+    histogram-friendly)."""
+    scores = {}
+    for size in candidates:
+        rule = PostProcess(post.rule, post.b_th, post.r_th, post.gate, int(size))
+        total = 0.0
+        for part in parts:
+            for i in range(len(part.probs)):
+                gate = None if part.gate is None else float(part.gate[i])
+                pred = rule.decide(np.asarray(part.probs[i]), gate)
+                total += float(dice_from_counts((pred & part.masks[i]).sum(), pred.sum(), part.masks[i].sum()))
+        scores[int(size)] = total / n_images
+    return scores
+
+
+def search_oof(parts: Sequence[OOFPart], pp: PostprocessConfig) -> SearchResult:
+    """Search B-TH x R-TH x gate (and the triplet and minimum components when configured) on OOF maps."""
+    b_values = list(pp.b_th.values())
+    wanted = {0.5, *pp.triplet_top, *pp.triplet_bottom} if pp.triplet else {0.5}
+    all_th = b_values + sorted(wanted - set(b_values))
+    counts = _pooled_counts(parts, all_th)
+    gated = parts[0].gate is not None
+    gate_probs = np.concatenate([p.gate for p in parts]) if gated else None
+    gates = list(pp.gate) if gated else [0.0]
+    post, score, grid = _best_b_r(counts, len(b_values), gate_probs, gates, pp)
     if pp.triplet:
+        keep = None if gate_probs is None or post.gate <= 0 else gate_probs >= post.gate
         tgrid = triplet_grid(counts, pp.triplet_top, pp.triplet_area, pp.triplet_bottom, keep)
-        t, a, bt = np.unravel_index(int(np.argmax(tgrid)), tgrid.shape)
-        if tgrid[t, a, bt] > best["score"]:
-            best.update(
-                rule="triplet",
-                triplet=[float(pp.triplet_top[t]), int(pp.triplet_area[a]), float(pp.triplet_bottom[bt])],
-                score=float(tgrid[t, a, bt]),
-            )
-    comp_scores = {}
-    if any(c > 0 for c in pp.min_component) and best["rule"] == "b_r":
-        # Components are not histogram-friendly: refine at the chosen B-TH/R-TH/gate only, exactly.
-        for c in pp.min_component:
-            total = 0.0
-            for probs, part in zip(probs_parts, ids_parts, strict=True):
-                masks = masks_cache[part["index"].to_numpy()] > 0
-                gp = None if gate_probs is None else gate_probs[ids.index[ids["image_id"].isin(part["image_id"])]]
-                for i in range(len(part)):
-                    pred = apply(
-                        np.asarray(probs[i]),
-                        best["b_th"],
-                        best["r_th"],
-                        int(c),
-                        None if gp is None else float(gp[i]),
-                        best["gate"],
-                    )
-                    total += float(dice_from_counts((pred & masks[i]).sum(), pred.sum(), masks[i].sum()))
-            comp_scores[int(c)] = total / len(ids)
-        c_best = max(comp_scores, key=comp_scores.get)
-        if comp_scores[c_best] > best["score"]:
-            best.update(min_component=c_best, score=comp_scores[c_best])
+        t, a, c = np.unravel_index(int(np.argmax(tgrid)), tgrid.shape)
+        if tgrid[t, a, c] > score:
+            triplet = (float(pp.triplet_top[t]), float(pp.triplet_area[a]), float(pp.triplet_bottom[c]))
+            post, score = PostProcess("triplet", post.b_th, 0.0, post.gate, 0, triplet), float(tgrid[t, a, c])
+    component_scores = {}
+    if any(c > 0 for c in pp.min_component) and post.rule == "b_r":
+        component_scores = _refine_components(parts, post, pp.min_component, len(counts.true_area))
+        size = max(component_scores, key=component_scores.get)
+        if component_scores[size] > score:
+            post, score = PostProcess("b_r", post.b_th, post.r_th, post.gate, size), component_scores[size]
     all_empty = float((counts.true_area == 0).mean())
-    if all_empty > best["score"]:  # no candidate beats predicting nothing: say so and predict nothing
-        best.update(rule="empty", score=all_empty)
-    j05 = all_th.index(0.5)
-    plain = float(dice_from_counts(counts.inter[:, j05], counts.pred[:, j05], counts.true_area).mean())
-    result = {
-        **best,
-        "all_empty_score": all_empty,
-        "no_postprocess_score": plain,
-        "n_images": int(len(ids)),
-        "size": int(size),
-        "min_component_scores": comp_scores,
-    }
-    frame = pd.DataFrame(grid[g], index=pd.Index(b_values, name="b_th"), columns=[f"r_th={int(x)}" for x in pp.r_th])
-    files.write_csv(exp_dir / "grid.csv", frame.reset_index())
-    if gate_probs is not None:
-        gate_table = pd.DataFrame({"gate": gates, "best_score": grid.reshape(len(gates), -1).max(axis=1)})
-        files.write_csv(exp_dir / "gate_scores.csv", gate_table)
-    plot_heatmap(
-        grid[g],
-        b_values,
-        list(pp.r_th),
-        exp_dir / "heatmap.png",
-        f"OOF Dice (gate {gates[g]:g}); best {grid[g, b, r]:.4f} at B-TH {b_values[b]:g}, R-TH {int(pp.r_th[r])}",
-    )
-    files.write_json(exp_dir / "thresholds.json", result)
-    return result
-
-
-def plot_heatmap(grid: np.ndarray, b_values: list[float], r_values: list[float], path: Path, title: str) -> None:
-    """Heatmap of Dice over B-TH (y) x R-TH (x)."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    from . import files
-
-    fig, ax = plt.subplots(figsize=(6, 5))
-    im = ax.imshow(
-        grid,
-        aspect="auto",
-        origin="lower",
-        cmap="viridis",
-        extent=(-0.5, len(r_values) - 0.5, b_values[0], b_values[-1]) if len(b_values) > 1 else None,
-    )
-    ax.set_xticks(range(len(r_values)), [str(int(r)) for r in r_values], rotation=45)
-    ax.set_xlabel("R-TH (pixels at 1024x1024)")
-    ax.set_ylabel("B-TH")
-    ax.set_title(title, fontsize=9)
-    fig.colorbar(im, ax=ax, label="mean Dice")
-    fig.tight_layout()
-    with files.atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=90)
-    plt.close(fig)
+    if all_empty > score:  # no candidate beats predicting nothing: say so and predict nothing
+        post, score = PostProcess("empty", post.b_th, post.r_th, post.gate), all_empty
+    j = all_th.index(0.5)
+    plain = float(dice_from_counts(counts.inter[:, j], counts.pred[:, j], counts.true_area).mean())
+    g = gates.index(post.gate) if post.gate in gates else 0
+    gate_best = grid.reshape(len(gates), -1).max(axis=1)
+    return SearchResult(post, score, all_empty, plain, grid[g], b_values, gates, gate_best, component_scores)

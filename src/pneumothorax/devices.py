@@ -1,11 +1,9 @@
-"""What segmentation and classifier training share: devices, DDP, AMP, checkpoints, RNG state, logs."""
+"""Where tensors run: the device, mixed precision, and the DDP process group with its collectives."""
 
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
-import random
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,8 +13,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
-
-from . import data, files
 
 
 class DeviceError(RuntimeError):
@@ -174,30 +170,6 @@ def mean_over_ranks(total: torch.Tensor, count: torch.Tensor, runtime: Runtime) 
     return total_all / max(1.0, count_all)
 
 
-@torch.no_grad()
-def update_bn(model: nn.Module, loader: Any, runtime: Runtime, amp: str, channels: int, channels_last: bool) -> None:
-    """Recompute the batch-norm statistics of ``model`` (SWA weights) from ``loader``, as
-    ``torch.optim.swa_utils.update_bn`` does, but under autocast and in channels_last, over the
-    images the caller chose; under DDP each rank passes its share and the statistics are averaged."""
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    if not norms:
-        return
-    momenta = [bn.momentum for bn in norms]
-    for bn in norms:
-        bn.reset_running_stats()
-        bn.momentum = None  # a cumulative average over every batch
-    training = model.training
-    model.train()
-    for images, _ in loader:
-        with autocast(runtime.device, amp):
-            model(data.model_input(images, channels, runtime.device, channels_last))
-    for bn, momentum in zip(norms, momenta, strict=True):
-        bn.momentum = momentum
-        for stat in (bn.running_mean, bn.running_var):
-            sum_over_ranks(stat, runtime).div_(runtime.world_size)
-    model.train(training)
-
-
 def compiled(net: nn.Module, enabled: bool) -> nn.Module:
     """``torch.compile(net)`` when asked (checkpoints keep coming from the uncompiled module)."""
     return torch.compile(net) if enabled else net
@@ -214,137 +186,13 @@ def wrap_ddp(model: nn.Module, runtime: Runtime, sync_bn: bool = False) -> nn.Mo
     return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids, process_group=runtime.group)
 
 
-def autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManager:
-    """Mixed precision on CUDA (bf16 or fp16); a no-op on CPU or with ``amp='none'``."""
-    if device.type != "cuda" or amp == "none":
-        return contextlib.nullcontext()
-    return torch.autocast("cuda", dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
-
-
-def seed_everything(seed: int, deterministic: bool = False) -> None:
-    """Seed Python, NumPy and torch. ``deterministic``: torch's deterministic kernels (slower on GPU,
-    and every new allocation is filled); otherwise cuDNN picks the fastest kernels (``benchmark``)."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-    if deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS (read at first use)
-    torch.backends.cudnn.benchmark = not deterministic
-    torch.use_deterministic_algorithms(deterministic, warn_only=True)
-
-
-def rng_state() -> dict[str, Any]:
-    """All RNG states, for a checkpoint."""
-    state = {
-        "python": random.getstate(),
-        "numpy": _numpy_state(),
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():  # the current device only: a resume may see fewer GPUs
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    """Restore :func:`rng_state`'s output."""
-    random.setstate(_to_tuple(state["python"]))
-    name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        cuda = state["cuda"]
-        torch.cuda.set_rng_state(cuda[0] if isinstance(cuda, list | tuple) else cuda)  # older states: one per GPU
-
-
-def _numpy_state() -> tuple[Any, ...]:
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    return (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached))
-
-
-def _to_tuple(value: Any) -> Any:
-    if isinstance(value, list):
-        return tuple(_to_tuple(v) for v in value)
-    return value
-
-
-def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """``torch.save`` atomically."""
-    with files.atomic_path(path) as tmp:
-        torch.save(state, tmp)
-
-
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    """Load a checkpoint safely (``weights_only=True``; RNG states are plain containers)."""
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
 def unwrap(model: nn.Module) -> nn.Module:
     """The module inside DDP (or the model itself)."""
     return model.module if hasattr(model, "module") else model
 
 
-def cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """A CPU copy of a model's state dict (DDP unwrapped)."""
-    return {k: v.detach().to("cpu", copy=True) for k, v in unwrap(model).state_dict().items()}
-
-
-def make_logger(path: Path | None, name: str, enabled: bool = True) -> logging.Logger:
-    """A logger that writes to ``path`` (appending: a resumed run keeps its history) and stderr."""
-    logger = logging.getLogger(f"pneumothorax.{name}.{os.getpid()}")
-    logger.handlers.clear()
-    logger.setLevel(logging.INFO if enabled else logging.WARNING)
-    logger.propagate = False
-    fmt = logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S")
-    if path is not None and enabled:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handler = logging.FileHandler(path)
-        handler.setFormatter(fmt)
-        logger.addHandler(handler)
-    return logger
-
-
-def optimizer_for(params: Any, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    """Adam (AdamW when weight decay is set)."""
-    if weight_decay:
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    return torch.optim.Adam(params, lr=lr)
-
-
-def scheduler_for(
-    opt: torch.optim.Optimizer, kind: str, epochs: int, min_lr: float, factor: float = 0.2, patience: int = 5
-) -> Any:
-    """Per-epoch schedule: cosine annealing to ``min_lr``, ReduceLROnPlateau on the val score, or constant."""
-    if kind == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, epochs), eta_min=min_lr)
-    if kind == "plateau":
-        return torch.optim.lr_scheduler.ReduceLROnPlateau(
-            opt, mode="max", factor=factor, patience=patience, min_lr=min_lr
-        )
-    if kind == "constant":
-        return torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
-    raise ValueError(f"unknown scheduler {kind!r}; choose cosine, plateau or constant")
-
-
-def plot_curves(metrics: Any, path: Path, columns: list[tuple[str, str]]) -> None:
-    """Plot training curves (pairs of column and title) from a metrics DataFrame into a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(columns), figsize=(4.5 * len(columns), 3.4))
-    for ax, (column, title) in zip(np.atleast_1d(axes), columns, strict=True):
-        for kind, part in metrics.groupby("kind"):
-            if column in part and part[column].notna().any():
-                ax.plot(part["epoch"], part[column], "o-" if kind != "epoch" else "-", label=kind, ms=4)
-        ax.set_title(title)
-        ax.set_xlabel("epoch")
-        ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8)
-        else:  # e.g. a validation column before any validation ran
-            ax.text(0.5, 0.5, "no values", ha="center", va="center", transform=ax.transAxes)
-    fig.tight_layout()
-    with files.atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=90)
-    plt.close(fig)
+def autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManager:
+    """Mixed precision on CUDA (bf16 or fp16); a no-op on CPU or with ``amp='none'``."""
+    if device.type != "cuda" or amp == "none":
+        return contextlib.nullcontext()
+    return torch.autocast("cuda", dtype=torch.bfloat16 if amp == "bf16" else torch.float16)

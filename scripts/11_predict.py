@@ -1,0 +1,28 @@
+"""Predict pneumothorax on new images (DICOM, PNG, JPEG) with a trained experiment or ensemble.
+
+make predict INPUT=/path/to/folder EXP=demo      -> predictions/demo-folder/
+"""
+
+from pathlib import Path
+
+from pneumothorax import cli, predict
+from pneumothorax.paths import ExperimentDir
+
+
+def main() -> None:
+    p = cli.parser(__doc__, config=False)
+    p.add_argument("--exp-dir", required=True, help="models/<exp or ensemble>")
+    p.add_argument("--input", required=True, help="folder of images (searched recursively)")
+    p.add_argument("--out", required=True, help="predictions/<name>")
+    p.add_argument("--device", default=None)
+    args = p.parse_args()
+    table = predict.predict_folder(
+        ExperimentDir(Path(args.exp_dir)), Path(args.input), Path(args.out), args.device, not args.quiet
+    )
+    failed = (table["error"] != "").sum()
+    positive = table["has_pneumothorax"].fillna(False).astype(bool).sum()
+    print(f"{len(table)} images ({failed} unreadable), {positive} with pneumothorax -> {args.out}/predictions.csv")
+
+
+if __name__ == "__main__":
+    cli.run(main)

@@ -1,0 +1,79 @@
+"""Ensembles: the blend is the weighted mean at one resolution, search picks a better blend, test maps follow."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+
+from pneumothorax import config, ensemble, prepare, submission
+from pneumothorax.paths import ExperimentDir, ProcessedDir
+
+
+def _member(name, size, tmp_path, processed, finished_folds, maps_of):
+    cfg = config.load(
+        "tiny", ["classifier.enabled=false", "postprocess.gate=[0.0]", f"segmentation.stages.1.size={size}"]
+    )
+    cfg = cfg.__class__(**{**cfg.__dict__, "name": name})
+    exp = ExperimentDir(tmp_path / "models" / name, size)
+    exp.root.mkdir(parents=True)
+    shutil.copy(processed / "folds.csv", exp.folds)
+    finished_folds(cfg, exp, processed, maps_of, size)
+    meta = pd.read_csv(processed / "metadata.csv", dtype={"image_id": str}, keep_default_na=False)
+    test = meta[meta["split"] == "test"].sort_values("index").reset_index(drop=True)
+    exp.test.mkdir()
+    rng = np.random.default_rng(size)
+    np.save(exp.test_maps, rng.integers(0, 256, (len(test), size, size), dtype=np.uint8))
+    pd.DataFrame({"image_id": test["image_id"], "row": np.arange(len(test)), "error": ""}).to_csv(
+        exp.test_ids, index=False
+    )
+    pd.DataFrame({"image_id": test["image_id"], "prob": 1.0}).to_csv(exp.test_gate, index=False)
+    return ensemble.Member(cfg, exp)
+
+
+def test_an_ensemble_blends_at_one_size_and_searches_its_weights(processed, tmp_path, finished_folds):
+    rng = np.random.default_rng(0)
+    good = _member("good", 64, tmp_path, processed, finished_folds, lambda m: ((m > 0) * 200).astype(np.uint8))
+    noisy = _member(
+        "noisy", 32, tmp_path, processed, finished_folds, lambda m: rng.integers(0, 256, m.shape, dtype=np.uint8)
+    )
+    out = ExperimentDir(tmp_path / "models" / "ens", 64)
+    record = ensemble.build([good, noisy], out, ProcessedDir(processed), "equal", progress=False)
+    assert record["weights"] == [0.5, 0.5] and record["size"] == 64
+    ids = pd.read_csv(out.blended_ids, dtype={"image_id": str})
+    blended = np.load(out.blended_oof)
+    maps_a, maps_b = ensemble.oof_maps(good)[0], ensemble.oof_maps(noisy)[0]
+    first = ids["image_id"].iloc[0]
+    a = maps_a.read([first], 64)[0]
+    b = cv2.resize(maps_b.read([first], 32)[0], (64, 64), interpolation=cv2.INTER_LINEAR)
+    np.testing.assert_allclose(blended[0] / 255.0, (a + b) / 2, atol=1 / 255 + 1e-6)  # the mean, at the largest size
+    assert sorted(ids["image_id"]) == sorted(ensemble.oof_maps(good)[1]["image_id"])
+
+    searched = ensemble.build([good, noisy], out, ProcessedDir(processed), "search", progress=False)
+    assert searched["weights"][0] > searched["weights"][1]  # the good member weighs more
+    assert searched["score_search"] >= record["score_search"] - 1e-12
+    tried = {tuple(t["weights"]): t["score_search"] for t in searched["weights_tried"]}
+    assert searched["score_search"] == pytest.approx(max(tried.values())) and (1.0, 0.0) in tried
+
+    saved = json.loads(out.postprocess.read_text())
+    assert saved["full_resolution"]["n_images"] == 300 and saved["score_full_resolution"] > 0.8
+    test_ids = pd.read_csv(out.test_ids, dtype={"image_id": str}, keep_default_na=False)
+    expected, _ = prepare.expected_test_ids(processed)
+    assert sorted(test_ids["image_id"]) == sorted(expected) and np.load(out.test_maps).shape == (len(test_ids), 64, 64)
+    frame = submission.make_submission(out, ProcessedDir(processed), tmp_path / "ens.csv", progress=False)
+    assert len(frame) == len(expected)
+    summary = ensemble.report(searched, out, None).read_text()
+    assert "good" in summary and "noisy" in summary and f"{searched['score_full_resolution']:.4f}"[:5] in summary
+
+
+def test_members_must_cover_the_same_images(processed, tmp_path, finished_folds):
+    good = _member("a", 64, tmp_path, processed, finished_folds, lambda m: ((m > 0) * 200).astype(np.uint8))
+    other = _member("b", 64, tmp_path, processed, finished_folds, lambda m: ((m > 0) * 200).astype(np.uint8))
+    ids = pd.read_csv(other.exp.test_ids)
+    ids.iloc[:-1].to_csv(other.exp.test_ids, index=False)
+    with pytest.raises(ValueError, match="b's test images and a's differ"):
+        ensemble.build([good, other], ExperimentDir(tmp_path / "ens", 64), ProcessedDir(processed), progress=False)

@@ -1,0 +1,59 @@
+"""Prediction on new images: any size and format, masks at the image's own size, a row for every file."""
+
+from __future__ import annotations
+
+import json
+
+import cv2
+import numpy as np
+import pandas as pd
+import pydicom
+import torch
+
+from pneumothorax import config, predict, rle
+from pneumothorax.paths import ExperimentDir
+from pneumothorax.postprocess import PostProcess
+
+from .conftest import DCM_301
+
+
+class Bright(torch.nn.Module):
+    """Predicts pneumothorax where the input is bright: a known answer to check sizes and placement against."""
+
+    def forward(self, x):
+        return (x[:, :1] - 1.0) * 20
+
+
+def test_predict_writes_a_row_mask_and_overlay_per_file(tmp_path, monkeypatch):
+    folder = tmp_path / "new"
+    (folder / "sub").mkdir(parents=True)
+    wide = np.zeros((300, 400), np.uint16)
+    wide[100:200, 50:150] = 60000  # a bright square in a 16-bit, non-square PNG
+    cv2.imwrite(str(folder / "wide.png"), wide)
+    colour = np.zeros((256, 256, 3), np.uint8)
+    cv2.imwrite(str(folder / "sub" / "dark.jpg"), colour)
+    (folder / "broken.png").write_bytes(b"not a png")
+    with pydicom.dcmread(DCM_301) as ds:
+        ds.save_as(folder / "real.dcm")
+    exp = ExperimentDir(tmp_path / "models" / "toy", 64)
+    exp.root.mkdir(parents=True)
+    exp.postprocess.write_text(json.dumps({"postprocess": PostProcess("b_r", 0.5, 0.0).to_dict()}))
+    cfg = config.load("tiny", ["classifier.enabled=false", "infer.tta=[hflip]"])
+    monkeypatch.setattr(predict, "load_members", lambda e, d: ([predict.Member(cfg, 1.0, [Bright()], [])], 64))
+    table = predict.predict_folder(exp, folder, tmp_path / "out", device="cpu", progress=False).set_index("file")
+    assert sorted(table.index) == ["broken.png", "real.dcm", "sub/dark.jpg", "wide.png"]  # every file has its row
+    assert "not a readable image" in table.loc["broken.png", "error"] and pd.isna(table.loc["broken.png", "rle"])
+    row = table.loc["wide.png"]
+    assert (row["width"], row["height"]) == (400, 300) and row["has_pneumothorax"]
+    mask = cv2.imread(str(tmp_path / "out" / "masks" / "wide.png"), cv2.IMREAD_GRAYSCALE) > 0
+    assert mask.shape == (300, 400) and mask[150, 100] and not mask[20, 300]  # at the image's size, in place
+    assert abs(int(mask.sum()) - 100 * 100) < 0.15 * 100 * 100 and row["area_px"] == mask.sum()
+    assert (rle.decode(row["rle"], (300, 400)) > 0).tolist() == mask.tolist()
+    assert not table.loc["sub/dark.jpg", "has_pneumothorax"] and table.loc["sub/dark.jpg", "rle"] == "-1"
+    spacing = pydicom.dcmread(DCM_301).PixelSpacing
+    real = table.loc["real.dcm"]
+    assert real["area_px"] > 0  # bright bone, for this model
+    assert real["area_mm2"] == round(real["area_px"] * float(spacing[0]) * float(spacing[1]), 2)
+    assert (tmp_path / "out" / "overlays" / "sub__dark.png").exists()
+    overlay = cv2.imread(str(tmp_path / "out" / "overlays" / "wide.png"))
+    assert overlay.shape == (300, 400, 3) and (overlay[..., 2] > overlay[..., 0] + 100).any()  # a red outline

@@ -1,0 +1,121 @@
+"""Scaling out: one job per GPU from a pool (locks, queueing), torchrun over two nodes, and Make's commands."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from pneumothorax import checkpoints, gpus, paths
+
+RECORD = (
+    "import json, os, sys, time; start = time.time(); time.sleep(0.6); "
+    "print(json.dumps({'job': sys.argv[1], 'gpus': os.environ['CUDA_VISIBLE_DEVICES'], "
+    "'start': start, 'end': time.time()}))"
+)
+
+
+def _pool_job(job: int, ids: str, lock_dir, per_job: int = 1) -> subprocess.Popen:
+    command = [sys.executable, "-m", "pneumothorax.gpus", "--gpus", ids, "--per-job", str(per_job)]
+    command += ["--lock-dir", str(lock_dir), "--", sys.executable, "-c", RECORD, str(job)]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_five_jobs_queue_on_a_pool_of_two_fake_gpus(tmp_path):
+    started = time.time()
+    jobs = [_pool_job(k, "0,1", tmp_path) for k in range(5)]
+    runs = [json.loads(job.communicate(timeout=60)[0]) for job in jobs]
+    assert all(job.returncode == 0 for job in jobs) and len(runs) == 5
+    assert {run["gpus"] for run in runs} <= {"0", "1"}
+    for a in runs:  # no GPU ever runs two jobs at once, and never more than two jobs run
+        overlapping = [b for b in runs if b is not a and b["start"] < a["end"] and a["start"] < b["end"]]
+        assert all(b["gpus"] != a["gpus"] for b in overlapping) and len(overlapping) <= 1
+    assert time.time() - started >= 3 * 0.6  # five 0.6 s jobs on two GPUs take three rounds at least
+
+
+def test_a_job_takes_several_gpus_at_once_and_a_dead_job_frees_them(tmp_path):
+    runs = [json.loads(j.communicate(timeout=60)[0]) for j in [_pool_job(k, "0,1,2", tmp_path, 2) for k in range(2)]]
+    assert sorted(len(run["gpus"].split(",")) for run in runs) == [2, 2]
+    first, second = sorted(runs, key=lambda run: run["start"])
+    assert second["start"] >= first["end"] - 0.05  # 2 + 2 GPUs do not fit in 3: the second job waited
+    held = subprocess.Popen(
+        [sys.executable, "-m", "pneumothorax.gpus", "--gpus", "7", "--lock-dir", str(tmp_path), "--", "sleep", "30"]
+    )
+    time.sleep(1.0)
+    held.kill()  # killed while holding GPU 7: the kernel drops its lock
+    held.wait()
+    with gpus.claimed(["7"], 1, tmp_path, say=False) as mine:
+        assert mine == ["7"]
+    with pytest.raises(ValueError, match="needs 3 GPU"):
+        gpus.run(["true"], ["0", "1"], per_job=3, lock_dir=tmp_path)
+
+
+def _make_plan(*args: str) -> str:
+    cmd = ["make", "--no-print-directory", "-C", str(paths.ROOT), "-n", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120).stdout
+
+
+def test_make_wraps_training_in_the_pool_and_torchrun_over_nodes(tmp_path):
+    where = [f"MODELS_DIR={tmp_path}", f"PROCESSED={tmp_path}/p", "DATA_DIR=/nonexistent", "EXP=tiny"]
+    plan = _make_plan("train", "GPUS=0,1,2,3", *where).splitlines()
+    pooled = [line for line in plan if "03_train" in line or "04_train" in line]
+    assert len(pooled) == 4 and all("-m pneumothorax.gpus --gpus 0,1,2,3 --per-job 1" in line for line in pooled)
+    nodes = _make_plan("train-seg", "FOLD=1", "NNODES=2", "NPROC=4", "RDZV_ENDPOINT=node1:29500", "LAUNCH=srun", *where)
+    line = next(line for line in nodes.splitlines() if "04_train_segmentation" in line)
+    assert line.startswith("srun ") and "--nproc_per_node=4 --nnodes=2" in line
+    assert "--rdzv_backend=c10d --rdzv_endpoint=node1:29500 --rdzv_id=tiny-fold1" in line
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _torchrun(*launch: str, exp, processed) -> list[str]:
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    script = [str(paths.ROOT / "scripts" / "04_train_segmentation.py"), "--config", "tiny", "--fold", "0"]
+    return [torchrun, *launch, *script, "--processed", str(processed), "--exp-dir", str(exp.root), "--device", "cpu"]
+
+
+@pytest.mark.slow
+def test_one_fold_over_two_nodes_equals_two_processes_on_one(processed, exp, tmp_path):
+    """Two torchrun launches with --nnodes=2 (c10d rendezvous on localhost, gloo) train one tiny fold."""
+    import shutil
+
+    from pneumothorax.paths import ExperimentDir
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    port = _free_port()
+    nodes = [
+        f"--nnodes=2 --nproc_per_node=1 --node_rank={rank} --rdzv_backend=c10d "
+        f"--rdzv_endpoint=127.0.0.1:{port} --rdzv_id=test-2-nodes".split()
+        for rank in (0, 1)
+    ]
+    launched = [
+        subprocess.Popen(_torchrun(*n, exp=exp, processed=processed), env=env, stderr=subprocess.PIPE, text=True)
+        for n in nodes
+    ]
+    errors = [p.communicate(timeout=900)[1] for p in launched]
+    assert [p.returncode for p in launched] == [0, 0], errors[0][-2000:] + errors[1][-2000:]
+    single = ExperimentDir(tmp_path / "single-node", 64)
+    single.root.mkdir()
+    shutil.copy(exp.folds, single.folds)
+    one = subprocess.run(
+        _torchrun("--standalone", "--nproc_per_node=2", exp=single, processed=processed),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert one.returncode == 0, one.stderr[-2000:]
+    a = checkpoints.load_checkpoint(exp.segmenter(0).model)["state_dict"]
+    b = checkpoints.load_checkpoint(single.segmenter(0).model)["state_dict"]
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)  # the same two ranks, the same sums

@@ -1,0 +1,99 @@
+"""The one training engine on a task of the test's own: gradient accumulation equals the larger batch."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from pneumothorax import checkpoints, devices
+from pneumothorax.paths import RunDir
+from pneumothorax.trainer import Phase, Precision, Settings, Trainer
+
+
+class Pairs(Dataset):
+    """uint8 images whose target is a fixed linear function of them (a task any conv net can fit)."""
+
+    def __init__(self, n: int = 32) -> None:
+        rng = np.random.default_rng(0)
+        self.x = torch.from_numpy(rng.integers(0, 255, (n, 1, 8, 8), dtype=np.uint8))
+        self.y = (self.x.float() / 255 > 0.5).float()
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int):
+        return self.x[i], self.y[i]
+
+
+class Ordered(torch.utils.data.Sampler):
+    """The same order every epoch, whatever the batch size (set_epoch is the trainer's hook)."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        return iter(np.random.default_rng(self.epoch).permutation(self.n).tolist())
+
+    def __len__(self) -> int:
+        return self.n
+
+
+class NoNormTask:
+    """A batch-norm-free conv net: its gradients do not depend on how a batch is split."""
+
+    curves = [("train_loss", "train loss"), ("val_loss", "val loss")]
+    log_keys = ("val_loss",)
+    select_from = 0
+    precision = Precision()
+    label = "toy"
+
+    def __init__(self, batch: int, accumulate: int) -> None:
+        self.batch = batch
+        self.phases = (Phase(epochs=2, lr=0.01, batch_size=batch, size=8, accumulate=accumulate),)
+        self.data = Pairs()
+
+    def build_model(self, log) -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 1, 3, padding=1))
+
+    def loaders(self, p, runtime):
+        sampler = Ordered(len(self.data))
+        return DataLoader(self.data, batch_size=self.batch, sampler=sampler), sampler
+
+    def loss(self, outputs, targets):
+        return nn.functional.binary_cross_entropy_with_logits(outputs, targets)
+
+    def validate(self, model, p, runtime):
+        with torch.no_grad():
+            x = (self.data.x.float() / 255 - 0.5) / 0.25
+            return {"val_loss": float(self.loss(model(x), self.data.y))}
+
+    def monitor(self, scores):
+        return -scores["val_loss"]
+
+    def bn_loader(self, p, runtime):
+        raise NotImplementedError
+
+    def finish(self, run, runtime, progress):
+        return {}, "last"
+
+
+def _train(tmp_path, name: str, batch: int, accumulate: int) -> dict:
+    settings = Settings(0, False, False, 1, {"batch": batch, "accumulate": accumulate}, "toy: true\n")
+    run = RunDir(tmp_path / name)
+    Trainer(NoNormTask(batch, accumulate), run, settings, devices.Runtime(torch.device("cpu")), progress=False).fit()
+    return checkpoints.load_checkpoint(run.model)["state_dict"]
+
+
+def test_gradient_accumulation_equals_the_larger_batch(tmp_path):
+    big = _train(tmp_path, "big", 8, 1)
+    accumulated = _train(tmp_path, "acc", 4, 2)
+    small = _train(tmp_path, "small", 4, 1)
+    for key in big:
+        torch.testing.assert_close(accumulated[key], big[key], rtol=1e-5, atol=1e-6)
+    assert any(not torch.allclose(small[key], big[key], atol=1e-4) for key in big)  # a smaller batch alone differs
