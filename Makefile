@@ -32,6 +32,8 @@ SYNTH_SEED  ?= 0
 SYNTH_TRAIN ?= 500
 SYNTH_TEST  ?= 100
 SYNTH_LAYOUT ?= stage2
+SYNTH_DIFFICULTY ?= default
+SYNTH_KNOBS ?=
 
 VENV     := .venv
 PY       := $(VENV)/bin/python
@@ -90,7 +92,7 @@ endif
 TRAIN_INPUTS := $(PROCESSED)/inputs-train.json
 TEST_INPUTS  := $(PROCESSED)/inputs-test.json
 NO_DATA_GOALS := help install test test-fast lint bench bench-data bench-train bench-post clean clean-models synthetic demo print-paths \
-  predict leaderboard ensemble
+  predict leaderboard ensemble ablation
 ifneq ($(filter-out $(NO_DATA_GOALS),$(or $(MAKECMDGOALS),help)),)
 MANIFEST_ERROR := $(shell [ -x $(PY) ] && $(PY) -m pneumothorax.query manifest --data-dir $(DATA_DIR) \
   --processed $(PROCESSED) --patient-map $(PATIENT_MAP) $(if $(TRAIN_CSV),--train-csv $(TRAIN_CSV)) \
@@ -111,7 +113,7 @@ LAYOUT_ARGS := $(if $(TRAIN_CSV),--train-csv $(TRAIN_CSV)) $(foreach d,$(TRAIN_D
 
 .PHONY: help install demo synthetic prepare folds pretrain train train-seg train-cls infer search submit score report \
         test test-fast lint bench bench-data bench-train bench-post clean clean-models print-paths ensemble predict \
-        leaderboard
+        leaderboard ablation
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_%/-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | column -t -s $$'\t'
@@ -128,10 +130,10 @@ demo: install ## the whole pipeline on a synthetic world, on CPU, in minutes
 	$(MAKE) --no-print-directory synthetic EXP=demo
 	$(MAKE) --no-print-directory prepare folds train infer search submit score report EXP=demo
 
-synthetic: $(DATA_DIR)/world.json ## write a synthetic world into DATA_DIR (SYNTH_SEED, SYNTH_TRAIN, SYNTH_TEST, SYNTH_LAYOUT=stage2|stage1)
+synthetic: $(DATA_DIR)/world.json ## a synthetic world in DATA_DIR (SYNTH_SEED, SYNTH_TRAIN, SYNTH_TEST, SYNTH_LAYOUT, SYNTH_DIFFICULTY)
 $(DATA_DIR)/world.json: | $(INSTALLED)
 	$(PY) scripts/00_make_synthetic.py --out $(DATA_DIR) --seed $(SYNTH_SEED) --n-train $(SYNTH_TRAIN) --n-test $(SYNTH_TEST) \
-	  --layout $(SYNTH_LAYOUT) $(Q)
+	  --layout $(SYNTH_LAYOUT) --difficulty $(SYNTH_DIFFICULTY) $(SYNTH_KNOBS) $(Q)
 
 $(TRAIN_INPUTS) $(TEST_INPUTS):
 	@echo "error: $(or $(MANIFEST_ERROR),$@ is missing: cannot tell which inputs DATA_DIR=$(DATA_DIR) holds)" >&2; exit 2
@@ -206,6 +208,12 @@ PRED_NAME ?= $(EXP)-$(notdir $(abspath $(INPUT)))
 predict: | $(INSTALLED) ## new DICOM/PNG/JPEG images: INPUT=<folder> EXP=<exp or ensemble> -> predictions/<EXP>-<folder>/
 	@[ -n "$(INPUT)" ] || { echo 'error: name the images: make predict INPUT=<folder> EXP=<exp or ensemble>' >&2; exit 2; }
 	$(PY) scripts/11_predict.py --exp-dir $(MODELS) --input $(INPUT) --out $(PREDICTIONS_DIR)/$(PRED_NAME) $(Q)
+
+ABLATION_WORLDS ?= 0
+ABLATION_SEEDS  ?= 0 1
+ablation: | $(INSTALLED) ## the recipe's ablation on synthetic worlds -> models/EXP/ablation/ablation.md (ABLATION_WORLDS, ABLATION_SEEDS)
+	$(PY) scripts/13_ablation.py --config $(CONFIG) --out $(MODELS)/ablation --worlds $(ABLATION_WORLDS) \
+	  --seeds $(ABLATION_SEEDS) --n-train $(SYNTH_TRAIN) --n-test $(SYNTH_TEST) --difficulty $(SYNTH_DIFFICULTY) $(Q)
 
 leaderboard: | $(INSTALLED) ## every experiment and ensemble under MODELS_DIR, best OOF first -> models/leaderboard.md, .csv
 	$(PY) scripts/12_leaderboard.py --models-dir $(MODELS_DIR)

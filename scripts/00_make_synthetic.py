@@ -1,4 +1,8 @@
-"""Write a synthetic SIIM-ACR world in today's (stage2) or the stage-1 layout (see pneumothorax.synthetic)."""
+"""Write a synthetic world in today's (stage2) or the stage-1 layout (see pneumothorax.synthetic).
+
+Difficulty: --difficulty default|hard|harder sets the three knobs; --noise, --contrast and
+--lesion-scale override one of them (1.0 = the default world).
+"""
 
 from pneumothorax import cli, synthetic
 
@@ -11,10 +15,21 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=None)
     p.add_argument("--layout", choices=synthetic.LAYOUTS, default="stage2", help="stage2 = today's download")
+    p.add_argument("--difficulty", choices=sorted(synthetic.DIFFICULTIES), default="default")
+    p.add_argument("--noise", type=float, default=None, help="noise amplitude (x the default's)")
+    p.add_argument("--contrast", type=float, default=None, help="pneumothorax contrast against lung (x the default's)")
+    p.add_argument("--lesion-scale", type=float, default=None, help="linear size of each pneumothorax (x)")
     args = p.parse_args()
-    spec = synthetic.WorldSpec(n_train=args.n_train, n_test=args.n_test, seed=args.seed, layout=args.layout)
+    knobs = dict(synthetic.DIFFICULTIES[args.difficulty])
+    knobs.update({k: v for k, v in (("noise", args.noise), ("contrast", args.contrast)) if v is not None})
+    if args.lesion_scale is not None:
+        knobs["lesion_scale"] = args.lesion_scale
+    spec = synthetic.WorldSpec(n_train=args.n_train, n_test=args.n_test, seed=args.seed, layout=args.layout, **knobs)
     out = synthetic.make_world(args.out, spec, args.workers, progress=not args.quiet)
-    print(f"synthetic world: {out} ({spec.layout} layout, {spec.n_train} train, {spec.n_test} test, seed {spec.seed})")
+    print(
+        f"synthetic world: {out} ({spec.layout} layout, {spec.n_train} train, {spec.n_test} test, seed {spec.seed}, "
+        f"noise x{spec.noise:g}, contrast x{spec.contrast:g}, lesions x{spec.lesion_scale:g})"
+    )
 
 
 if __name__ == "__main__":

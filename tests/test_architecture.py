@@ -31,7 +31,7 @@ LAYERS = [
     {"checkpoints", "trainer", "segmentation", "classifier"},
     {"infer"},
     {"postprocess", "thresholds", "submission"},
-    {"steps", "report", "ensemble", "predict", "leaderboard", "cli", "query"},
+    {"steps", "report", "ensemble", "predict", "leaderboard", "ablation", "cli", "query"},
 ]
 LAYER_OF = {name: k for k, layer in enumerate(LAYERS) for name in layer}
 

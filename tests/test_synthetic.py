@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pydicom
+import pytest
 
 from pneumothorax import dicom, rle, synthetic
 
@@ -45,3 +46,31 @@ def test_seeded(tmp_path):
     pa = sorted(a.rglob("*.dcm"))[0]
     pb = sorted(b.rglob("*.dcm"))[0]
     assert (dicom.read(pa)[0] == dicom.read(pb)[0]).all()
+
+
+def test_a_hard_world_has_smaller_fainter_noisier_pneumothoraces(tmp_path):
+    easy = synthetic.WorldSpec(n_train=24, n_test=0, seed=3, positive_rate=0.6)
+    hard = synthetic.WorldSpec(**{**easy.__dict__, **synthetic.DIFFICULTIES["hard"]})
+    worlds = {
+        name: synthetic.make_world(tmp_path / name, spec, workers=2, progress=False)
+        for name, spec in (("easy", easy), ("hard", hard))
+    }
+    labels = {name: rle.read_labels(w / "train-rle.csv") for name, w in worlds.items()}
+    assert [bool(v) for v in labels["easy"].values()] == [bool(v) for v in labels["hard"].values()]  # same images
+    area = {n: np.array([rle.decode_union(v).sum() for v in labels[n].values() if v]) for n in labels}
+    np.testing.assert_allclose(area["hard"] / area["easy"], 0.7**2, rtol=0.15)  # lesion_scale 0.7, linear
+    contrast, noise = {}, {}
+    for name, world in worlds.items():
+        gaps, grains = [], []
+        for path in sorted((world / "dicom-images-train").rglob("*.dcm")):
+            rows = labels[name][path.stem]
+            pixels = dicom.read(path)[0].astype(float)
+            grains.append(np.std(pixels[8:40, 8:40] - np.mean(pixels[8:40, 8:40])))  # outside the body: noise only
+            if rows:
+                mask = rle.decode_union(rows).astype(bool)
+                ring = (np.roll(mask, 40, axis=1) | np.roll(mask, -40, axis=1)) & ~mask
+                gaps.append(pixels[ring].mean() - pixels[mask].mean())
+        contrast[name], noise[name] = np.mean(gaps), np.mean(grains)
+    assert contrast["hard"] < 0.8 * contrast["easy"] and noise["hard"] > 1.8 * noise["easy"]
+    with pytest.raises(ValueError, match=r"holds another synthetic world \(it differs in \['contrast'"):
+        synthetic.make_world(worlds["easy"], synthetic.WorldSpec(**{**easy.__dict__, "contrast": 0.5}), progress=False)

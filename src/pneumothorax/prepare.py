@@ -30,9 +30,8 @@ from typing import Any, NamedTuple
 import cv2
 import numpy as np
 import pandas as pd
-from tqdm import tqdm
 
-from . import dicom, files, paths, pools, rle, scale
+from . import bars, dicom, files, paths, pools, rle, scale
 from . import layout as layout_mod
 
 RECORD_VERSION = 2
@@ -473,7 +472,7 @@ def _run_split(plan: SplitPlan, out_dir: Path, workers: int, progress: bool) -> 
     metas = dict(plan.kept)
     if not plan.tasks:
         return metas
-    bar = tqdm(total=len(plan.ids), initial=len(metas), desc=f"prepare {plan.split}", unit="img", disable=not progress)
+    bar = bars.counter(len(plan.ids), f"prepare {plan.split}", progress, "img", initial=len(metas))
     log = _open_progress(paths.ProcessedDir(out_dir).progress(plan.split), plan.log_signature, plan.resumed)
     try:
         for count, result in enumerate(_results(plan.tasks, min(workers, len(plan.tasks))), start=1):

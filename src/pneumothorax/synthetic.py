@@ -39,9 +39,8 @@ import pydicom
 from pydicom.dataset import FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.uid import JPEGBaseline8Bit, SecondaryCaptureImageStorage
-from tqdm import tqdm
 
-from . import dicom, files, paths, pools, rle
+from . import bars, dicom, files, paths, pools, rle
 
 SIZE = 1024
 LOW = 256
@@ -60,6 +59,19 @@ class WorldSpec:
     images_per_patient: float = 2.0
     layout: str = "stage1"  # stage1, or stage2 (today's download with a stage-1 re-upload)
     stage1_test_share: float = 0.15  # stage2: share of training images in the re-uploaded dicom-images-test/
+    # Difficulty (1.0 = the default world): noise amplitude, the contrast of the collapsed region
+    # (air darkness and pleural line) against the lung, and the linear size of each pneumothorax.
+    noise: float = 1.0
+    contrast: float = 1.0
+    lesion_scale: float = 1.0
+
+
+DIFFICULTIES = {
+    "default": {"noise": 1.0, "contrast": 1.0, "lesion_scale": 1.0},
+    "hard": {"noise": 2.5, "contrast": 0.6, "lesion_scale": 0.7},
+    "harder": {"noise": 3.5, "contrast": 0.45, "lesion_scale": 0.6},
+}
+"""Named settings of the difficulty knobs (``make synthetic SYNTH_DIFFICULTY=hard``)."""
 
 
 LAYOUTS = ("stage1", "stage2")
@@ -92,8 +104,11 @@ def _curve(rng: np.random.Generator, box: tuple[int, int, int, int], n: int = 5)
     return np.stack([xi, yi], axis=1).astype(np.int32)
 
 
-def render(rng: np.random.Generator, anatomy_seed: int, mask: np.ndarray | None) -> np.ndarray:
-    """Draw one 1024x1024 uint8 chest radiograph, with the pneumothorax ``mask`` as air."""
+def render(
+    rng: np.random.Generator, anatomy_seed: int, mask: np.ndarray | None, noise: float = 1.0, contrast: float = 1.0
+) -> np.ndarray:
+    """Draw one 1024x1024 uint8 chest radiograph, with the pneumothorax ``mask`` as air (``contrast`` scales
+    how much it differs from lung; ``noise`` the acquisition noise)."""
     arng = np.random.default_rng(anatomy_seed)  # one patient's anatomy, shared by their images
     yy, xx = np.mgrid[0:LOW, 0:LOW].astype(np.float32)
     dx, dy = arng.normal(0, 4), arng.normal(0, 4)
@@ -127,10 +142,10 @@ def render(rng: np.random.Generator, anatomy_seed: int, mask: np.ndarray | None)
     if mask is not None and mask.any():
         air_hr = cv2.resize(base * 0.5 + anatomy, (SIZE, SIZE), interpolation=cv2.INTER_LINEAR)
         m = mask.astype(np.float32)
-        soft = cv2.GaussianBlur(m, (0, 0), 1.5)
+        soft = cv2.GaussianBlur(m, (0, 0), 1.5) * min(1.0, contrast)
         full_hr = full_hr * (1 - soft) + air_hr * soft
         edge = m - cv2.erode(m, np.ones((5, 5), np.uint8))
-        full_hr += cv2.GaussianBlur(edge, (0, 0), 1.0) * 0.12
+        full_hr += cv2.GaussianBlur(edge, (0, 0), 1.0) * 0.12 * contrast
     # Distractors at full resolution: tubes and skin folds.
     overlay = np.zeros((SIZE, SIZE), np.float32)
     if rng.random() < 0.35:
@@ -142,8 +157,8 @@ def render(rng: np.random.Generator, anatomy_seed: int, mask: np.ndarray | None)
     # Acquisition: gamma, contrast, brightness and noise.
     full_hr = np.clip(full_hr, 0, 1) ** rng.uniform(0.8, 1.25)
     full_hr = full_hr * rng.uniform(0.85, 1.15) + rng.uniform(-0.06, 0.06)
-    noise = cv2.resize(rng.standard_normal((LOW, LOW)).astype(np.float32), (SIZE, SIZE))
-    full_hr += noise * 0.015 + rng.standard_normal((SIZE, 1), dtype=np.float32) * 0.005
+    grain = cv2.resize(rng.standard_normal((LOW, LOW)).astype(np.float32), (SIZE, SIZE))
+    full_hr += (grain * 0.015 + rng.standard_normal((SIZE, 1), dtype=np.float32) * 0.005) * noise
     return np.clip(full_hr * 255.0, 0, 255).astype(np.uint8)
 
 
@@ -229,14 +244,25 @@ def _plan(spec: WorldSpec, n_shapes: int) -> list[_Item]:
     return items
 
 
-def _rows_for(item: _Item, shapes: list[list[str]]) -> list[str]:
+def _rows_for(item: _Item, shapes: list[list[str]], lesion_scale: float = 1.0) -> list[str]:
     if item.shape < 0:
         return []
     rows = list(shapes[item.shape])
     if item.extra_shape >= 0:
         # Keep only the part of the second shape on the same lung side, so rows overlap or touch.
         rows += [r for r in shapes[item.extra_shape] if r not in rows]
+    if lesion_scale != 1.0:
+        rows = [rle.encode(shrink(rle.decode_union(rows), lesion_scale))]
     return rows
+
+
+def shrink(mask: np.ndarray, factor: float) -> np.ndarray:
+    """``mask`` scaled by ``factor`` about its centroid (a smaller pneumothorax in the same place)."""
+    ys, xs = np.nonzero(mask)
+    cy, cx = ys.mean(), xs.mean()
+    affine = np.float32([[factor, 0, (1 - factor) * cx], [0, factor, (1 - factor) * cy]])
+    out = cv2.warpAffine(mask.astype(np.uint8), affine, (mask.shape[1], mask.shape[0]), flags=cv2.INTER_NEAREST)
+    return out.astype(bool) if out.any() else mask.astype(bool)
 
 
 _SHAPES: list[list[str]] = []
@@ -248,16 +274,17 @@ def _init_worker(shapes: list[list[str]]) -> None:
     pools.steady_malloc()
 
 
-def _make_one(args: tuple[_Item, str, int]) -> None:
-    item, out_dir, seed = args
+def _make_one(args: tuple[_Item, str, WorldSpec]) -> None:
+    item, out_dir, spec = args
+    seed = spec.seed
     study = f"{UID_ROOT}.{seed * 100000 + item.index}.{1517875000 + item.index % 9973}.2"
     path = Path(out_dir) / item.folder / f"{item.image_id}.dcm"
     if path.exists():
         return
     rng = np.random.default_rng([seed, item.index])
-    rows = _rows_for(item, _SHAPES)
+    rows = _rows_for(item, _SHAPES, spec.lesion_scale)
     mask = rle.decode_union(rows) if rows else None
-    pixels = render(rng, anatomy_seed=seed * 1_000_003 + item.patient, mask=mask)
+    pixels = render(rng, seed * 1_000_003 + item.patient, mask, spec.noise, spec.contrast)
     prng = np.random.default_rng([seed, item.patient, 7])
     tags = {
         "SOPInstanceUID": item.image_id,
@@ -275,14 +302,16 @@ def _make_one(args: tuple[_Item, str, int]) -> None:
     write_dicom(path, pixels, tags)
 
 
-def _write_labels(path: Path, items: list[_Item], shapes: list[list[str]], stage2: bool = False) -> None:
+def _write_labels(
+    path: Path, items: list[_Item], shapes: list[list[str]], stage2: bool = False, lesion_scale: float = 1.0
+) -> None:
     """Stage 1: ``ImageId, EncodedPixels`` with a space, as the real file; stage 2: no spaces, and
     the re-uploaded stage-1 test images carry one row each (the union), as in stage_2_train.csv."""
     with files.atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
         fh.write("ImageId,EncodedPixels\n" if stage2 else "ImageId, EncodedPixels\n")
         writer = csv.writer(fh)
         for item in items:
-            rows = _rows_for(item, shapes) or [rle.EMPTY]
+            rows = _rows_for(item, shapes, lesion_scale) or [rle.EMPTY]
             if stage2 and "dicom-images-test" in item.folder and rows != [rle.EMPTY]:
                 rows = [rle.encode(rle.decode_union(rows))]
             for row in rows:
@@ -299,14 +328,22 @@ def make_world(out_dir: str | Path, spec: WorldSpec, workers: int | None = None,
         raise ValueError(f"unknown synthetic layout {spec.layout!r}; choose one of {list(LAYOUTS)}")
     out_dir = Path(out_dir)
     stamp = out_dir / "world.json"
-    if stamp.exists() and json.loads(stamp.read_text()) == asdict(spec):
-        return out_dir
+    if stamp.exists():
+        old = {**asdict(WorldSpec()), "noise": 1.0, "contrast": 1.0, "lesion_scale": 1.0}
+        old.update(json.loads(stamp.read_text()))  # worlds written before the difficulty knobs had the defaults
+        old = {k: old.get(k) for k in asdict(spec)}
+        if old == asdict(spec):
+            return out_dir
+        changed = sorted(k for k in asdict(spec) if old.get(k) != asdict(spec)[k])
+        raise ValueError(
+            f"{out_dir} holds another synthetic world (it differs in {changed}): remove it or pick another"
+        )
     shapes = load_shapes()
     items = _plan(spec, len(shapes))
     workers = workers or os.cpu_count() or 1
     pools.single_threaded_opencv()  # before forking: see its docstring
-    jobs = [(item, str(out_dir), spec.seed) for item in items]
-    bar = tqdm(total=len(jobs), desc="synthetic", unit="img", disable=not progress)
+    jobs = [(item, str(out_dir), spec) for item in items]
+    bar = bars.counter(len(jobs), "synthetic", progress, "img")
     if workers == 1:
         _init_worker(shapes)
         for job in jobs:
@@ -319,8 +356,9 @@ def make_world(out_dir: str | Path, spec: WorldSpec, workers: int | None = None,
     bar.close()
     stage2 = spec.layout == "stage2"
     train_items, test_items = [i for i in items if i.split == "train"], [i for i in items if i.split == "test"]
-    _write_labels(out_dir / ("stage_2_train.csv" if stage2 else "train-rle.csv"), train_items, shapes, stage2)
-    _write_labels(out_dir / "test-labels.csv", test_items, shapes)
+    labels = out_dir / ("stage_2_train.csv" if stage2 else "train-rle.csv")
+    _write_labels(labels, train_items, shapes, stage2, spec.lesion_scale)
+    _write_labels(out_dir / "test-labels.csv", test_items, shapes, lesion_scale=spec.lesion_scale)
     if stage2:
         lines = ["ImageId,EncodedPixels"] + [f"{i.image_id},-1" for i in test_items]
         files.write_text(out_dir / "stage_2_sample_submission.csv", "\n".join(lines) + "\n")

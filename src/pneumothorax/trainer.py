@@ -306,9 +306,8 @@ class Trainer:
         total = torch.zeros((), device=runtime.device)  # summed on the device: no host sync per step
         count = torch.zeros((), device=runtime.device)
         self.opt.zero_grad(set_to_none=True)
-        for i, (inputs, targets) in enumerate(
-            bars.bar(self.loader, desc, self.progress and runtime.is_main, unit="batch")
-        ):
+        shown = self.progress and runtime.is_main and bars.is_terminal()  # in a log, the epoch's line suffices
+        for i, (inputs, targets) in enumerate(bars.bar(self.loader, desc, shown, unit="batch")):
             group = accumulate if i < n - n % accumulate else n % accumulate  # batches in this step's group
             last = (i + 1) % accumulate == 0 or i + 1 == n
             loss, size = self._backward(inputs, targets, group, sync=last)

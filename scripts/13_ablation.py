@@ -1,0 +1,32 @@
+"""The recipe's ablation table on synthetic worlds: models/<exp>/ablation/ablation.md and .csv.
+
+make ablation EXP=demo ABLATION_WORLDS="0" ABLATION_SEEDS="0 1"
+"""
+
+import time
+from pathlib import Path
+
+from pneumothorax import ablation, cli, synthetic
+
+
+def main() -> None:
+    p = cli.parser(__doc__)
+    p.add_argument("--out", required=True, help="models/<exp>/ablation")
+    p.add_argument("--worlds", type=int, nargs="+", default=[0], help="synthetic world seeds")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="training seeds")
+    p.add_argument("--n-train", type=int, default=500)
+    p.add_argument("--n-test", type=int, default=100)
+    p.add_argument("--difficulty", choices=sorted(synthetic.DIFFICULTIES), default="default")
+    args = p.parse_args()
+    cfg = cli.load_config(args)
+    started = time.time()
+    size = (args.n_train, args.n_test)
+    summary = ablation.run(
+        cfg, Path(args.config), Path(args.out), args.worlds, args.seeds, size, args.difficulty, args.quiet
+    )
+    print(summary.to_string(index=False))
+    print(f"ablation -> {Path(args.out) / 'ablation.md'} in {(time.time() - started) / 60:.1f} min")
+
+
+if __name__ == "__main__":
+    cli.run(main)

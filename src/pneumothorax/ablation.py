@@ -1,0 +1,233 @@
+"""``make ablation EXP=<exp>``: the recipe's components measured by the pipeline itself (2ST-UNet, Tables 7 and 10).
+
+On one or more synthetic worlds and training seeds, the full recipe and the variants that train
+differently (without SWA, one stage at the final size instead of two, without the positive
+sampler) each run the whole pipeline through Make (so a rerun resumes and redoes nothing). The
+variants that only change inference (without hflip TTA, without R-TH, without the gate, at B-TH
+0.5) reuse the full recipe's trained folds (hard links) and redo only what they change: OOF maps
+without TTA, test inference, the search and the submission. Every variant gets its OOF score (the
+competition metric at 1024 after its post-processing) and its test score against the world's
+labels; ``models/<exp>/ablation/ablation.md`` and ``.csv`` give the mean and spread over runs and
+the difference from the full recipe.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import yaml
+
+from . import config as config_mod
+from . import data, devices, files, infer, segmentation, steps, submission, synthetic, tta
+from .config import Config
+from .paths import ROOT, ExperimentDir, ProcessedDir
+
+TRAINING = ("full", "no_swa", "one_stage", "no_sampler")
+INFERENCE = ("no_tta", "no_rth", "no_gate", "bth_0.5")
+
+
+def training_overrides(cfg: Config, variant: str) -> dict[str, Any]:
+    """What a training variant changes in the recipe (a YAML mapping over it)."""
+    stages = config_mod.to_dict(cfg)["segmentation"]["stages"]
+    if variant == "no_swa":
+        stages = [{**s, "swa_epochs": 0} for s in stages]
+    elif variant == "one_stage":
+        stages = [{**stages[-1], "epochs": sum(s["epochs"] for s in stages)}]
+    elif variant == "no_sampler":
+        stages = [{**s, "positive_rate": None, "positive_rate_end": None} for s in stages]
+    elif variant != "full":
+        raise ValueError(f"unknown training variant {variant!r}; choose from {TRAINING}")
+    return {"segmentation": {"stages": stages}}
+
+
+def inference_overrides(variant: str) -> list[str]:
+    """What an inference variant changes (dotted overrides)."""
+    return {
+        "no_tta": ["infer.tta=[]"],
+        "no_rth": ["postprocess.r_th=[0]"],
+        "no_gate": ["postprocess.gate=[0.0]"],
+        "bth_0.5": ["postprocess.b_th={start: 0.5, stop: 0.5, step: 0.1}"],
+    }[variant]
+
+
+@dataclass(frozen=True)
+class World:
+    """One synthetic world of the ablation and the folders of its runs."""
+
+    root: Path
+    seed: int
+
+    @property
+    def data(self) -> Path:
+        return self.root / "data"
+
+    @property
+    def processed(self) -> ProcessedDir:
+        return ProcessedDir(self.root / "processed")
+
+    @property
+    def models(self) -> Path:
+        return self.root / "models"
+
+    @property
+    def labels(self) -> Path:
+        return self.data / "test-labels.csv"
+
+    def exp(self, name: str, size: int) -> ExperimentDir:
+        return ExperimentDir(self.models / name, size)
+
+    def submission(self, name: str) -> Path:
+        return self.root / "submissions" / f"{name}.csv"
+
+
+def _make(world: World, name: str, configs: Path, quiet: bool) -> None:
+    """The whole pipeline of one config on one world, through Make (resumes; does nothing when done)."""
+    goals = ["prepare", "folds", "train", "infer", "search", "submit", "score"]
+    args = [f"EXP={name}", f"CONFIGS={configs}", f"DATA_DIR={world.data}", f"PROCESSED={world.processed.root}"]
+    args += [f"MODELS_DIR={world.models}", f"SUBMISSIONS_DIR={world.root / 'submissions'}", f"LABELS={world.labels}"]
+    command = ["make", "--no-print-directory", "-C", str(ROOT), *goals, *args, *(["QUIET=1"] if quiet else [])]
+    subprocess.run(command, check=True)
+
+
+def _link_training(source: ExperimentDir, target: ExperimentDir) -> None:
+    """The trained folds of ``source`` in ``target`` as hard links (nothing is copied or retrained)."""
+    for path in source.root.rglob("*"):
+        relative = path.relative_to(source.root)
+        if path.is_dir() or relative.parts[0] in ("test", "report", "stamps") or len(relative.parts) == 1:
+            continue
+        dest = target.root / relative
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if not dest.exists():
+            os.link(path, dest)
+    shutil.copy(source.folds, target.folds)
+
+
+def _oof_without_tta(cfg: Config, exp: ExperimentDir, processed: ProcessedDir) -> None:
+    """Each fold's OOF maps predicted again without the hflip view (the training wrote them with it)."""
+    device = devices.pick_device(None, 0)
+    for k in range(cfg.data.n_folds):
+        run = exp.segmenter(k)
+        ids = pd.read_csv(run.oof_ids, dtype={"image_id": str})
+        model = segmentation.load_model(cfg, run, "model", device)
+        dataset = data.CacheDataset(processed.root, "train", cfg.final_size, ids["index"].to_numpy())
+        run.oof_maps.unlink()  # a hard link to the full recipe's maps: replace, never write through it
+        seg = cfg.segmentation
+        channels, batch = cfg.data.channels, cfg.infer.batch_size
+        tta.predict_to_file([model], dataset, run.oof_maps, (), device, channels, batch, seg.amp, progress=False)
+
+
+def run_inference_variant(full: ExperimentDir, cfg: Config, variant: str, world: World) -> ExperimentDir:
+    """An inference variant on the full recipe's trained folds: (OOF,) test inference, search, submission, score."""
+    exp = world.exp(f"{full.name}-{variant}", cfg.final_size)
+    if exp.score.exists():
+        return exp
+    _link_training(full, exp)
+    if variant == "no_tta":
+        _oof_without_tta(cfg, exp, world.processed)
+    infer.infer_test(cfg, exp, world.processed, progress=False)
+    steps.search(cfg, exp, world.processed, progress=False)
+    sub = world.submission(exp.name)
+    submission.make_submission(exp, world.processed, sub, progress=False)
+    files.write_json(exp.score, submission.score(sub, world.labels))
+    return exp
+
+
+def scores(exp: ExperimentDir) -> dict[str, float]:
+    """The OOF score at 1024 after post-processing, and the test score."""
+    post = json.loads(exp.postprocess.read_text())
+    return {"oof": post["score_full_resolution"], "test": json.loads(exp.score.read_text())["score"]}
+
+
+def table(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    """Per variant: mean and spread of the OOF and test scores over runs, and the mean difference from full."""
+    frame = pd.DataFrame(rows)
+    full = frame[frame["variant"] == "full"].set_index(["world", "seed"])
+    frame["d_oof"] = frame.apply(lambda r: r["oof"] - full.loc[(r["world"], r["seed"]), "oof"], axis=1)
+    frame["d_test"] = frame.apply(lambda r: r["test"] - full.loc[(r["world"], r["seed"]), "test"], axis=1)
+    grouped = frame.groupby("variant", sort=False)
+    out = pd.DataFrame(
+        {
+            "runs": grouped.size(),
+            "oof_mean": grouped["oof"].mean(),
+            "oof_std": grouped["oof"].std(ddof=0),
+            "test_mean": grouped["test"].mean(),
+            "test_std": grouped["test"].std(ddof=0),
+            "d_oof": grouped["d_oof"].mean(),
+            "d_test": grouped["d_test"].mean(),
+        }
+    )
+    return out.round(4).reset_index()
+
+
+def write(rows: list[dict[str, Any]], out: Path, note: str) -> pd.DataFrame:
+    """``ablation.csv`` (every run) and ``ablation.md`` (the summary table)."""
+    summary = table(rows)
+    files.write_csv(out / "runs.csv", pd.DataFrame(rows))
+    files.write_csv(out / "ablation.csv", summary)
+    header = "| " + " | ".join(summary.columns) + " |\n| " + " | ".join("---" for _ in summary.columns) + " |\n"
+    body = "".join("| " + " | ".join(str(v) for v in row) + " |\n" for row in summary.values)
+    files.write_text(out / "ablation.md", f"# Ablation\n\n{note}\n\n" + header + body)
+    return summary
+
+
+def variant_config(cfg: Config, base: Path, variant: str, seed: int, folder: Path) -> str:
+    """Write the config of a training variant at a seed (``defaults: [the recipe]``); its name."""
+    name = f"{cfg.name}-{variant}-s{seed}"
+    body = {"defaults": [str(base.resolve())], "seed": seed, **training_overrides(cfg, variant)}
+    folder.mkdir(parents=True, exist_ok=True)
+    files.write_text_if_changed(folder / f"{name}.yaml", yaml.safe_dump(body, sort_keys=False))
+    return name
+
+
+def make_world(world: World, n_train: int, n_test: int, difficulty: str) -> None:
+    """The ablation's synthetic world (left alone when already written)."""
+    knobs = synthetic.DIFFICULTIES[difficulty]
+    spec = synthetic.WorldSpec(n_train=n_train, n_test=n_test, seed=world.seed, layout="stage2", **knobs)
+    synthetic.make_world(world.data, spec, progress=False)
+
+
+def seeds_note(worlds: list[int], seeds: list[int], n_train: int, difficulty: str) -> str:
+    return (
+        f"Synthetic worlds {worlds} ({n_train} training images, difficulty {difficulty}), training seeds {seeds}. "
+        "`oof`: the competition metric at 1024 on the OOF images after the variant's post-processing; `test`: "
+        "its submission against the world's labels; `d_*`: the mean difference from the full recipe."
+    )
+
+
+def run(
+    cfg: Config,
+    base: Path,
+    out: Path,
+    worlds: list[int],
+    seeds: list[int],
+    world_size: tuple[int, int],
+    difficulty: str = "default",
+    quiet: bool = True,
+) -> pd.DataFrame:
+    """Every variant on every world and seed; the summary table (also written under ``out``)."""
+    rows = []
+    configs = out / "configs"
+    for w in worlds:
+        world = World(out / f"world{w}", w)
+        make_world(world, *world_size, difficulty)
+        for seed in seeds:
+            for variant in TRAINING:
+                name = variant_config(cfg, base, variant, seed, configs)
+                _make(world, name, configs, quiet)
+                rows.append({"world": w, "seed": seed, "variant": variant, **scores(world.exp(name, cfg.final_size))})
+                print(f"world {w} seed {seed} {variant}: {rows[-1]}", flush=True)
+            full_path = configs / f"{cfg.name}-full-s{seed}.yaml"
+            full = world.exp(full_path.stem, cfg.final_size)
+            for variant in INFERENCE:
+                variant_cfg = config_mod.load(full_path, inference_overrides(variant))
+                exp = run_inference_variant(full, variant_cfg, variant, world)
+                rows.append({"world": w, "seed": seed, "variant": variant, **scores(exp)})
+                print(f"world {w} seed {seed} {variant}: {rows[-1]}", flush=True)
+    return write(rows, out, seeds_note(worlds, seeds, world_size[0], difficulty))
