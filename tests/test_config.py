@@ -115,3 +115,12 @@ def test_stamps_are_rewritten_only_when_their_section_changes(tmp_path):
     assert query.main(["stamps", "--config", str(child), "--exp-dir", str(exp)]) == 0
     changed = {p.name for p in (exp / "stamps").glob("*.json") if p.stat().st_mtime_ns != stamps[p.name]}
     assert changed == {"infer.json"}
+
+
+def test_weights_that_training_will_not_write_fail_at_load():
+    with pytest.raises(config.ConfigError, match="infer.weights: topk needs segmentation.top_k"):
+        config.load("demo", ["infer.weights=topk"])
+    with pytest.raises(config.ConfigError, match="segmentation.oof_weights: ema needs segmentation.ema_decay"):
+        config.load("demo", ["segmentation.oof_weights=ema"])
+    first = config.load("1st_place")
+    assert (first.segmentation.top_k, first.segmentation.oof_weights, first.infer.weights) == (3, "topk", "topk")

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
+import pytest
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from pneumothorax import checkpoints, devices
 from pneumothorax.paths import RunDir
-from pneumothorax.trainer import Phase, Precision, Settings, Trainer
+from pneumothorax.trainer import Averaging, Interrupted, Phase, Precision, Settings, Trainer
 
 
 class Pairs(Dataset):
@@ -52,9 +54,9 @@ class NoNormTask:
     precision = Precision()
     label = "toy"
 
-    def __init__(self, batch: int, accumulate: int) -> None:
-        self.batch = batch
-        self.phases = (Phase(epochs=2, lr=0.01, batch_size=batch, size=8, accumulate=accumulate),)
+    def __init__(self, batch: int, accumulate: int, epochs: int = 2, averaging: Averaging | None = None) -> None:
+        self.batch, self.averaging = batch, averaging or Averaging()
+        self.phases = (Phase(epochs=epochs, lr=0.01, batch_size=batch, size=8, accumulate=accumulate),)
         self.data = Pairs()
 
     def build_model(self, log) -> nn.Module:
@@ -97,3 +99,28 @@ def test_gradient_accumulation_equals_the_larger_batch(tmp_path):
     for key in big:
         torch.testing.assert_close(accumulated[key], big[key], rtol=1e-5, atol=1e-6)
     assert any(not torch.allclose(small[key], big[key], atol=1e-4) for key in big)  # a smaller batch alone differs
+
+
+def test_top_k_epochs_are_kept_and_averaged_and_the_ema_resumes_exactly(tmp_path):
+    averaging = Averaging(top_k=2, ema_decay=0.9)
+    settings = Settings(0, False, False, 1, {"averaging": "on"}, "toy: true\n")
+    cpu = devices.Runtime(torch.device("cpu"))
+    whole = RunDir(tmp_path / "whole")
+    Trainer(NoNormTask(8, 1, 5, averaging), whole, settings, cpu, progress=False).fit()
+    metrics = pd.read_csv(whole.metrics)
+    best_two = sorted(metrics.nsmallest(2, "val_loss")["epoch"].tolist())
+    kept = sorted(int(p.stem.split("-e")[1]) for p in whole.root.glob("top-e*.pt"))
+    assert kept == best_two  # exactly the two best epochs by the monitored score
+    tops = [checkpoints.load_checkpoint(whole.weights(f"top-e{e}")) for e in kept]
+    mean = checkpoints.load_checkpoint(whole.weights("topk"))
+    for key in mean:
+        torch.testing.assert_close(mean[key], (tops[0][key] + tops[1][key]) / 2)
+    ema, last = checkpoints.load_checkpoint(whole.weights("ema")), checkpoints.load_checkpoint(whole.weights("last"))
+    assert any(not torch.allclose(ema[k], last[k]) for k in ema)
+    parts = RunDir(tmp_path / "parts")
+    with pytest.raises(Interrupted):
+        Trainer(NoNormTask(8, 1, 5, averaging), parts, settings, cpu, progress=False, max_epochs=2).fit()
+    Trainer(NoNormTask(8, 1, 5, averaging), parts, settings, cpu, progress=False).fit()
+    resumed = checkpoints.load_checkpoint(parts.weights("ema"))
+    for key in ema:
+        torch.testing.assert_close(resumed[key], ema[key], rtol=0, atol=0)

@@ -30,7 +30,7 @@ from . import data, devices, files, models, tta
 from .config import Config
 from .devices import Runtime
 from .paths import RunDir
-from .trainer import FoldJob, Phase, Precision, Trainer, fit_fold, settings_for
+from .trainer import Averaging, FoldJob, Phase, Precision, Trainer, fit_fold, settings_for
 
 
 def gate_metrics(labels: np.ndarray, probs: np.ndarray, threshold: float) -> dict[str, float]:
@@ -78,6 +78,7 @@ class ClassifierTask:
         self.cfg, self.label, self.images, self.sampler_seed = cfg, label, images, sampler_seed
         self.phases = (Phase(c.epochs, c.lr, c.batch_size, c.size, c.min_lr, c.weight_decay, accumulate=c.accumulate),)
         self.precision = Precision(c.amp, c.channels_last)
+        self.averaging = Averaging()
 
     def build_model(self, log: Any) -> nn.Module:
         return models.create_classifier(self.cfg.classifier, self.cfg.data.channels)

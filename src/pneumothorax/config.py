@@ -40,7 +40,7 @@ class ConfigError(ValueError):
 Arch = Literal["unet", "unetplusplus", "fpn", "deeplabv3plus", "linknet"]
 AugmentGroup = Literal["A1", "A2", "A3", "A4", "CLAHE"]
 TTAView = Literal["hflip", "vflip", "hvflip"]
-Weights = Literal["best", "last", "swa"]
+Weights = Literal["best", "last", "swa", "topk", "ema"]
 
 
 @dataclass(frozen=True)
@@ -102,6 +102,8 @@ class SegmentationConfig:
     grad_clip: float
     sync_bn: bool  # DDP: batch-norm statistics over the global batch
     swa_bn_images: int  # SWA batch-norm statistics from at most this many training images (0: all)
+    top_k: int  # keep the k best epochs of the final stage; weights "topk" averages them (1st place: 3)
+    ema_decay: float  # an exponential moving average of the weights at every step (0: off); weights "ema"
     oof_weights: Weights
 
 
@@ -378,11 +380,22 @@ def load(name: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Confi
         node["name"] = path.stem
     try:
         data = OmegaConf.to_container(node, resolve=True)
-        return build(Config, data)
+        return check(build(Config, data))
     except OmegaConfBaseException as exc:  # an interpolation that does not resolve
         raise ConfigError(f"{path}: {str(exc).splitlines()[0]}") from None
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
+
+
+def check(cfg: Config) -> Config:
+    """Settings that contradict each other fail at load, not after training."""
+    seg = cfg.segmentation
+    for key, weights in (("segmentation.oof_weights", seg.oof_weights), ("infer.weights", cfg.infer.weights)):
+        if weights == "topk" and seg.top_k < 1:
+            raise ConfigError(f"{key}: topk needs segmentation.top_k of 1 or more (it is {seg.top_k})")
+        if weights == "ema" and not 0 < seg.ema_decay < 1:
+            raise ConfigError(f"{key}: ema needs segmentation.ema_decay between 0 and 1 (it is {seg.ema_decay})")
+    return cfg
 
 
 def dump(config: Config) -> str:

@@ -22,7 +22,7 @@ from . import data, devices, files, losses, metric, models, prepare, tta
 from .config import Config
 from .devices import Runtime
 from .paths import ExperimentDir, ProcessedDir, RunDir
-from .trainer import FoldJob, Phase, Precision, fit_fold
+from .trainer import Averaging, FoldJob, Phase, Precision, fit_fold
 
 
 def dice_iou_on_device(logits: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -64,6 +64,7 @@ class SegmentationTask:
         self.phases = phases(cfg)
         self.select_from = len(self.phases) - 1  # best.pt: the final stage's best epoch
         self.precision = Precision(seg.amp, seg.channels_last, seg.grad_clip, seg.sync_bn)
+        self.averaging = Averaging(seg.top_k, seg.ema_decay)
         self.loss_fn = losses.ComboLoss(seg.loss)
         self.valid_loaders: dict[int, Any] = {}
 
@@ -212,13 +213,14 @@ def encoder_init_source(value: str, exp: ExperimentDir, fold: int) -> Path:
 
 
 def weights_path(run: RunDir, which: str) -> Path:
-    """``best``/``last``/``swa``/``model`` weights of a fold; ``swa`` falls back to ``last`` when the final
-    stage had no SWA."""
+    """``best``/``last``/``swa``/``topk``/``ema``/``model`` weights of a fold; ``swa`` falls back to ``last``
+    when the final stage had no SWA."""
     path = run.weights(which)
     if which == "swa" and not path.exists():
         path = run.weights("last")
     if not path.exists():
-        raise FileNotFoundError(f"{path}: no {which} weights; is the fold trained?")
+        hint = {"topk": " (segmentation.top_k is 0?)", "ema": " (segmentation.ema_decay is 0?)"}.get(which, "")
+        raise FileNotFoundError(f"{path}: no {which} weights{hint}; is the fold trained?")
     return path
 
 

@@ -34,7 +34,7 @@ from typing import Any, Protocol
 import pandas as pd
 import torch
 from torch import nn
-from torch.optim.swa_utils import AveragedModel
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from . import bars, checkpoints, data, devices, files, plots
 from . import config as config_mod
@@ -66,6 +66,14 @@ class Phase:
 
 
 @dataclass(frozen=True)
+class Averaging:
+    """Weights kept beside the trained ones: the k best epochs (averaged into ``topk.pt``), and an EMA."""
+
+    top_k: int = 0
+    ema_decay: float = 0.0
+
+
+@dataclass(frozen=True)
 class Precision:
     """How the task's model computes: AMP on CUDA, memory format, clipping, batch-norm sync."""
 
@@ -83,7 +91,8 @@ class Task(Protocol):
     precision: Precision
     curves: list[tuple[str, str]]  # (metrics column, title) panels of curves.png
     log_keys: tuple[str, ...]  # validation scores in the per-epoch log line
-    select_from: int  # best.pt is chosen among this phase's epochs and later ones
+    select_from: int  # best.pt (and the top-k epochs) are chosen among this phase's epochs and later ones
+    averaging: Averaging
 
     def build_model(self, log: logging.Logger) -> nn.Module: ...
     def loaders(self, phase: int, runtime: Runtime) -> tuple[Any, Any]: ...  # train loader, its sampler
@@ -253,6 +262,11 @@ class Trainer:
         self.net = devices.compiled(net, self.settings.compile)
         fp16 = self.runtime.device.type == "cuda" and self.task.precision.amp == "fp16"
         self.scaler = torch.amp.GradScaler("cuda", enabled=fp16)
+        decay = self.task.averaging.ema_decay
+        self.ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True) if decay else None
+        if self.ema is not None and self.state is not None and self.state.get("ema") is not None:
+            self.ema.load_state_dict(self.state["ema"])
+        self.top = self.state.get("top", []) if self.state is not None else []  # [score, epoch] of the k best
 
     def _start_phase(self, p: int, step: int) -> None:
         """A new optimiser, schedule, SWA average and loaders; on resume, their saved states."""
@@ -342,7 +356,9 @@ class Trainer:
         self._after_step()
 
     def _after_step(self) -> None:
-        """Called after every optimiser step (the place for an EMA of the weights)."""
+        """After every optimiser step: the EMA of the weights, when asked."""
+        if self.ema is not None:
+            self.ema.update_parameters(self.model)
 
     def _record(self, row: dict[str, Any]) -> None:
         self.history.append(row)
@@ -369,6 +385,30 @@ class Trainer:
             self.best = score
             checkpoints.save_checkpoint(self.run.weights("best"), checkpoints.cpu_state(self.model))
         checkpoints.save_checkpoint(self.run.weights("last"), checkpoints.cpu_state(self.model))
+        if self.ema is not None:
+            checkpoints.save_checkpoint(self.run.weights("ema"), checkpoints.cpu_state(self.ema.module))
+        if p >= self.task.select_from and self.task.averaging.top_k:
+            self._keep_top(score, len(self.history))
+
+    def _keep_top(self, score: float, epoch: int) -> None:
+        """Keep this epoch's weights when they are among the k best so far; drop the one they displace."""
+        k = self.task.averaging.top_k
+        ranked = sorted([*self.top, [score, epoch]], key=lambda t: -t[0])
+        if [score, epoch] not in ranked[:k]:
+            return
+        checkpoints.save_checkpoint(self.run.weights(f"top-e{epoch}"), checkpoints.cpu_state(self.model))
+        for _, dropped in ranked[k:]:
+            self.run.weights(f"top-e{dropped}").unlink(missing_ok=True)
+        self.top = ranked[:k]
+
+    def _average_top(self) -> None:
+        """``topk.pt``: the mean of the k best epochs' weights (integer buffers from the best one)."""
+        states = [checkpoints.load_checkpoint(self.run.weights(f"top-e{epoch}")) for _, epoch in self.top]
+        mean = {}
+        for key, first in states[0].items():
+            stacked = torch.stack([s[key] for s in states])
+            mean[key] = stacked.float().mean(0).to(first.dtype) if first.is_floating_point() else first
+        checkpoints.save_checkpoint(self.run.weights("topk"), mean)
 
     def _finish_swa(self, p: int, row: dict[str, Any]) -> None:
         """Batch-norm statistics for the averaged weights, their validation, ``swa.pt``; the next phase starts
@@ -403,6 +443,8 @@ class Trainer:
                 "swa": self.swa.state_dict() if self.swa is not None else None,
                 "scaler": self.scaler.state_dict(),
                 "rng": checkpoints.rng_state(),
+                "ema": self.ema.state_dict() if self.ema is not None else None,
+                "top": self.top,
                 "meta": self.meta,
             }
             checkpoints.save_checkpoint(self.run.state, state)
@@ -415,6 +457,8 @@ class Trainer:
         """The task's out-of-fold output, ``metrics.json``, then ``model.pt`` with its metadata (rank 0)."""
         summary: dict[str, Any] = {"epochs": len(self.plan)}
         if self.runtime.is_main:
+            if self.top:
+                self._average_top()
             extra, weights = self.task.finish(self.run, self.runtime, self.progress)
             summary.update(extra, weights=weights)
             files.write_json(self.run.summary, summary)
