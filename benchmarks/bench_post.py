@@ -10,13 +10,17 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import cv2
 import numpy as np
+import pandas as pd
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import save  # noqa: E402
 
-from pneumothorax import config, models, thresholds, tta  # noqa: E402
+from pneumothorax import checkpoints, config, files, folds, models, prepare, rle, synthetic, thresholds, tta  # noqa: E402
+from pneumothorax.paths import ExperimentDir  # noqa: E402
+from pneumothorax.postprocess import PostProcess  # noqa: E402
 
 
 def bench_grid(n: int = 2000, size: int = 256, sample: int = 10) -> dict:
@@ -112,5 +116,138 @@ def bench_memory() -> dict:
     }
 
 
+def fake_world(root: Path, n_train: int = 2000, n_new: int = 500, size: int = 256) -> Path:
+    """A processed folder, three experiments with finished folds (OOF and test maps), and n_new new DICOMs."""
+    rng = np.random.default_rng(0)
+    cfg = config.load(
+        "tiny",
+        [
+            "data.sizes=[128, 256]",
+            "segmentation.stages.0.size=128",
+            f"segmentation.stages.1.size={size}",
+            "classifier.enabled=false",
+        ],
+    )
+    processed = root / "processed"
+    processed.mkdir(parents=True)
+    train_ids = [f"r{i}" for i in range(n_train)]
+    test_ids = [f"t{i}" for i in range(n_new)]
+    positive = rng.random(n_train) < 0.25
+    meta = pd.concat(
+        [
+            pd.DataFrame(
+                {
+                    "image_id": train_ids,
+                    "split": "train",
+                    "index": np.arange(n_train),
+                    "error": "",
+                    "has_pneumothorax": positive.astype(int),
+                    "patient": train_ids,
+                }
+            ),
+            pd.DataFrame(
+                {
+                    "image_id": test_ids,
+                    "split": "test",
+                    "index": np.arange(n_new),
+                    "error": "",
+                    "has_pneumothorax": 0,
+                    "patient": test_ids,
+                }
+            ),
+        ]
+    )
+    files.write_csv(processed / "metadata.csv", meta)
+    masks = np.lib.format.open_memmap(processed / f"masks_train_{size}.npy", "w+", np.uint8, (n_train, size, size))
+    rows = []
+    for i in range(n_train):
+        if positive[i]:
+            y, x = rng.integers(20, size - 60, 2)
+            masks[i, y : y + 40, x : x + 30] = 1
+            rows.append(
+                (train_ids[i], rle.encode(cv2.resize(masks[i], (1024, 1024), interpolation=cv2.INTER_NEAREST) > 0))
+            )
+        else:
+            rows.append((train_ids[i], "-1"))
+    masks.flush()
+    files.write_csv(root / "labels.csv", pd.DataFrame(rows, columns=["ImageId", "EncodedPixels"]))
+    np.save(processed / f"images_test_{size}.npy", rng.integers(0, 255, (n_new, size, size), dtype=np.uint8))
+    record = {
+        "version": prepare.RECORD_VERSION,
+        "layout": {"labels": str(root / "labels.csv"), "sample_submission": "none"},
+        "splits": {"test": {"ids": test_ids}},
+    }
+    files.write_json(processed / "prepare.json", record)
+    split = pd.DataFrame({"image_id": train_ids, "fold": np.arange(n_train) % cfg.data.n_folds})
+    model = models.create_segmenter(replace(cfg.segmentation, encoder_weights="none"), cfg.data.channels)
+    for m in range(3):
+        _fake_member(root / "models" / f"m{m}", cfg, split, masks, model, rng, n_new, test_ids, size)
+    new = root / "new"
+    for i in range(n_new):
+        pixels = rng.integers(0, 255, (1024, 1024), dtype=np.uint8)
+        synthetic.write_dicom(new / f"n{i}.dcm", pixels, {"SOPInstanceUID": f"1.2.3.{i}", "PatientID": "x"})
+    files.write_json(root / "world.json", {"n_train": n_train, "n_new": n_new, "size": size})
+    return root
+
+
+def _fake_member(root, cfg, split, masks, model, rng, n_new, test_ids, size) -> None:
+    exp = ExperimentDir(root, size)
+    root.mkdir(parents=True)
+    files.write_csv(exp.folds, split)
+    for k in range(cfg.data.n_folds):
+        run = exp.segmenter(k)
+        run.root.mkdir()
+        run.config.write_text(config.dump(cfg))
+        part = split[split["fold"] == k]
+        rows = part.index.to_numpy()
+        files.write_csv(run.oof_ids, pd.DataFrame({"image_id": part["image_id"], "index": rows, "has_pneumothorax": 0}))
+        noise = rng.integers(0, 90, (len(rows), size, size), dtype=np.uint8)
+        np.save(run.oof_maps, np.asarray(masks[rows]) * 160 + noise)
+        checkpoints.save_checkpoint(run.weights("last"), model.state_dict())
+        meta = {"section": {"split": folds.split_hash(split, k)}}
+        checkpoints.save_checkpoint(run.model, {"state_dict": model.state_dict(), "meta": meta})
+    exp.test.mkdir()
+    np.save(exp.test_maps, rng.integers(0, 255, (n_new, size, size), dtype=np.uint8))
+    files.write_csv(exp.test_ids, pd.DataFrame({"image_id": test_ids, "row": np.arange(n_new), "error": ""}))
+    files.write_csv(exp.test_gate, pd.DataFrame({"image_id": test_ids, "prob": 1.0}))
+    exp.postprocess.write_text(json.dumps({"postprocess": PostProcess().to_dict(), "score_full_resolution": 0.0}))
+
+
+def _probe(step: str, root: Path) -> dict:
+    script = str(Path(__file__).parent / "ensemble_probe.py")
+    result = subprocess.run([sys.executable, script, step, str(root)], capture_output=True, text=True, check=True)
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def bench_ensemble_and_predict() -> dict:
+    """Peak memory and time of an ensemble of 3 experiments x 2,000 OOF maps against one experiment's search;
+    prediction on 500 new DICOMs against inference on the same number of prepared images."""
+    with tempfile.TemporaryDirectory() as tmp:
+        root = fake_world(Path(tmp))
+        one, three = _probe("search", root), _probe("ensemble", root)
+        new, prepared = _probe("predict", root), _probe("infer", root)
+    return {
+        "search_one_experiment": one,
+        "ensemble_three_experiments": three,
+        "ensemble_peak_over_one": round(three["peak_rss_mb"] / one["peak_rss_mb"], 3),
+        "ensemble_target": "peak memory <= 1.2x one experiment's search",
+        "predict_new_dicoms": {**new, "images_per_s": round(new["images"] / new["seconds"], 2)},
+        "infer_prepared": {**prepared, "images_per_s": round(prepared["images"] / prepared["seconds"], 2)},
+        "predict_over_infer_rate": round(
+            (new["images"] / new["seconds"]) / (prepared["images"] / prepared["seconds"]), 3
+        ),
+        "note": "2 folds of a tiny segmenter at 256 px, hflip TTA, on CPU; predict also decodes 1024 DICOMs and writes "
+        "masks and overlays",
+    }
+
+
 if __name__ == "__main__":
-    save("bench_post", {"grid_search": bench_grid(), "tta": bench_tta(), "memory": bench_memory()})
+    save(
+        "bench_post",
+        {
+            "grid_search": bench_grid(),
+            "tta": bench_tta(),
+            "memory": bench_memory(),
+            "ensemble_and_predict": bench_ensemble_and_predict(),
+        },
+    )

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 from pneumothorax import ablation, cli, synthetic
+from pneumothorax.paths import AblationDir
 
 
 def main() -> None:
@@ -21,11 +22,10 @@ def main() -> None:
     cfg = cli.load_config(args)
     started = time.time()
     size = (args.n_train, args.n_test)
-    summary = ablation.run(
-        cfg, Path(args.config), Path(args.out), args.worlds, args.seeds, size, args.difficulty, args.quiet
-    )
+    out = AblationDir(Path(args.out))
+    summary = ablation.run(cfg, Path(args.config), out, args.worlds, args.seeds, size, args.difficulty, args.quiet)
     print(summary.to_string(index=False))
-    print(f"ablation -> {Path(args.out) / 'ablation.md'} in {(time.time() - started) / 60:.1f} min")
+    print(f"ablation -> {out.summary} in {(time.time() - started) / 60:.1f} min")
 
 
 if __name__ == "__main__":

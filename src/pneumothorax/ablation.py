@@ -17,7 +17,6 @@ import json
 import os
 import shutil
 import subprocess
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +26,7 @@ import yaml
 from . import config as config_mod
 from . import data, devices, files, infer, segmentation, steps, submission, synthetic, tta
 from .config import Config
-from .paths import ROOT, ExperimentDir, ProcessedDir
+from .paths import ROOT, AblationDir, ExperimentDir, ProcessedDir, WorldDir
 
 TRAINING = ("full", "no_swa", "one_stage", "no_sampler")
 INFERENCE = ("no_tta", "no_rth", "no_gate", "bth_0.5")
@@ -57,41 +56,11 @@ def inference_overrides(variant: str) -> list[str]:
     }[variant]
 
 
-@dataclass(frozen=True)
-class World:
-    """One synthetic world of the ablation and the folders of its runs."""
-
-    root: Path
-    seed: int
-
-    @property
-    def data(self) -> Path:
-        return self.root / "data"
-
-    @property
-    def processed(self) -> ProcessedDir:
-        return ProcessedDir(self.root / "processed")
-
-    @property
-    def models(self) -> Path:
-        return self.root / "models"
-
-    @property
-    def labels(self) -> Path:
-        return self.data / "test-labels.csv"
-
-    def exp(self, name: str, size: int) -> ExperimentDir:
-        return ExperimentDir(self.models / name, size)
-
-    def submission(self, name: str) -> Path:
-        return self.root / "submissions" / f"{name}.csv"
-
-
-def _make(world: World, name: str, configs: Path, quiet: bool) -> None:
+def _make(world: WorldDir, name: str, configs: Path, quiet: bool) -> None:
     """The whole pipeline of one config on one world, through Make (resumes; does nothing when done)."""
     goals = ["prepare", "folds", "train", "infer", "search", "submit", "score"]
     args = [f"EXP={name}", f"CONFIGS={configs}", f"DATA_DIR={world.data}", f"PROCESSED={world.processed.root}"]
-    args += [f"MODELS_DIR={world.models}", f"SUBMISSIONS_DIR={world.root / 'submissions'}", f"LABELS={world.labels}"]
+    args += [f"MODELS_DIR={world.models}", f"SUBMISSIONS_DIR={world.submissions}", f"LABELS={world.labels}"]
     command = ["make", "--no-print-directory", "-C", str(ROOT), *goals, *args, *(["QUIET=1"] if quiet else [])]
     subprocess.run(command, check=True)
 
@@ -123,7 +92,7 @@ def _oof_without_tta(cfg: Config, exp: ExperimentDir, processed: ProcessedDir) -
         tta.predict_to_file([model], dataset, run.oof_maps, (), device, channels, batch, seg.amp, progress=False)
 
 
-def run_inference_variant(full: ExperimentDir, cfg: Config, variant: str, world: World) -> ExperimentDir:
+def run_inference_variant(full: ExperimentDir, cfg: Config, variant: str, world: WorldDir) -> ExperimentDir:
     """An inference variant on the full recipe's trained folds: (OOF,) test inference, search, submission, score."""
     exp = world.exp(f"{full.name}-{variant}", cfg.final_size)
     if exp.score.exists():
@@ -166,14 +135,14 @@ def table(rows: list[dict[str, Any]]) -> pd.DataFrame:
     return out.round(4).reset_index()
 
 
-def write(rows: list[dict[str, Any]], out: Path, note: str) -> pd.DataFrame:
-    """``ablation.csv`` (every run) and ``ablation.md`` (the summary table)."""
+def write(rows: list[dict[str, Any]], out: AblationDir, note: str) -> pd.DataFrame:
+    """``runs.csv`` (every run), ``ablation.csv`` and ``ablation.md`` (the summary table)."""
     summary = table(rows)
-    files.write_csv(out / "runs.csv", pd.DataFrame(rows))
-    files.write_csv(out / "ablation.csv", summary)
+    files.write_csv(out.runs, pd.DataFrame(rows))
+    files.write_csv(out.table, summary)
     header = "| " + " | ".join(summary.columns) + " |\n| " + " | ".join("---" for _ in summary.columns) + " |\n"
     body = "".join("| " + " | ".join(str(v) for v in row) + " |\n" for row in summary.values)
-    files.write_text(out / "ablation.md", f"# Ablation\n\n{note}\n\n" + header + body)
+    files.write_text(out.summary, f"# Ablation\n\n{note}\n\n" + header + body)
     return summary
 
 
@@ -186,10 +155,10 @@ def variant_config(cfg: Config, base: Path, variant: str, seed: int, folder: Pat
     return name
 
 
-def make_world(world: World, n_train: int, n_test: int, difficulty: str) -> None:
+def make_world(world: WorldDir, n_train: int, n_test: int, difficulty: str) -> None:
     """The ablation's synthetic world (left alone when already written)."""
     knobs = synthetic.DIFFICULTIES[difficulty]
-    spec = synthetic.WorldSpec(n_train=n_train, n_test=n_test, seed=world.seed, layout="stage2", **knobs)
+    spec = synthetic.WorldDirSpec(n_train=n_train, n_test=n_test, seed=world.seed, layout="stage2", **knobs)
     synthetic.make_world(world.data, spec, progress=False)
 
 
@@ -213,9 +182,9 @@ def run(
 ) -> pd.DataFrame:
     """Every variant on every world and seed; the summary table (also written under ``out``)."""
     rows = []
-    configs = out / "configs"
+    configs = out.configs
     for w in worlds:
-        world = World(out / f"world{w}", w)
+        world = out.world(w)
         make_world(world, *world_size, difficulty)
         for seed in seeds:
             for variant in TRAINING:

@@ -229,6 +229,83 @@ class ExperimentDir:
         return self.report / "summary.md"
 
 
+@dataclass(frozen=True)
+class WorldDir:
+    """One synthetic world of an ablation and the folders of its runs."""
+
+    root: Path
+    seed: int
+
+    @property
+    def data(self) -> Path:
+        return self.root / "data"
+
+    @property
+    def processed(self) -> ProcessedDir:
+        return ProcessedDir(self.root / "processed")
+
+    @property
+    def models(self) -> Path:
+        return self.root / "models"
+
+    @property
+    def submissions(self) -> Path:
+        return self.root / "submissions"
+
+    @property
+    def labels(self) -> Path:
+        return self.data / "test-labels.csv"
+
+    def exp(self, name: str, size: int) -> ExperimentDir:
+        return ExperimentDir(self.models / name, size)
+
+    def submission(self, name: str) -> Path:
+        return submission(name, self.submissions)
+
+
+@dataclass(frozen=True)
+class AblationDir:
+    """``models/<exp>/ablation/``: the variants' configs, a folder per world, and the tables."""
+
+    root: Path
+
+    @property
+    def configs(self) -> Path:
+        return self.root / "configs"
+
+    def world(self, seed: int) -> WorldDir:
+        return WorldDir(self.root / f"world{seed}", seed)
+
+    @property
+    def runs(self) -> Path:
+        return self.root / "runs.csv"
+
+    @property
+    def table(self) -> Path:
+        return self.root / "ablation.csv"
+
+    @property
+    def summary(self) -> Path:
+        return self.root / "ablation.md"
+
+
+@dataclass(frozen=True)
+class PredictionDir:
+    """``predictions/<name>/``: the table, and a mask and an overlay per input file."""
+
+    root: Path
+
+    @property
+    def table(self) -> Path:
+        return self.root / "predictions.csv"
+
+    def mask(self, stem: str) -> Path:
+        return self.root / "masks" / f"{stem}.png"
+
+    def overlay(self, stem: str) -> Path:
+        return self.root / "overlays" / f"{stem}.png"
+
+
 def submission(exp: str, folder: Path = SUBMISSIONS) -> Path:
     """``submissions/<exp>.csv``."""
     return Path(folder) / f"{exp}.csv"

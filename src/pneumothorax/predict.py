@@ -29,7 +29,7 @@ import torch
 from . import bars, classifier, data, devices, dicom, files, postprocess, rle, scale, segmentation, tta
 from . import config as config_mod
 from .config import Config
-from .paths import ExperimentDir
+from .paths import ExperimentDir, PredictionDir
 
 SUFFIXES = {".dcm", ".png", ".jpg", ".jpeg"}
 
@@ -192,9 +192,10 @@ def _chunks(paths: list[Path], size: int) -> Iterator[list[Image]]:
 
 
 def predict_folder(
-    exp: ExperimentDir, folder: Path, out: Path, device: str | None = None, progress: bool = True
+    exp: ExperimentDir, folder: Path, out_dir: Path, device: str | None = None, progress: bool = True
 ) -> pd.DataFrame:
     """Predict every image below ``folder`` with experiment (or ensemble) ``exp``; write the CSV, masks, overlays."""
+    out = PredictionDir(Path(out_dir))
     post, _ = postprocess.load(exp.postprocess)
     runtime = devices.setup_runtime(device)
     members, size = load_members(exp, runtime.device)
@@ -213,9 +214,9 @@ def predict_folder(
             gate = None if gates is None else float(gates[k])
             mask = post.apply(maps[k], gate, image.pixels.shape)
             stem = name.replace("/", "__").rsplit(".", 1)[0]
-            _write_png(out / "masks" / f"{stem}.png", mask.astype(np.uint8) * 255)
-            _write_png(out / "overlays" / f"{stem}.png", overlay(image.pixels, mask))
+            _write_png(out.mask(stem), mask.astype(np.uint8) * 255)
+            _write_png(out.overlay(stem), overlay(image.pixels, mask))
             rows.append(_row(image, name, mask, gate if gate is not None else float(maps[k].max()) / 255.0))
     table = pd.DataFrame(rows)
-    files.write_csv(out / "predictions.csv", table)
+    files.write_csv(out.table, table)
     return table
