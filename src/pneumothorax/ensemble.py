@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import mmap
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -96,9 +97,20 @@ def blend(
             chunk = image_ids[start : start + CHUNK]
             total = sum(w * source.read(chunk, size) for w, source in zip(weights, sources, strict=True))
             out[start : start + len(chunk)] = np.clip(np.rint(total * 255.0), 0, 255).astype(np.uint8)
+            out.flush()
+            for array in [out, *(a for source in sources for a in source.sources)]:
+                release(array)
         out.flush()
         del out
     return out_path
+
+
+def release(array: np.ndarray) -> None:
+    """Let the kernel drop the pages of a memory-mapped file this process has read or written (they stay in
+    the page cache): otherwise every member's maps would count in this process's resident memory."""
+    mapped = getattr(array, "_mmap", None)
+    if mapped is not None and hasattr(mmap, "MADV_DONTNEED"):
+        mapped.madvise(mmap.MADV_DONTNEED)
 
 
 def mean_gate(tables: list[pd.DataFrame], image_ids: list[str]) -> np.ndarray | None:
