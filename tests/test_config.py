@@ -124,3 +124,11 @@ def test_weights_that_training_will_not_write_fail_at_load():
         config.load("demo", ["segmentation.oof_weights=ema"])
     first = config.load("1st_place")
     assert (first.segmentation.top_k, first.segmentation.oof_weights, first.infer.weights) == (3, "topk", "topk")
+
+
+def test_a_config_saved_before_new_keys_still_loads_with_their_defaults():
+    saved = config.to_dict(config.load("demo"))
+    del saved["segmentation"]["top_k"], saved["classifier"]["accumulate"]  # keys a newer base.yaml added
+    loaded = config.from_yaml(__import__("yaml").safe_dump(saved))
+    assert loaded.segmentation.top_k == 0 and loaded.classifier.accumulate == 1
+    assert loaded == config.load("demo")

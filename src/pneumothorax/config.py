@@ -404,10 +404,12 @@ def dump(config: Config) -> str:
 
 
 def from_yaml(text: str) -> Config:
-    """Rebuild a config from :func:`dump`'s text."""
+    """Rebuild a config from :func:`dump`'s text (a config saved beside a checkpoint). Keys added to
+    ``base.yaml`` since it was saved take their defaults, which keep the old behaviour."""
     data = yaml.safe_load(text)
     data.pop("defaults", None)
-    return build(Config, data)
+    merged = OmegaConf.merge(_read(resolve_path("base")), OmegaConf.create(data))
+    return build(Config, OmegaConf.to_container(merged, resolve=True))
 
 
 def fingerprint(values: dict[str, Any]) -> str:

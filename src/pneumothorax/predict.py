@@ -217,6 +217,6 @@ def predict_folder(
             _write_png(out.mask(stem), mask.astype(np.uint8) * 255)
             _write_png(out.overlay(stem), overlay(image.pixels, mask))
             rows.append(_row(image, name, mask, gate if gate is not None else float(maps[k].max()) / 255.0))
-    table = pd.DataFrame(rows)
+    table = pd.DataFrame(rows).astype({"width": "Int64", "height": "Int64", "area_px": "Int64"})
     files.write_csv(out.table, table)
     return table
