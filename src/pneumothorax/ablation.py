@@ -158,7 +158,7 @@ def variant_config(cfg: Config, base: Path, variant: str, seed: int, folder: Pat
 def make_world(world: WorldDir, n_train: int, n_test: int, difficulty: str) -> None:
     """The ablation's synthetic world (left alone when already written)."""
     knobs = synthetic.DIFFICULTIES[difficulty]
-    spec = synthetic.WorldDirSpec(n_train=n_train, n_test=n_test, seed=world.seed, layout="stage2", **knobs)
+    spec = synthetic.WorldSpec(n_train=n_train, n_test=n_test, seed=world.seed, layout="stage2", **knobs)
     synthetic.make_world(world.data, spec, progress=False)
 
 
