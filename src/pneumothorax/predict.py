@@ -136,10 +136,7 @@ def predict_maps(
         total += m.weight * probs
         if m.gates:
             x = _batch(images, m.cfg.classifier.size, m.cfg, device)
-            views = tta.tta_views(m.cfg.infer.tta)
-            stacked = torch.cat([x.flip(d) if d else x for d in views])
-            per_model = [torch.sigmoid(g(stacked).float()).view(len(views), len(x)).mean(0) for g in m.gates]
-            gates.append(torch.stack(per_model).mean(0).cpu().numpy())
+            gates.append(tta.labels_batch(m.gates, x, m.cfg.infer.tta, m.cfg.classifier.amp).cpu().numpy())
     maps = np.clip(np.rint(total * 255.0), 0, 255).astype(np.uint8)
     return maps, (np.mean(gates, axis=0) if gates else None)
 

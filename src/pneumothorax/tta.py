@@ -99,14 +99,19 @@ def predict_labels(
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
     for model in models:
         model.eval()
-    views = tta_views(tta)
     out = []
     for images, _ in bars.bar(loader, desc, progress, unit="batch"):
-        x = data.model_input(images, channels, device)
-        stacked = torch.cat([x.flip(d) if d else x for d in views], dim=0)
-        total = 0.0
-        for model in models:
-            with devices.autocast(device, amp):
-                total = total + torch.sigmoid(model(stacked).float()).view(len(views), len(x)).mean(0)
-        out.append((total / len(models)).cpu().numpy())
+        out.append(labels_batch(models, data.model_input(images, channels, device), tta, amp).cpu().numpy())
     return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
+
+
+@torch.no_grad()
+def labels_batch(models: Sequence[nn.Module], x: torch.Tensor, tta: Sequence[str], amp: str = "none") -> torch.Tensor:
+    """Image-level probabilities of one batch: the mean over models and TTA views, all views in one pass."""
+    views = tta_views(tta)
+    stacked = torch.cat([x.flip(d) if d else x for d in views], dim=0)
+    total = 0.0
+    for model in models:
+        with devices.autocast(x.device, amp):
+            total = total + torch.sigmoid(model(stacked).float()).view(len(views), len(x)).mean(0)
+    return total / len(models)
