@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from pneumothorax import files, pools
@@ -87,3 +88,9 @@ def test_fold_out_of_range_fails_before_training():
 
     with pytest.raises(config.ConfigError, match="fold 9 is not a fold of tiny, whose data.n_folds is 2"):
         trainer.check_fold(config.load("tiny"), 9)
+
+
+def test_markdown_table_keeps_integers_blanks_missing_and_rounds_floats():
+    frame = pd.DataFrame({"fold": [0, 1], "dice": [0.123456, float("nan")], "note": ["a", None]})
+    text = files.markdown_table(frame.columns, frame.itertuples(index=False), digits=4)
+    assert text.splitlines() == ["| fold | dice | note |", "| --- | --- | --- |", "| 0 | 0.1235 | a |", "| 1 |  |  |"]

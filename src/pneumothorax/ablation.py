@@ -140,9 +140,8 @@ def write(rows: list[dict[str, Any]], out: AblationDir, note: str) -> pd.DataFra
     summary = table(rows)
     files.write_csv(out.runs, pd.DataFrame(rows))
     files.write_csv(out.table, summary)
-    header = "| " + " | ".join(summary.columns) + " |\n| " + " | ".join("---" for _ in summary.columns) + " |\n"
-    body = "".join("| " + " | ".join(str(v) for v in row) + " |\n" for row in summary.values)
-    files.write_text(out.summary, f"# Ablation\n\n{note}\n\n" + header + body)
+    markdown = files.markdown_table(summary.columns, summary.itertuples(index=False))
+    files.write_text(out.summary, f"# Ablation\n\n{note}\n\n" + markdown)
     return summary
 
 

@@ -256,3 +256,17 @@ def locked(path: str | Path, what: str) -> Iterator[None]:
         finally:
             fh.truncate(0)
             fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def markdown_table(columns: Iterable[str], rows: Iterable[Iterable[Any]], digits: int | None = None) -> str:
+    """A GitHub-markdown table; missing values (None, NaN) are blank, floats get ``digits`` decimals."""
+
+    def cell(value: Any) -> str:
+        if value is None or (isinstance(value, float) and value != value):  # NaN is the one value unequal to itself
+            return ""
+        return f"{value:.{digits}f}" if digits is not None and isinstance(value, float) else str(value)
+
+    columns = list(columns)
+    lines = ["| " + " | ".join(columns) + " |", "| " + " | ".join("---" for _ in columns) + " |"]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"

@@ -76,7 +76,6 @@ def build(models_dir: Path) -> pd.DataFrame:
     csv_path, md_path = leaderboard(models_dir)
     files.write_csv(csv_path, table)
     columns = [c for c in table.columns if table[c].notna().any()]
-    header = "| " + " | ".join(columns) + " |\n| " + " | ".join("---" for _ in columns) + " |\n"
-    body = "".join("| " + " | ".join("" if pd.isna(v) else str(v) for v in r) + " |\n" for r in table[columns].values)
-    files.write_text(md_path, f"# Leaderboard ({len(table)} experiments, best OOF first)\n\n" + header + body)
+    markdown = files.markdown_table(columns, table[columns].itertuples(index=False))
+    files.write_text(md_path, f"# Leaderboard ({len(table)} experiments, best OOF first)\n\n" + markdown)
     return table

@@ -94,7 +94,7 @@ def build(cfg: Config, exp: ExperimentDir, processed: ProcessedDir, n_cases: int
 
 def _summary(cfg: Config, exp: ExperimentDir, post: PostProcess, scores: dict[str, Any]) -> str:
     folds = _fold_table(cfg, exp)
-    table = folds.to_markdown(index=False, floatfmt=".4f") if _has_tabulate() else f"```\n{folds.to_string()}\n```"
+    table = files.markdown_table(folds.columns, folds.itertuples(index=False), digits=4)
     lines = [
         f"# Experiment `{cfg.name}`",
         "",
@@ -129,11 +129,3 @@ def _summary(cfg: Config, exp: ExperimentDir, post: PostProcess, scores: dict[st
         "",
     ]
     return "\n".join(lines)
-
-
-def _has_tabulate() -> bool:
-    try:
-        import tabulate  # noqa: F401
-    except ImportError:
-        return False
-    return True
