@@ -245,9 +245,7 @@ def report(record: dict[str, Any], out: ExperimentDir, test_score: float | None)
         "OOF: the competition metric at 1024 on the original RLE after post-processing (`oof_full`), and the "
         "search's estimate at the maps' size (`oof_search`); test: `make score` against the labels, where given.",
         "",
-        "```",
-        table.to_string(index=False),
-        "```",
+        files.markdown_table(table.columns, table.itertuples(index=False), digits=4),
         "",
         f"Post-processing: {postprocess.PostProcess.from_dict(record['postprocess']).describe()}",
         "",
