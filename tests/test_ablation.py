@@ -48,6 +48,11 @@ def test_ablation_of_the_tiny_recipe(tmp_path):
     world = out / "world0" / "models"
     full, no_rth = world / "tiny-full-s3", world / "tiny-full-s3-no_rth"
     assert (full / "fold0" / "model.pt").stat().st_ino == (no_rth / "fold0" / "model.pt").stat().st_ino  # reused
+    # the gate trains once per seed (2 folds): the training variants share the full recipe's
+    assert result.stdout.count("03_train_classifier.py") == 2
+    for variant in ("no_swa", "one_stage", "no_sampler"):
+        gate = world / f"tiny-{variant}-s3" / "classifier" / "fold1" / "model.pt"
+        assert gate.stat().st_ino == (full / "classifier" / "fold1" / "model.pt").stat().st_ino
     assert json.loads((no_rth / "thresholds.json").read_text())["postprocess"]["r_th"] == 0
     assert json.loads((world / "tiny-full-s3-bth_0.5" / "thresholds.json").read_text())["postprocess"]["b_th"] == 0.5
     one_stage = config.from_yaml((world / "tiny-one_stage-s3" / "fold0" / "config.yaml").read_text())
@@ -56,4 +61,4 @@ def test_ablation_of_the_tiny_recipe(tmp_path):
     assert (no_tta / "fold0" / "oof.npy").stat().st_ino != (full / "fold0" / "oof.npy").stat().st_ino  # re-predicted
     assert "| no_gate |" in (out / "ablation.md").read_text()
     again = subprocess.run(command, capture_output=True, text=True, timeout=600)  # a finished ablation redoes nothing
-    assert again.returncode == 0 and "04_train_segmentation" not in again.stdout
+    assert again.returncode == 0 and "_train_" not in again.stdout and "05_infer" not in again.stdout

@@ -78,6 +78,24 @@ def _link_training(source: ExperimentDir, target: ExperimentDir) -> None:
     shutil.copy(source.folds, target.folds)
 
 
+def _reuse_classifier(full: ExperimentDir, target: ExperimentDir, n_folds: int) -> None:
+    """A training variant's gate is the full recipe's at the same seed (the variants change only the
+    segmentation section): its classifier folds as hard links, with the stamps and the split copied
+    with their times, so that Make finds them up to date. A gate of other values would be set aside
+    as stale and retrained, never reused."""
+    if target.root.exists() or not all(full.classifier(k).model.exists() for k in range(n_folds)):
+        return
+    shutil.copytree(full.root / "stamps", target.root / "stamps")  # copy2: modification times kept
+    shutil.copy2(full.folds, target.folds)
+    for path in (full.root / "classifier").rglob("*"):
+        dest = target.root / path.relative_to(full.root)
+        if path.is_dir():
+            dest.mkdir(parents=True, exist_ok=True)
+        else:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            os.link(path, dest)
+
+
 def _oof_without_tta(cfg: Config, exp: ExperimentDir, processed: ProcessedDir) -> None:
     """Each fold's OOF maps predicted again without the hflip view (the training wrote them with it)."""
     device = devices.pick_device(None, 0)
@@ -186,12 +204,17 @@ def run(
         world = out.world(w)
         make_world(world, *world_size, difficulty)
         for seed in seeds:
+            full_name = f"{cfg.name}-full-s{seed}"
             for variant in TRAINING:
                 name = variant_config(cfg, base, variant, seed, configs)
+                if cfg.classifier.enabled and variant != "full":
+                    _reuse_classifier(
+                        world.exp(full_name, cfg.final_size), world.exp(name, cfg.final_size), cfg.data.n_folds
+                    )
                 _make(world, name, configs, quiet)
                 rows.append({"world": w, "seed": seed, "variant": variant, **scores(world.exp(name, cfg.final_size))})
                 print(f"world {w} seed {seed} {variant}: {rows[-1]}", flush=True)
-            full_path = configs / f"{cfg.name}-full-s{seed}.yaml"
+            full_path = configs / f"{full_name}.yaml"
             full = world.exp(full_path.stem, cfg.final_size)
             for variant in INFERENCE:
                 variant_cfg = config_mod.load(full_path, inference_overrides(variant))
