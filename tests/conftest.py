@@ -39,14 +39,27 @@ def world(tmp_path_factory) -> Path:
     return synthetic.make_world(out, synthetic.WorldSpec(n_train=300, n_test=30, seed=11), workers=2, progress=False)
 
 
+def _prepare_world(world: Path, out: Path, sizes: tuple[int, ...]):
+    """A synthetic world prepared into ``out`` at ``sizes``: its metadata table."""
+    from pneumothorax import layout, prepare
+
+    found = layout.detect(world, patient_map=world / "kaggle-to-nih-id.csv")
+    return prepare.prepare(found, out, sizes=sizes, workers=2, progress=False)
+
+
+@pytest.fixture()
+def prepare_world():
+    """Prepare a synthetic world: ``(world, out, sizes) -> metadata``."""
+    return _prepare_world
+
+
 @pytest.fixture(scope="session")
 def processed(world, tmp_path_factory) -> Path:
     """The world prepared at 32 and 64 pixels, with 2 folds."""
-    from pneumothorax import files, folds, layout, prepare
+    from pneumothorax import files, folds
 
     out = tmp_path_factory.mktemp("processed")
-    found = layout.detect(world, patient_map=world / "kaggle-to-nih-id.csv")
-    meta = prepare.prepare(found, out, sizes=(32, 64), workers=2, progress=False)
+    meta = _prepare_world(world, out, (32, 64))
     train = meta[meta["split"] == "train"]
     files.write_csv(out / "folds.csv", folds.make_folds(train, n_folds=2, seed=0))
     return out

@@ -17,7 +17,6 @@ from pneumothorax import (
     devices,
     files,
     folds,
-    layout,
     metric,
     paths,
     prepare,
@@ -69,7 +68,7 @@ def test_short_run_learns_and_beats_all_empty(processed, exp):
     assert config.from_yaml((out / "config.yaml").read_text()) == cfg
 
 
-def _hard_world(root, seed: int):
+def _hard_world(root, seed: int, prepare_world):
     """A tiny world of the generator's ``hard`` setting (more noise, fainter and smaller lesions), 2 folds."""
     world = synthetic.make_world(
         root / "world",
@@ -78,8 +77,7 @@ def _hard_world(root, seed: int):
         progress=False,
     )
     processed = root / "processed"
-    found = layout.detect(world, patient_map=world / "kaggle-to-nih-id.csv")
-    meta = prepare.prepare(found, processed, sizes=(HARD_SIZE,), workers=2, progress=False)
+    meta = prepare_world(world, processed, (HARD_SIZE,))
     exp = paths.ExperimentDir(root / "models" / "hard", HARD_SIZE)
     exp.root.mkdir(parents=True)
     files.write_csv(exp.folds, folds.make_folds(meta[meta["split"] == "train"], n_folds=2, seed=0))
@@ -88,8 +86,8 @@ def _hard_world(root, seed: int):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", [21, 22])
-def test_short_run_on_a_hard_world_beats_all_empty_after_the_search(tmp_path, seed):
-    processed, exp = _hard_world(tmp_path, seed)
+def test_short_run_on_a_hard_world_beats_all_empty_after_the_search(tmp_path, seed, prepare_world):
+    processed, exp = _hard_world(tmp_path, seed, prepare_world)
     cfg = config.load("demo", [f"data.sizes=[{HARD_SIZE}]", "data.n_folds=2", f"seed={seed}", HARD_STAGE])
     segmentation.train_fold(cfg, 0, processed, exp, device="cpu", progress=False)
     run = exp.segmenter(0)

@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -65,16 +66,21 @@ def _make(world: WorldDir, name: str, configs: Path, quiet: bool) -> None:
     subprocess.run(command, check=True)
 
 
-def _link_training(source: ExperimentDir, target: ExperimentDir) -> None:
-    """The trained folds of ``source`` in ``target`` as hard links (nothing is copied or retrained)."""
+def _link_files(source: ExperimentDir, target: ExperimentDir, keep: Callable[[Path], bool]) -> None:
+    """Hard links in ``target`` to the files of ``source`` whose relative path ``keep`` accepts."""
     for path in source.root.rglob("*"):
         relative = path.relative_to(source.root)
-        if path.is_dir() or relative.parts[0] in ("test", "report", "stamps") or len(relative.parts) == 1:
+        if path.is_dir() or not keep(relative):
             continue
         dest = target.root / relative
         dest.parent.mkdir(parents=True, exist_ok=True)
         if not dest.exists():
             os.link(path, dest)
+
+
+def _link_training(source: ExperimentDir, target: ExperimentDir) -> None:
+    """The trained folds of ``source`` in ``target`` as hard links (nothing is copied or retrained)."""
+    _link_files(source, target, lambda rel: rel.parts[0] not in ("test", "report", "stamps") and len(rel.parts) > 1)
     shutil.copy(source.folds, target.folds)
 
 
@@ -87,13 +93,7 @@ def _reuse_classifier(full: ExperimentDir, target: ExperimentDir, n_folds: int) 
         return
     shutil.copytree(full.root / "stamps", target.root / "stamps")  # copy2: modification times kept
     shutil.copy2(full.folds, target.folds)
-    for path in (full.root / "classifier").rglob("*"):
-        dest = target.root / path.relative_to(full.root)
-        if path.is_dir():
-            dest.mkdir(parents=True, exist_ok=True)
-        else:
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            os.link(path, dest)
+    _link_files(full, target, lambda rel: rel.parts[0] == "classifier")
 
 
 def _oof_without_tta(cfg: Config, exp: ExperimentDir, processed: ProcessedDir) -> None:
