@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -9,7 +11,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from pneumothorax import checkpoints, devices
+from pneumothorax import checkpoints, devices, files
 from pneumothorax.paths import RunDir
 from pneumothorax.trainer import Averaging, Interrupted, Phase, Precision, Settings, Trainer
 
@@ -124,3 +126,22 @@ def test_top_k_epochs_are_kept_and_averaged_and_the_ema_resumes_exactly(tmp_path
     resumed = checkpoints.load_checkpoint(parts.weights("ema"))
     for key in ema:
         torch.testing.assert_close(resumed[key], ema[key], rtol=0, atol=0)
+
+
+def test_a_second_trainer_of_the_same_run_waits_then_finds_it_done(tmp_path, capfd):
+    """Two jobs on one fold: the second waits on the run's lock instead of writing the same state.pt."""
+    run, runtime = RunDir(tmp_path / "fold0"), devices.Runtime(torch.device("cpu"))
+    settings = Settings(0, False, False, 1, {"batch": 8}, "toy: true\n")
+    first = Trainer(NoNormTask(8, 1), run, settings, runtime, progress=False)
+    second = Trainer(NoNormTask(8, 1), run, settings, runtime, progress=False)
+    results = {}
+    with files.locked(run.lock, "the first job"):  # the first job, mid-training
+        waiting = threading.Thread(target=lambda: results.setdefault("second", second.fit()))
+        waiting.start()
+        waiting.join(timeout=2.0)
+        assert waiting.is_alive() and not run.root.exists(), "the second trainer did not wait for the lock"
+        results["first"] = first._fit()
+    waiting.join(timeout=60)
+    assert not waiting.is_alive()
+    assert "waiting: toy" in capfd.readouterr().err
+    assert results["second"] == results["first"] and len(pd.read_csv(run.metrics)) == 2  # not trained twice

@@ -70,7 +70,7 @@ def _link_files(source: ExperimentDir, target: ExperimentDir, keep: Callable[[Pa
     """Hard links in ``target`` to the files of ``source`` whose relative path ``keep`` accepts."""
     for path in source.root.rglob("*"):
         relative = path.relative_to(source.root)
-        if path.is_dir() or not keep(relative):
+        if path.is_dir() or path.suffix == ".lock" or not keep(relative):  # a shared lock would be one lock
             continue
         dest = target.root / relative
         dest.parent.mkdir(parents=True, exist_ok=True)

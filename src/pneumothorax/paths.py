@@ -134,6 +134,11 @@ class RunDir:
         """Where a run trained under another config is moved before retraining."""
         return self.root.with_name(f"{self.root.name}.stale-{fingerprint[:8]}")
 
+    @property
+    def lock(self) -> Path:
+        """Held by the process that trains this run; beside the folder, which a stale run moves away."""
+        return self.root.with_name(f"{self.root.name}.lock")
+
 
 @dataclass(frozen=True)
 class ExperimentDir:

@@ -210,7 +210,17 @@ class Trainer:
         return {"fingerprint": self.settings.fingerprint, "section": self.settings.section}
 
     def fit(self) -> dict[str, Any]:
-        """Train every remaining epoch, then predict out-of-fold and write ``model.pt``; return the summary."""
+        """Train every remaining epoch, then predict out-of-fold and write ``model.pt``; return the summary.
+
+        Rank 0 holds the run's lock throughout: a second job on the same fold (two ``make`` calls,
+        a requeued array task) waits, then finds the run finished or resumes it, instead of two
+        trainers writing one ``state.pt``.
+        """
+        held = files.locked(self.run.lock, f"{self.task.label} ({self.run.root})")
+        with held if self.runtime.is_main else contextlib.nullcontext():
+            return self._fit()
+
+    def _fit(self) -> dict[str, Any]:
         self._set_aside_stale()
         if self.run.model.exists():  # finished under this very config: nothing to do
             return read_meta(self.run.model).get("summary", {})
