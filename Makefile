@@ -205,9 +205,9 @@ $(ENSEMBLE_SUBMISSION): $(foreach e,$(ENSEMBLE),$(MODELS_DIR)/$(e)/thresholds.js
 # Prediction on new images with a trained experiment or ensemble (its saved post-processing decides).
 INPUT     ?=
 PRED_NAME ?= $(EXP)-$(notdir $(abspath $(INPUT)))
-predict: | $(INSTALLED) ## new DICOM/PNG/JPEG images: INPUT=<folder> EXP=<exp or ensemble> -> predictions/<EXP>-<folder>/
+predict: | $(INSTALLED) ## new DICOM/PNG/JPEG images: INPUT=<folder> EXP=<exp or ensemble> [DICOM_SEG=1] -> predictions/<EXP>-<folder>/
 	@[ -n "$(INPUT)" ] || { echo 'error: name the images: make predict INPUT=<folder> EXP=<exp or ensemble>' >&2; exit 2; }
-	$(PY) scripts/11_predict.py --exp-dir $(MODELS) --input $(INPUT) --out $(PREDICTIONS_DIR)/$(PRED_NAME) $(Q)
+	$(PY) scripts/11_predict.py --exp-dir $(MODELS) --input $(INPUT) --out $(PREDICTIONS_DIR)/$(PRED_NAME) $(if $(DICOM_SEG),--dicom-seg) $(Q)
 
 ABLATION_WORLDS ?= 0
 ABLATION_SEEDS  ?= 0 1

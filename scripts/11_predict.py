@@ -1,6 +1,7 @@
 """Predict pneumothorax on new images (DICOM, PNG, JPEG) with a trained experiment or ensemble.
 
 make predict INPUT=/path/to/folder EXP=demo      -> predictions/demo-folder/
+make predict INPUT=... EXP=demo DICOM_SEG=1      -> also a DICOM Segmentation object per DICOM input
 """
 
 from pathlib import Path
@@ -15,11 +16,12 @@ def main() -> None:
     p.add_argument("--input", required=True, help="folder of images (searched recursively)")
     p.add_argument("--out", required=True, help="predictions/<name>")
     p.add_argument("--device", default=None)
+    p.add_argument("--dicom-seg", action="store_true", help="also write dicom_seg/<file>.dcm per DICOM input")
     args = p.parse_args()
     table = predict.predict_folder(
-        ExperimentDir(Path(args.exp_dir)), Path(args.input), Path(args.out), args.device, not args.quiet
+        ExperimentDir(Path(args.exp_dir)), Path(args.input), Path(args.out), args.device, not args.quiet, args.dicom_seg
     )
-    failed = (table["error"] != "").sum()
+    failed = table["rle"].isna().sum()
     positive = table["has_pneumothorax"].fillna(False).astype(bool).sum()
     print(f"{len(table)} images ({failed} unreadable), {positive} with pneumothorax -> {args.out}/predictions.csv")
 

@@ -19,6 +19,7 @@ LAYERS = [
         "plots",
         "rle",
         "dicom",
+        "dicom_seg",
         "metric",
         "scale",
         "layout",
@@ -42,7 +43,8 @@ def _package_imports(tree: ast.AST) -> list[tuple[str, ast.AST]]:
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom) and node.level == 1:
             names = [node.module] if node.module else [alias.name for alias in node.names]
-            found += [(name.split(".")[0], node) for name in names]
+            # ``from . import __version__``: an attribute of the package's __init__, which imports nothing
+            found += [(name.split(".")[0], node) for name in names if not name.startswith("__")]
         elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("pneumothorax"):
             found += [(alias.name, node) for alias in node.names]
     return found

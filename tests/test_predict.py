@@ -10,7 +10,7 @@ import pandas as pd
 import pydicom
 import torch
 
-from pneumothorax import config, predict, rle
+from pneumothorax import config, dicom_seg, predict, rle
 from pneumothorax.paths import ExperimentDir
 from pneumothorax.postprocess import PostProcess
 
@@ -35,13 +35,16 @@ def test_predict_writes_a_row_mask_and_overlay_per_file(tmp_path, monkeypatch):
     (folder / "broken.png").write_bytes(b"not a png")
     with pydicom.dcmread(DCM_301) as ds:
         ds.save_as(folder / "real.dcm")
+        del ds.StudyInstanceUID  # readable, but no DICOM SEG can reference it
+        ds.save_as(folder / "no_study.dcm")
     exp = ExperimentDir(tmp_path / "models" / "toy", 64)
     exp.root.mkdir(parents=True)
     exp.postprocess.write_text(json.dumps({"postprocess": PostProcess("b_r", 0.5, 0.0).to_dict()}))
     cfg = config.load("tiny", ["classifier.enabled=false", "infer.tta=[hflip]"])
     monkeypatch.setattr(predict, "load_members", lambda e, d: ([predict.Member(cfg, 1.0, [Bright()], [])], 64))
-    table = predict.predict_folder(exp, folder, tmp_path / "out", device="cpu", progress=False).set_index("file")
-    assert sorted(table.index) == ["broken.png", "real.dcm", "sub/dark.jpg", "wide.png"]  # every file has its row
+    out = tmp_path / "out"
+    table = predict.predict_folder(exp, folder, out, device="cpu", progress=False, write_seg=True).set_index("file")
+    assert sorted(table.index) == ["broken.png", "no_study.dcm", "real.dcm", "sub/dark.jpg", "wide.png"]  # a row each
     assert "not a readable image" in table.loc["broken.png", "error"] and pd.isna(table.loc["broken.png", "rle"])
     row = table.loc["wide.png"]
     assert (row["width"], row["height"]) == (400, 300) and row["has_pneumothorax"]
@@ -57,3 +60,17 @@ def test_predict_writes_a_row_mask_and_overlay_per_file(tmp_path, monkeypatch):
     assert (tmp_path / "out" / "overlays" / "sub__dark.png").exists()
     overlay = cv2.imread(str(tmp_path / "out" / "overlays" / "wide.png"))
     assert overlay.shape == (300, 400, 3) and (overlay[..., 2] > overlay[..., 0] + 100).any()  # a red outline
+    # The DICOM SEG of the DICOM input holds the very mask, over its image; the PNG inputs get none.
+    assert table.loc["real.dcm", "dicom_seg"] == "dicom_seg/real.dcm" and pd.isna(table.loc["wide.png", "dicom_seg"])
+    png_mask = cv2.imread(str(out / "masks" / "real.png"), cv2.IMREAD_GRAYSCALE) > 0
+    assert (dicom_seg.read_mask(out / "dicom_seg" / "real.dcm") == png_mask).all()
+    seg = pydicom.dcmread(out / "dicom_seg" / "real.dcm")
+    source = pydicom.dcmread(DCM_301)
+    assert seg.Modality == "SEG" and seg.StudyInstanceUID == source.StudyInstanceUID
+    assert (
+        seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
+    )
+    # A source no SEG can be made from keeps its mask and RLE; the row says why there is no SEG.
+    odd = table.loc["no_study.dcm"]
+    assert odd["rle"] == real["rle"] and "no DICOM SEG" in odd["error"] and "StudyInstanceUID" in odd["error"]
+    assert not (out / "dicom_seg" / "no_study.dcm").exists()

@@ -296,7 +296,7 @@ class AblationDir:
 
 @dataclass(frozen=True)
 class PredictionDir:
-    """``predictions/<name>/``: the table, and a mask and an overlay per input file."""
+    """``predictions/<name>/``: the table, a mask and an overlay per input file, a DICOM SEG per DICOM input."""
 
     root: Path
 
@@ -309,6 +309,10 @@ class PredictionDir:
 
     def overlay(self, stem: str) -> Path:
         return self.root / "overlays" / f"{stem}.png"
+
+    def segmentation(self, stem: str) -> Path:
+        """The DICOM Segmentation object of a DICOM input (``--dicom-seg``)."""
+        return self.root / "dicom_seg" / f"{stem}.dcm"
 
 
 def submission(exp: str, folder: Path = SUBMISSIONS) -> Path:

@@ -10,7 +10,10 @@ folds (or an ensemble's members, weighted), with the experiment's TTA and gate, 
   else the largest pixel probability), has_pneumothorax, area_px, area_mm2 (where the DICOM gives
   PixelSpacing), rle (the competition's relative column-major RLE over the image's own size),
   error (an unreadable file still gets its row, with the reason);
-- ``masks/<file>.png`` (0/255 at the image's size) and ``overlays/<file>.png`` (the contour on the image).
+- ``masks/<file>.png`` (0/255 at the image's size) and ``overlays/<file>.png`` (the contour on the image);
+- with ``write_seg``, ``dicom_seg/<file>.dcm`` per DICOM input: a DICOM Segmentation object that
+  references its image, so that a DICOM viewer overlays it (column ``dicom_seg``; a source that no
+  object can be made from keeps its mask and RLE, and the reason goes into ``error``).
 """
 
 from __future__ import annotations
@@ -26,7 +29,21 @@ import numpy as np
 import pandas as pd
 import torch
 
-from . import bars, classifier, data, devices, dicom, files, postprocess, rle, scale, segmentation, tta
+from . import (
+    __version__,
+    bars,
+    classifier,
+    data,
+    devices,
+    dicom,
+    dicom_seg,
+    files,
+    postprocess,
+    rle,
+    scale,
+    segmentation,
+    tta,
+)
 from . import config as config_mod
 from .config import Config
 from .paths import ExperimentDir, PredictionDir
@@ -166,6 +183,7 @@ def _row(image: Image, name: str, mask: np.ndarray | None, probability: float | 
             "area_px": None,
             "area_mm2": None,
             "rle": None,
+            "dicom_seg": None,
             "error": image.error,
         }
     area = int(mask.sum())
@@ -179,8 +197,23 @@ def _row(image: Image, name: str, mask: np.ndarray | None, probability: float | 
         "area_px": area,
         "area_mm2": mm2,
         "rle": rle.encode(mask),
+        "dicom_seg": None,
         "error": "",
     }
+
+
+def _write_outputs(image: Image, name: str, mask: np.ndarray, out: PredictionDir, seg_algorithm: str | None) -> dict:
+    """The mask and overlay PNGs (and the DICOM SEG when asked, for a DICOM input); what the row records."""
+    stem = name.replace("/", "__").rsplit(".", 1)[0]
+    _write_png(out.mask(stem), mask.astype(np.uint8) * 255)
+    _write_png(out.overlay(stem), overlay(image.pixels, mask))
+    if seg_algorithm is None or image.path.suffix.lower() != ".dcm":
+        return {}
+    try:
+        dicom_seg.write(image.path, mask, out.segmentation(stem), seg_algorithm, __version__)
+    except dicom.DicomError as exc:
+        return {"error": str(exc)}
+    return {"dicom_seg": str(out.segmentation(stem).relative_to(out.root))}
 
 
 def _chunks(paths: list[Path], size: int) -> Iterator[list[Image]]:
@@ -189,9 +222,15 @@ def _chunks(paths: list[Path], size: int) -> Iterator[list[Image]]:
 
 
 def predict_folder(
-    exp: ExperimentDir, folder: Path, out_dir: Path, device: str | None = None, progress: bool = True
+    exp: ExperimentDir,
+    folder: Path,
+    out_dir: Path,
+    device: str | None = None,
+    progress: bool = True,
+    write_seg: bool = False,
 ) -> pd.DataFrame:
-    """Predict every image below ``folder`` with experiment (or ensemble) ``exp``; write the CSV, masks, overlays."""
+    """Predict every image below ``folder`` with experiment (or ensemble) ``exp``; write the CSV, masks,
+    overlays (and a DICOM SEG per DICOM input with ``write_seg``)."""
     out = PredictionDir(Path(out_dir))
     post, _ = postprocess.load(exp.postprocess)
     runtime = devices.setup_runtime(device)
@@ -210,10 +249,8 @@ def predict_folder(
                 continue
             gate = None if gates is None else float(gates[k])
             mask = post.apply(maps[k], gate, image.pixels.shape)
-            stem = name.replace("/", "__").rsplit(".", 1)[0]
-            _write_png(out.mask(stem), mask.astype(np.uint8) * 255)
-            _write_png(out.overlay(stem), overlay(image.pixels, mask))
-            rows.append(_row(image, name, mask, gate if gate is not None else float(maps[k].max()) / 255.0))
+            written = _write_outputs(image, name, mask, out, exp.root.name if write_seg else None)
+            rows.append(_row(image, name, mask, gate if gate is not None else float(maps[k].max()) / 255.0) | written)
     table = pd.DataFrame(rows).astype({"width": "Int64", "height": "Int64", "area_px": "Int64"})
     files.write_csv(out.table, table)
     return table
