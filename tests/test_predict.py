@@ -34,6 +34,8 @@ def test_predict_writes_a_row_mask_and_overlay_per_file(tmp_path, monkeypatch):
     cv2.imwrite(str(folder / "sub" / "dark.jpg"), colour)
     (folder / "broken.png").write_bytes(b"not a png")
     with pydicom.dcmread(DCM_301) as ds:
+        for keyword in ("PatientBirthDate", "StudyDate", "ReferringPhysicianName", "AccessionNumber"):
+            delattr(ds, keyword)  # type 2 attributes files in the wild (and the synthetic worlds) omit
         ds.save_as(folder / "real.dcm")
         del ds.StudyInstanceUID  # readable, but no DICOM SEG can reference it
         ds.save_as(folder / "no_study.dcm")

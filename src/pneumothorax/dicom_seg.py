@@ -21,6 +21,20 @@ from . import dicom, files
 PNEUMOTHORAX = hd.sr.CodedConcept("36118008", "SCT", "Pneumothorax")
 ALTERED_STRUCTURE = hd.sr.CodedConcept("49755003", "SCT", "Morphologically Altered Structure")
 SERIES_NUMBER = 9100  # far from the numbers modalities give their own series
+# Type 2 attributes (present, may be empty) of the Patient and General Study modules that the SEG copies
+# from its source. Files in the wild (and the synthetic worlds) often omit them; an empty value is what
+# the standard asks for when they are unknown.
+TYPE_2_COPIED = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+    "StudyID",
+    "AccessionNumber",
+)
 
 
 def _description(algorithm: str, version: str) -> hd.seg.SegmentDescription:
@@ -70,6 +84,9 @@ def write(source_path: Path, mask: np.ndarray, out_path: Path, algorithm: str, v
     with dicom.lenient():
         try:
             source = pydicom.dcmread(source_path)
+            for keyword in TYPE_2_COPIED:  # in memory only: the source file is never written
+                if keyword not in source:
+                    setattr(source, keyword, "")
             seg = segmentation(source, mask, algorithm, version)
         except Exception as exc:  # highdicom and pydicom raise many types on unusual sources
             raise dicom.DicomError(f"{source_path}: no DICOM SEG ({type(exc).__name__}: {exc})") from None
