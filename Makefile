@@ -211,9 +211,10 @@ predict: | $(INSTALLED) ## new DICOM/PNG/JPEG images: INPUT=<folder> EXP=<exp or
 
 ABLATION_WORLDS ?= 0
 ABLATION_SEEDS  ?= 0 1
-ablation: | $(INSTALLED) ## the recipe's ablation on synthetic worlds -> models/EXP/ablation/ablation.md (ABLATION_WORLDS, ABLATION_SEEDS)
+ABLATION_JOBS   ?= 2
+ablation: | $(INSTALLED) ## the recipe's ablation on synthetic worlds -> models/EXP/ablation/ablation.md (ABLATION_WORLDS, ABLATION_SEEDS, ABLATION_JOBS)
 	$(PY) scripts/13_ablation.py --config $(CONFIG) --out $(MODELS)/ablation --worlds $(ABLATION_WORLDS) \
-	  --seeds $(ABLATION_SEEDS) --n-train $(SYNTH_TRAIN) --n-test $(SYNTH_TEST) --difficulty $(SYNTH_DIFFICULTY) $(Q)
+	  --seeds $(ABLATION_SEEDS) --n-train $(SYNTH_TRAIN) --n-test $(SYNTH_TEST) --difficulty $(SYNTH_DIFFICULTY) --jobs $(ABLATION_JOBS) $(Q)
 
 leaderboard: | $(INSTALLED) ## every experiment and ensemble under MODELS_DIR, best OOF first -> models/leaderboard.md, .csv
 	$(PY) scripts/12_leaderboard.py --models-dir $(MODELS_DIR)

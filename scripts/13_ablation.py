@@ -1,6 +1,6 @@
 """The recipe's ablation table on synthetic worlds: models/<exp>/ablation/ablation.md and .csv.
 
-make ablation EXP=demo ABLATION_WORLDS="0" ABLATION_SEEDS="0 1"
+make ablation EXP=demo ABLATION_WORLDS="0" ABLATION_SEEDS="0 1" ABLATION_JOBS=2
 """
 
 import time
@@ -17,13 +17,16 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="training seeds")
     p.add_argument("--n-train", type=int, default=500)
     p.add_argument("--n-test", type=int, default=100)
+    p.add_argument("--jobs", type=int, default=1, help="(world, seed) runs trained at once, the cores shared out")
     p.add_argument("--difficulty", choices=sorted(synthetic.DIFFICULTIES), default="default")
     args = p.parse_args()
     cfg = cli.load_config(args)
     started = time.time()
     size = (args.n_train, args.n_test)
     out = AblationDir(Path(args.out))
-    summary = ablation.run(cfg, Path(args.config), out, args.worlds, args.seeds, size, args.difficulty, args.quiet)
+    summary = ablation.run(
+        cfg, Path(args.config), out, args.worlds, args.seeds, size, args.difficulty, args.quiet, args.jobs
+    )
     print(summary.to_string(index=False))
     print(f"ablation -> {out.summary} in {(time.time() - started) / 60:.1f} min")
 

@@ -34,7 +34,8 @@ def test_ablation_of_the_tiny_recipe(tmp_path):
         "ablation",
         "EXP=tiny",
         f"MODELS_DIR={models}",
-        "ABLATION_SEEDS=3",
+        "ABLATION_SEEDS=3 4",
+        "ABLATION_JOBS=2",
         "SYNTH_TRAIN=60",
         "SYNTH_TEST=8",
         "QUIET=1",
@@ -43,13 +44,18 @@ def test_ablation_of_the_tiny_recipe(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     out = models / "tiny" / "ablation"
     summary = pd.read_csv(out / "ablation.csv").set_index("variant")
-    assert list(summary.index) == [*TRAINING, *INFERENCE] and (summary["runs"] == 1).all()
+    assert list(summary.index) == [*TRAINING, *INFERENCE] and (summary["runs"] == 2).all()
     assert summary.loc["full", "d_oof"] == 0 and summary.loc["full", "d_test"] == 0
     world = out / "world0" / "models"
     full, no_rth = world / "tiny-full-s3", world / "tiny-full-s3-no_rth"
     assert (full / "fold0" / "model.pt").stat().st_ino == (no_rth / "fold0" / "model.pt").stat().st_ino  # reused
-    # the gate trains once per seed (2 folds): the training variants share the full recipe's
-    assert result.stdout.count("03_train_classifier.py") == 2
+    # the gate trains once per seed (2 folds, 2 seeds): the training variants share the full recipe's
+    assert result.stdout.count("03_train_classifier.py") == 4
+    # the world is prepared once up front (as tiny-full-s3); each other variant's prepare finds it done
+    assert result.stdout.count("01_prepare.py") == 2 * len(TRAINING)
+    # ABLATION_JOBS=2: seed 4 started (its stamps) before seed 3's last variant had trained
+    seed4_started = min(p.stat().st_mtime for p in (world / "tiny-full-s4" / "stamps").glob("*.json"))
+    assert seed4_started < (world / "tiny-no_sampler-s3" / "fold0" / "model.pt").stat().st_mtime
     for variant in ("no_swa", "one_stage", "no_sampler"):
         gate = world / f"tiny-{variant}-s3" / "classifier" / "fold1" / "model.pt"
         assert gate.stat().st_ino == (full / "classifier" / "fold1" / "model.pt").stat().st_ino

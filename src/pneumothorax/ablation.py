@@ -18,6 +18,7 @@ import os
 import shutil
 import subprocess
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -57,13 +58,24 @@ def inference_overrides(variant: str) -> list[str]:
     }[variant]
 
 
-def _make(world: WorldDir, name: str, configs: Path, quiet: bool) -> None:
-    """The whole pipeline of one config on one world, through Make (resumes; does nothing when done)."""
-    goals = ["prepare", "folds", "train", "infer", "search", "submit", "score"]
+PIPELINE = ("prepare", "folds", "train", "infer", "search", "submit", "score")
+
+
+def _make(
+    world: WorldDir,
+    name: str,
+    configs: Path,
+    quiet: bool,
+    goals: tuple[str, ...] = PIPELINE,
+    threads: int | None = None,
+) -> None:
+    """The pipeline of one config on one world, through Make (resumes; does nothing when done). With
+    ``threads``, its torch jobs use that many threads (parallel runs would otherwise oversubscribe)."""
     args = [f"EXP={name}", f"CONFIGS={configs}", f"DATA_DIR={world.data}", f"PROCESSED={world.processed.root}"]
     args += [f"MODELS_DIR={world.models}", f"SUBMISSIONS_DIR={world.submissions}", f"LABELS={world.labels}"]
     command = ["make", "--no-print-directory", "-C", str(ROOT), *goals, *args, *(["QUIET=1"] if quiet else [])]
-    subprocess.run(command, check=True)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)} if threads else None
+    subprocess.run(command, check=True, env=env)
 
 
 def _link_files(source: ExperimentDir, target: ExperimentDir, keep: Callable[[Path], bool]) -> None:
@@ -187,38 +199,63 @@ def seeds_note(worlds: list[int], seeds: list[int], n_train: int, difficulty: st
     )
 
 
+def _train_variants(
+    cfg: Config, base: Path, out: AblationDir, w: int, seed: int, quiet: bool, threads: int | None
+) -> list[dict[str, Any]]:
+    """The training variants of one world and seed, in order (the full recipe first: the others reuse its gate)."""
+    world, rows = out.world(w), []
+    full_name = f"{cfg.name}-full-s{seed}"
+    for variant in TRAINING:
+        name = variant_config(cfg, base, variant, seed, out.configs)
+        if cfg.classifier.enabled and variant != "full":
+            _reuse_classifier(world.exp(full_name, cfg.final_size), world.exp(name, cfg.final_size), cfg.data.n_folds)
+        _make(world, name, out.configs, quiet, threads=threads)
+        rows.append({"world": w, "seed": seed, "variant": variant, **scores(world.exp(name, cfg.final_size))})
+        print(f"world {w} seed {seed} {variant}: {rows[-1]}", flush=True)
+    return rows
+
+
+def _inference_variants(cfg: Config, out: AblationDir, w: int, seed: int) -> list[dict[str, Any]]:
+    """The inference variants of one world and seed, on its full recipe's folds."""
+    world, rows = out.world(w), []
+    full_path = out.configs / f"{cfg.name}-full-s{seed}.yaml"
+    full = world.exp(full_path.stem, cfg.final_size)
+    for variant in INFERENCE:
+        exp = run_inference_variant(full, config_mod.load(full_path, inference_overrides(variant)), variant, world)
+        rows.append({"world": w, "seed": seed, "variant": variant, **scores(exp)})
+        print(f"world {w} seed {seed} {variant}: {rows[-1]}", flush=True)
+    return rows
+
+
+def threads_per_job(jobs: int) -> int | None:
+    """Torch threads for each of ``jobs`` parallel runs: the cores shared out (None: one run, the default)."""
+    return max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None
+
+
 def run(
     cfg: Config,
     base: Path,
-    out: Path,
+    out: AblationDir,
     worlds: list[int],
     seeds: list[int],
     world_size: tuple[int, int],
     difficulty: str = "default",
     quiet: bool = True,
+    jobs: int = 1,
 ) -> pd.DataFrame:
-    """Every variant on every world and seed; the summary table (also written under ``out``)."""
-    rows = []
-    configs = out.configs
+    """Every variant on every world and seed; the summary table (also written under ``out``).
+
+    The (world, seed) runs are independent, so ``jobs`` of them train at once, the cores shared out
+    between them: on CPU, two single-thread trainings finish sooner than two two-thread ones in turn.
+    Each world is prepared once, first, so that parallel runs never prepare it together."""
+    runs = [(w, seed) for w in worlds for seed in seeds]
     for w in worlds:
-        world = out.world(w)
-        make_world(world, *world_size, difficulty)
-        for seed in seeds:
-            full_name = f"{cfg.name}-full-s{seed}"
-            for variant in TRAINING:
-                name = variant_config(cfg, base, variant, seed, configs)
-                if cfg.classifier.enabled and variant != "full":
-                    _reuse_classifier(
-                        world.exp(full_name, cfg.final_size), world.exp(name, cfg.final_size), cfg.data.n_folds
-                    )
-                _make(world, name, configs, quiet)
-                rows.append({"world": w, "seed": seed, "variant": variant, **scores(world.exp(name, cfg.final_size))})
-                print(f"world {w} seed {seed} {variant}: {rows[-1]}", flush=True)
-            full_path = configs / f"{full_name}.yaml"
-            full = world.exp(full_path.stem, cfg.final_size)
-            for variant in INFERENCE:
-                variant_cfg = config_mod.load(full_path, inference_overrides(variant))
-                exp = run_inference_variant(full, variant_cfg, variant, world)
-                rows.append({"world": w, "seed": seed, "variant": variant, **scores(exp)})
-                print(f"world {w} seed {seed} {variant}: {rows[-1]}", flush=True)
+        make_world(out.world(w), *world_size, difficulty)
+        _make(out.world(w), variant_config(cfg, base, "full", seeds[0], out.configs), out.configs, quiet, ("prepare",))
+    threads = threads_per_job(min(jobs, len(runs)))
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        trained = list(pool.map(lambda r: _train_variants(cfg, base, out, *r, quiet, threads), runs))
+    rows = []
+    for (w, seed), training in zip(runs, trained, strict=True):  # in-process torch work: one run at a time
+        rows += training + _inference_variants(cfg, out, w, seed)
     return write(rows, out, seeds_note(worlds, seeds, world_size[0], difficulty))
