@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 
 import pandas as pd
@@ -51,6 +52,9 @@ def test_ablation_of_the_tiny_recipe(tmp_path):
     assert (full / "fold0" / "model.pt").stat().st_ino == (no_rth / "fold0" / "model.pt").stat().st_ino  # reused
     # the gate trains once per seed (2 folds, 2 seeds): the training variants share the full recipe's
     assert result.stdout.count("03_train_classifier.py") == 4
+    # parallel runs' lines interleave: each carries its run
+    gates = re.findall(r"^\[world \d+ seed (\d)\] .*03_train_classifier\.py", result.stdout, re.MULTILINE)
+    assert sorted(gates) == ["3", "3", "4", "4"]
     # the world is prepared once up front (as tiny-full-s3); each other variant's prepare finds it done
     assert result.stdout.count("01_prepare.py") == 2 * len(TRAINING)
     # ABLATION_JOBS=2: seed 4 started (its stamps) before seed 3's last variant had trained

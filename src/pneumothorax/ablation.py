@@ -68,14 +68,23 @@ def _make(
     quiet: bool,
     goals: tuple[str, ...] = PIPELINE,
     threads: int | None = None,
+    prefix: str = "",
 ) -> None:
     """The pipeline of one config on one world, through Make (resumes; does nothing when done). With
-    ``threads``, its torch jobs use that many threads (parallel runs would otherwise oversubscribe)."""
+    ``threads``, its torch jobs use that many threads (parallel runs would otherwise oversubscribe);
+    with ``prefix``, each line of its output starts with it (parallel runs' lines interleave)."""
     args = [f"EXP={name}", f"CONFIGS={configs}", f"DATA_DIR={world.data}", f"PROCESSED={world.processed.root}"]
     args += [f"MODELS_DIR={world.models}", f"SUBMISSIONS_DIR={world.submissions}", f"LABELS={world.labels}"]
     command = ["make", "--no-print-directory", "-C", str(ROOT), *goals, *args, *(["QUIET=1"] if quiet else [])]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)} if threads else None
-    subprocess.run(command, check=True, env=env)
+    if not prefix:
+        subprocess.run(command, check=True, env=env)
+        return
+    with subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as job:
+        for line in job.stdout or []:
+            print(prefix + line, end="", flush=True)
+    if job.returncode:
+        raise subprocess.CalledProcessError(job.returncode, command)
 
 
 def _link_files(source: ExperimentDir, target: ExperimentDir, keep: Callable[[Path], bool]) -> None:
@@ -205,11 +214,12 @@ def _train_variants(
     """The training variants of one world and seed, in order (the full recipe first: the others reuse its gate)."""
     world, rows = out.world(w), []
     full_name = f"{cfg.name}-full-s{seed}"
+    prefix = f"[world {w} seed {seed}] " if threads else ""  # only parallel runs share the terminal
     for variant in TRAINING:
         name = variant_config(cfg, base, variant, seed, out.configs)
         if cfg.classifier.enabled and variant != "full":
             _reuse_classifier(world.exp(full_name, cfg.final_size), world.exp(name, cfg.final_size), cfg.data.n_folds)
-        _make(world, name, out.configs, quiet, threads=threads)
+        _make(world, name, out.configs, quiet, threads=threads, prefix=prefix)
         rows.append({"world": w, "seed": seed, "variant": variant, **scores(world.exp(name, cfg.final_size))})
         print(f"world {w} seed {seed} {variant}: {rows[-1]}", flush=True)
     return rows
