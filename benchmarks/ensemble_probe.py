@@ -12,10 +12,12 @@ finished folds and test maps, and a folder of DICOMs.
 from __future__ import annotations
 
 import json
-import resource
 import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import peak_rss_mb  # noqa: E402
 
 from pneumothorax import config, ensemble, infer, predict, steps
 from pneumothorax.paths import ExperimentDir, ProcessedDir
@@ -40,7 +42,7 @@ def main(step: str, root: Path) -> None:
         infer.infer_test(cfg, ExperimentDir(root / "models" / "m0", size), processed, "cpu", progress=False)
         count = spec["n_new"]
     seconds = time.perf_counter() - started
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = peak_rss_mb()
     print(json.dumps({"step": step, "seconds": round(seconds, 2), "images": count, "peak_rss_mb": round(peak, 1)}))
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import resource
 import sys
 import tempfile
 from dataclasses import replace
@@ -13,7 +12,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from pneumothorax import config, files, infer, models, submission
+sys.path.insert(0, str(Path(__file__).parent))
+from common import peak_rss_mb  # noqa: E402
+
+from pneumothorax import config, files, infer, models, prepare, submission
 from pneumothorax.paths import ExperimentDir, ProcessedDir
 from pneumothorax.postprocess import PostProcess
 
@@ -22,6 +24,7 @@ def main(n: int) -> None:
     cfg = config.load("tiny", ["data.n_folds=2", "data.sizes=[32, 128]", "segmentation.stages.1.size=128"])
     size = 128
     rng = np.random.default_rng(0)
+    torch.manual_seed(0)  # the untrained models' maps, hence the RLE sizes, are the same every run
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         processed, exp = root / "p", ExperimentDir(root / "models" / "tiny", 128)
@@ -34,6 +37,10 @@ def main(n: int) -> None:
             {"image_id": [f"r{i}" for i in range(n_train)], "split": "train", "index": np.arange(n_train), "error": ""}
         )
         files.write_csv(processed / "metadata.csv", pd.concat([meta, train]))
+        # the submission's expected ids come from prepare's record, as after `make prepare`
+        splits = {"test": {"ids": list(meta["image_id"])}}
+        record = {"version": prepare.RECORD_VERSION, "layout": {"sample_submission": "none"}, "splits": splits}
+        files.write_json(ProcessedDir(processed).record, record)
         for split, count in (("test", n), ("train", n_train)):
             images = np.lib.format.open_memmap(
                 processed / f"images_{split}_{size}.npy", "w+", np.uint8, (count, size, size)
@@ -73,11 +80,15 @@ def main(n: int) -> None:
             )
         cfg = replace(cfg, classifier=replace(cfg.classifier, size=size))
         infer.infer_test(cfg, exp, ProcessedDir(processed), "cpu", progress=False)
+        after_infer = peak_rss_mb()
         files.write_json(exp.postprocess, {"postprocess": PostProcess("b_r", 0.5, 1024, 0.3).to_dict()})
         submission.make_submission(exp, ProcessedDir(processed), root / "sub.csv", progress=False)
-        rows = len(pd.read_csv(root / "sub.csv"))
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"images": n, "rows": rows, "peak_rss_mb": round(peak, 1)}))
+        peak = peak_rss_mb()  # before reading the CSV back
+        encoded = pd.read_csv(root / "sub.csv")["EncodedPixels"]
+    figures = {"images": n, "rows": len(encoded), "peak_rss_mb": round(peak, 1)}
+    # untrained models predict noise: its RLE (held until the CSV is written) is far larger than real masks'
+    figures |= {"peak_after_infer_mb": round(after_infer, 1), "rle_mb": round(encoded.str.len().sum() / 1e6, 1)}
+    print(json.dumps(figures))
 
 
 if __name__ == "__main__":

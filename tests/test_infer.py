@@ -31,6 +31,18 @@ def test_hflip_tta_equals_manual_flip():
     torch.testing.assert_close(vh, manual3)
 
 
+def test_tta_on_cpu_runs_one_pass_per_view():
+    seen = []
+
+    class Recorder(Ramp):
+        def forward(self, x):
+            seen.append(x.shape[0])
+            return super().forward(x)
+
+    tta.predict_batch([Recorder()], torch.randn(3, 1, 8, 8), ["hflip", "vflip"])
+    assert seen == [3, 3, 3]  # not one pass of 9: on CPU a doubled batch costs more than two passes
+
+
 def test_fold_ensemble_is_the_mean():
     x = torch.randn(2, 1, 4, 4)
 
