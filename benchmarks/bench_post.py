@@ -16,10 +16,10 @@ import pandas as pd
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import save  # noqa: E402
+from common import save, write_prepare_record  # noqa: E402
 
-from pneumothorax import checkpoints, config, files, folds, models, prepare, rle, synthetic, thresholds, tta  # noqa: E402
-from pneumothorax.paths import ExperimentDir, ProcessedDir  # noqa: E402
+from pneumothorax import checkpoints, config, files, folds, models, rle, synthetic, thresholds, tta  # noqa: E402
+from pneumothorax.paths import ExperimentDir  # noqa: E402
 from pneumothorax.postprocess import PostProcess  # noqa: E402
 
 
@@ -173,12 +173,7 @@ def fake_world(root: Path, n_train: int = 2000, n_new: int = 500, size: int = 25
     masks.flush()
     files.write_csv(root / "labels.csv", pd.DataFrame(rows, columns=["ImageId", "EncodedPixels"]))
     np.save(processed / f"images_test_{size}.npy", rng.integers(0, 255, (n_new, size, size), dtype=np.uint8))
-    record = {
-        "version": prepare.RECORD_VERSION,
-        "layout": {"labels": str(root / "labels.csv"), "sample_submission": "none"},
-        "splits": {"test": {"ids": test_ids}},
-    }
-    files.write_json(ProcessedDir(processed).record, record)
+    write_prepare_record(processed, test_ids, root / "labels.csv")
     split = pd.DataFrame({"image_id": train_ids, "fold": np.arange(n_train) % cfg.data.n_folds})
     model = models.create_segmenter(replace(cfg.segmentation, encoder_weights="none"), cfg.data.channels)
     for m in range(3):

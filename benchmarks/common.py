@@ -56,6 +56,14 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KB on Linux (bytes on macOS)
 
 
+def write_prepare_record(processed: Path, test_ids: list[str], labels: Path | None = None) -> None:
+    """The record `make prepare` leaves for a fake processed folder: the test ids a submission must
+    hold (no sample submission), and the label CSV that full-resolution scoring reads, if any."""
+    found = {"sample_submission": "none", **({"labels": str(labels)} if labels else {})}
+    record = {"version": prepare.RECORD_VERSION, "layout": found, "splits": {"test": {"ids": test_ids}}}
+    files.write_json(paths.ProcessedDir(processed).record, record)
+
+
 def prepared_world(root: Path, n_train: int, n_test: int, sizes: tuple[int, ...], seed: int = 7) -> tuple[Path, Path]:
     """A synthetic world under ``root`` and its processed caches (with 5 folds)."""
     world = synthetic.make_world(

@@ -13,9 +13,9 @@ import pandas as pd
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import peak_rss_mb  # noqa: E402
+from common import peak_rss_mb, write_prepare_record  # noqa: E402
 
-from pneumothorax import config, files, infer, models, prepare, submission
+from pneumothorax import config, files, infer, models, submission
 from pneumothorax.paths import ExperimentDir, ProcessedDir
 from pneumothorax.postprocess import PostProcess
 
@@ -37,10 +37,7 @@ def main(n: int) -> None:
             {"image_id": [f"r{i}" for i in range(n_train)], "split": "train", "index": np.arange(n_train), "error": ""}
         )
         files.write_csv(processed / "metadata.csv", pd.concat([meta, train]))
-        # the submission's expected ids come from prepare's record, as after `make prepare`
-        splits = {"test": {"ids": list(meta["image_id"])}}
-        record = {"version": prepare.RECORD_VERSION, "layout": {"sample_submission": "none"}, "splits": splits}
-        files.write_json(ProcessedDir(processed).record, record)
+        write_prepare_record(processed, list(meta["image_id"]))  # the ids the submission must hold
         for split, count in (("test", n), ("train", n_train)):
             images = np.lib.format.open_memmap(
                 processed / f"images_{split}_{size}.npy", "w+", np.uint8, (count, size, size)

@@ -38,8 +38,8 @@ def predict_batch(models: Sequence[nn.Module], x: torch.Tensor, tta: Sequence[st
     total = None
     for model in models:
         with devices.autocast(x.device, amp):
-            out = torch.cat([torch.sigmoid(model(batch).float()) for batch in batches], dim=0)
-        parts = out.split(x.shape[0], dim=0)
+            outs = [torch.sigmoid(model(batch).float()) for batch in batches]
+        parts = [part for out in outs for part in out.split(x.shape[0], dim=0)]
         summed = sum(p.flip(d) if d else p for p, d in zip(parts, views, strict=True))
         total = summed if total is None else total + summed
     return total / (len(models) * len(views))
