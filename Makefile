@@ -102,6 +102,9 @@ endif
 # Config stamps: the resolved value of each config section (pneumothorax.config.SECTIONS),
 # rewritten at parse time only when it changes. Each step depends on the sections it reads, so
 # an edited postprocess reruns search and submit only, and an edited comment reruns nothing.
+# Each training run has its own copy (stamps/segmentation-fold0.json): a section set back to the
+# values a finished model was trained under (an edit reverted, or one only `make -n` saw) takes
+# that model's time, so the run is neither planned nor invoked again.
 ifneq ($(filter-out $(NO_DATA_GOALS),$(or $(MAKECMDGOALS),help)),)
 STAMP_ERROR := $(shell [ -x $(PY) ] && $(PY) -m pneumothorax.query stamps --config $(CONFIG) --exp-dir $(MODELS))
 ifneq ($(STAMP_ERROR),)
@@ -148,27 +151,28 @@ $(PREPARED): $(TRAIN_INPUTS) $(TEST_INPUTS) $(call stamp,prepare) | $(INSTALLED)
 # test folder changes too). folds.csv is rewritten only when its content changes, and training
 # follows folds.csv itself: changed training inputs that leave the split as it was retrain
 # nothing (the folds step, a second, then reruns until the split changes, and `make -n` lists
-# the training steps it cannot rule out).
+# the training steps it cannot rule out). folds.made holds the folds section it split under (see
+# the config stamps above), timed as folds.csv.
 folds: $(FOLDS_CSV) ## patient-grouped, stratified folds of this experiment: models/EXP/folds.csv
 $(FOLDS_CSV): $(FOLDS_MADE) ;
 $(FOLDS_MADE): $(TRAIN_INPUTS) $(call stamp,folds) | $(PREPARED)
 	$(PY) scripts/02_folds.py --config $(CONFIG) --processed $(PROCESSED) --exp-dir $(MODELS)
-	touch -r $(FOLDS_CSV) $@
+	cp $(call stamp,folds) $@.tmp && touch -r $(FOLDS_CSV) $@.tmp && mv $@.tmp $@
 
 train: train-cls train-seg ## train gate and segmenter folds that are out of date (FOLD=k for one)
 train-seg: $(SEG_MODELS) ## segmentation folds only
 train-cls: $(CLS_MODELS) ## classifier folds only
 
-$(MODELS)/classifier/fold%/model.pt: $(call stamp,classifier) $(FOLDS_CSV) | $(PREPARED)
+$(MODELS)/classifier/fold%/model.pt: $(call stamp,classifier-fold%) $(FOLDS_CSV) | $(PREPARED)
 	$(RUN) scripts/03_train_classifier.py --config $(CONFIG) --fold $* --processed $(PROCESSED) --exp-dir $(MODELS) $(Q)
 
 pretrain: $(MODELS)/pretrain/model.pt ## classifier on the config's classifier.external_csv (encoder_init: pretrain)
-$(MODELS)/pretrain/model.pt: $(call stamp,classifier) $(EXTERNAL_CSV) | $(INSTALLED)
+$(MODELS)/pretrain/model.pt: $(call stamp,classifier-pretrain) $(EXTERNAL_CSV) | $(INSTALLED)
 	$(RUN) scripts/03_train_classifier.py --config $(CONFIG) --pretrain --exp-dir $(MODELS) $(Q)
 
 SEG_INIT = $(if $(filter classifier,$(ENC_INIT)),$(MODELS)/classifier/fold%/model.pt) \
            $(if $(filter pretrain,$(ENC_INIT)),$(MODELS)/pretrain/model.pt)
-$(MODELS)/fold%/model.pt: $(call stamp,segmentation) $(FOLDS_CSV) $(SEG_INIT) | $(PREPARED)
+$(MODELS)/fold%/model.pt: $(call stamp,segmentation-fold%) $(FOLDS_CSV) $(SEG_INIT) | $(PREPARED)
 	$(RUN) scripts/04_train_segmentation.py --config $(CONFIG) --fold $* --processed $(PROCESSED) --exp-dir $(MODELS) $(Q)
 
 infer: $(MODELS)/test/ids.csv ## test probabilities: folds ensembled, flip TTA, gate

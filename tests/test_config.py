@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from pneumothorax import config, paths
@@ -109,7 +111,8 @@ def test_stamps_are_rewritten_only_when_their_section_changes(tmp_path):
     exp = tmp_path / "demo"
     assert query.main(["stamps", "--config", "demo", "--exp-dir", str(exp)]) == 0
     stamps = {p.name: p.stat().st_mtime_ns for p in (exp / "stamps").glob("*.json")}
-    assert set(stamps) == {f"{name}.json" for name in config.SECTIONS}
+    runs = [f"{task}-fold{k}.json" for task in ("classifier", "segmentation") for k in range(3)]
+    assert set(stamps) == {f"{name}.json" for name in config.SECTIONS} | {*runs, "classifier-pretrain.json"}
     child = tmp_path / "demo2.yaml"
     child.write_text("defaults: [demo]\ninfer: {batch_size: 3}\n")
     assert query.main(["stamps", "--config", str(child), "--exp-dir", str(exp)]) == 0
@@ -132,3 +135,29 @@ def test_a_config_saved_before_new_keys_still_loads_with_their_defaults():
     loaded = config.from_yaml(__import__("yaml").safe_dump(saved))
     assert loaded.segmentation.top_k == 0 and loaded.classifier.accumulate == 1
     assert loaded == config.load("demo")
+
+
+def test_a_section_set_back_to_a_finished_runs_values_takes_that_runs_time(tmp_path):
+    """A `make -n` of an edit, then the edit reverted: the runs made under the old values stay up to
+    date (their stamps are not newer than them); runs of other values are not."""
+    from pneumothorax import query
+
+    exp, cfg = paths.ExperimentDir(tmp_path / "demo"), config.load("demo")
+    for run in (exp.segmenter(0), exp.segmenter(1)):
+        run.root.mkdir(parents=True)
+        run.model.write_bytes(b"weights")
+        os.utime(run.model, ns=(10**17, 10**17))
+    exp.segmenter(0).config.write_text(config.dump(cfg))
+    exp.segmenter(1).config.write_text(config.dump(config.load("demo", ["segmentation.stages.1.epochs=3"])))
+    (exp.root / "stamps").mkdir()
+    exp.folds_made.write_text(query._section_text(cfg, "folds"))
+    os.utime(exp.folds_made, ns=(2 * 10**17, 2 * 10**17))
+    edited = tmp_path / "edited.yaml"
+    edited.write_text("defaults: [demo]\nsegmentation: {stages: [{size: 64}, {size: 64}]}\ndata: {area_bins: 3}\n")
+    for name in (edited, "demo"):  # the edit, then the edit reverted
+        assert query.main(["stamps", "--config", str(name), "--exp-dir", str(exp.root)]) == 0
+    times = {p.name: p.stat().st_mtime_ns for p in (exp.root / "stamps").iterdir()}
+    assert times["segmentation-fold0.json"] == 10**17  # trained under these values
+    assert times["segmentation-fold1.json"] > 2 * 10**17  # trained under 3 epochs: out of date
+    assert times["folds.json"] == 2 * 10**17  # folds.made split under these values
+    assert times["segmentation-fold2.json"] > 2 * 10**17  # never trained

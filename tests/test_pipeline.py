@@ -208,12 +208,18 @@ def test_pipeline_end_to_end(tmp_path):
     assert plan_after(edited_stage) == _plan(segmentation=2, infer=1, search=1, submit=1)
     classifier = edited_stage + "classifier: {lr: 0.001}\n"
     assert plan_after(classifier) == _plan(classifier=2, infer=1, search=1, submit=1)
+    # a changed split, and a seed every training reads (planned only: carrying them out would retrain everything)
+    folds_edit = plan_after(classifier + "data: {area_bins: 3}\n", carry_out=False)
+    assert folds_edit == _plan(folds=1, classifier=2, segmentation=2, infer=1, search=1, submit=1)
+    assert plan_after(classifier + "seed: 7\n", carry_out=False) == folds_edit
+    # those edits reverted: what `make -n` saw leaves nothing to plan or invoke (stamps newer than
+    # the models used to make every training script run again as a no-op, and `make -n` list it all)
+    (configs / "mine.yaml").write_text(base + classifier)
+    assert _planned(make(*everything, *common, dry=True).stdout) == _plan()
+    assert make("-q", *everything, *common, check=False).returncode == 0
     # one fold out of date reruns that fold and what depends on it, nothing else
     exp.segmenter(1).model.unlink()
     assert _planned(make("submit", *common, dry=True).stdout) == _plan(segmentation=1, infer=1, search=1, submit=1)
-    # a changed split (planned only: carrying it out would retrain everything)
-    folds_edit = plan_after(classifier + "data: {area_bins: 3}\n", carry_out=False)
-    assert folds_edit == _plan(folds=1, classifier=2, segmentation=2, infer=1, search=1, submit=1)
 
 
 @pytest.mark.slow

@@ -174,6 +174,25 @@ class ExperimentDir:
         return self.root / "stamps" / f"{section}.json"
 
     @property
+    def folds_made(self) -> Path:
+        """Make's target of the folds step: the folds section it split under, timed as ``folds.csv``."""
+        return self.root / "stamps" / "folds.made"
+
+    def run_stamp(self, section: str, run: RunDir) -> Path:
+        """One training run's copy of its config section (Make's input for that run's ``model.pt``):
+        ``stamps/segmentation-fold0.json``, ``stamps/classifier-fold0.json``, ``stamps/classifier-pretrain.json``."""
+        return self.root / "stamps" / f"{section}-{run.root.name}.json"
+
+    def training_runs(self, n_folds: int) -> list[tuple[str, RunDir]]:
+        """Every training run of the experiment with the config section it reads."""
+        folds = range(n_folds)
+        return [
+            *(("classifier", self.classifier(k)) for k in folds),
+            ("classifier", self.pretrain),
+            *(("segmentation", self.segmenter(k)) for k in folds),
+        ]
+
+    @property
     def test(self) -> Path:
         return self.root / "test"
 

@@ -4,7 +4,8 @@
 booleans as 1 or nothing). ``deps --config NAME``: the YAML files the experiment reads.
 ``stamps --config NAME --exp-dir models/NAME``: write ``stamps/<section>.json`` for every
 config section (:data:`pneumothorax.config.SECTIONS`) whose resolved value changed, so that
-Make reruns exactly the steps that read it.
+Make reruns exactly the steps that read it, and each training run's own copy of its section
+(``stamps/segmentation-fold0.json``; see :func:`_write_run_stamp`).
 ``manifest --data-dir D --processed P [--train-csv ...]``: find the data layout and write the
 input manifests ``P/inputs-train.json`` and ``P/inputs-test.json`` where they changed; on a
 layout error, remove them and print the error (Make then stops at the step that needs them).
@@ -18,6 +19,8 @@ import os
 import sys
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from . import config as config_mod
 from . import files, manifest, paths
@@ -54,6 +57,29 @@ def _manifest(args: argparse.Namespace) -> int:
     return 0
 
 
+def _section_text(cfg: config_mod.Config, name: str) -> str:
+    return json.dumps(config_mod.section(cfg, name), indent=1, sort_keys=True) + "\n"
+
+
+def _trained_text(run: paths.RunDir, name: str) -> str | None:
+    """Section ``name`` as a finished run was trained under it (the config saved beside its model), or None."""
+    if not (run.model.exists() and run.config.exists()):
+        return None
+    try:
+        return _section_text(config_mod.from_yaml(run.config.read_text()), name)
+    except (config_mod.ConfigError, yaml.YAMLError):  # saved under an older schema: the run's script decides
+        return None
+
+
+def _write_stamp(stamp: Path, text: str, built_under: str | None, built: Path) -> None:
+    """A stamp, rewritten when its section changes. A section set back to the values that ``built``
+    was made under (an edit reverted, or one that only a ``make -n`` saw) takes ``built``'s time:
+    the step is up to date, and Make neither plans it nor invokes its script as a no-op forever."""
+    if files.write_text_if_changed(stamp, text) and built_under == text:
+        made = built.stat().st_mtime_ns
+        os.utime(stamp, ns=(made, made))
+
+
 def _stamps(args: argparse.Namespace) -> int:
     try:
         cfg = config_mod.load(args.config)
@@ -61,10 +87,15 @@ def _stamps(args: argparse.Namespace) -> int:
         print(str(exc).replace("\n", " "))
         return 2
     exp = paths.ExperimentDir(Path(args.exp_dir), cfg.final_size)
+    exp.stamp("prepare").parent.mkdir(parents=True, exist_ok=True)
     for name in config_mod.SECTIONS:
-        text = json.dumps(config_mod.section(cfg, name), indent=1, sort_keys=True) + "\n"
-        exp.stamp(name).parent.mkdir(parents=True, exist_ok=True)
-        files.write_text_if_changed(exp.stamp(name), text)
+        if name == "folds":  # the folds step copies the section it split under into folds.made
+            made = exp.folds_made.read_text() if exp.folds_made.exists() else None
+            _write_stamp(exp.stamp(name), _section_text(cfg, name), made, exp.folds_made)
+        else:
+            files.write_text_if_changed(exp.stamp(name), _section_text(cfg, name))
+    for name, run in exp.training_runs(cfg.data.n_folds):
+        _write_stamp(exp.run_stamp(name, run), _section_text(cfg, name), _trained_text(run, name), run.model)
     return 0
 
 
