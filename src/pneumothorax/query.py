@@ -5,7 +5,7 @@ booleans as 1 or nothing). ``deps --config NAME``: the YAML files the experiment
 ``stamps --config NAME --exp-dir models/NAME``: write ``stamps/<section>.json`` for every
 config section (:data:`pneumothorax.config.SECTIONS`) whose resolved value changed, so that
 Make reruns exactly the steps that read it, and each training run's own copy of its section
-(``stamps/segmentation-fold0.json``; see :func:`_write_run_stamp`).
+(``stamps/segmentation-fold0.json``; see :func:`_write_stamp`).
 ``manifest --data-dir D --processed P [--train-csv ...]``: find the data layout and write the
 input manifests ``P/inputs-train.json`` and ``P/inputs-test.json`` where they changed; on a
 layout error, remove them and print the error (Make then stops at the step that needs them).
@@ -14,9 +14,11 @@ layout error, remove them and print the error (Make then stops at the step that 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -71,11 +73,12 @@ def _trained_text(run: paths.RunDir, name: str) -> str | None:
         return None
 
 
-def _write_stamp(stamp: Path, text: str, built_under: str | None, built: Path) -> None:
+def _write_stamp(stamp: Path, text: str, built: Path, built_under: Callable[[], str | None]) -> None:
     """A stamp, rewritten when its section changes. A section set back to the values that ``built``
     was made under (an edit reverted, or one that only a ``make -n`` saw) takes ``built``'s time:
-    the step is up to date, and Make neither plans it nor invokes its script as a no-op forever."""
-    if files.write_text_if_changed(stamp, text) and built_under == text:
+    the step is up to date, and Make neither plans it nor invokes its script as a no-op forever.
+    ``built_under`` reads that record only when the stamp changed (not at every ``make``)."""
+    if files.write_text_if_changed(stamp, text) and built_under() == text:
         made = built.stat().st_mtime_ns
         os.utime(stamp, ns=(made, made))
 
@@ -87,15 +90,16 @@ def _stamps(args: argparse.Namespace) -> int:
         print(str(exc).replace("\n", " "))
         return 2
     exp = paths.ExperimentDir(Path(args.exp_dir), cfg.final_size)
+    texts = {name: _section_text(cfg, name) for name in config_mod.SECTIONS}
     exp.stamp("prepare").parent.mkdir(parents=True, exist_ok=True)
-    for name in config_mod.SECTIONS:
-        if name == "folds":  # the folds step copies the section it split under into folds.made
-            made = exp.folds_made.read_text() if exp.folds_made.exists() else None
-            _write_stamp(exp.stamp(name), _section_text(cfg, name), made, exp.folds_made)
-        else:
-            files.write_text_if_changed(exp.stamp(name), _section_text(cfg, name))
+    for name, text in texts.items():
+        if name != "folds":
+            files.write_text_if_changed(exp.stamp(name), text)
+    # the folds step copies the section it split under into folds.made
+    made = exp.folds_made
+    _write_stamp(exp.stamp("folds"), texts["folds"], made, lambda: made.read_text() if made.exists() else None)
     for name, run in exp.training_runs(cfg.data.n_folds):
-        _write_stamp(exp.run_stamp(name, run), _section_text(cfg, name), _trained_text(run, name), run.model)
+        _write_stamp(exp.run_stamp(name, run), texts[name], run.model, functools.partial(_trained_text, run, name))
     return 0
 
 
