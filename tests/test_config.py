@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
 
-from pneumothorax import config, paths
+from pneumothorax import config, manifest, paths
 
 SHIPPED = sorted(p.stem for p in paths.CONFIGS.glob("*.yaml"))
 
@@ -108,16 +109,32 @@ def test_sections_name_what_each_step_reads():
 def test_stamps_are_rewritten_only_when_their_section_changes(tmp_path):
     from pneumothorax import query
 
-    exp = tmp_path / "demo"
-    assert query.main(["stamps", "--config", "demo", "--exp-dir", str(exp)]) == 0
+    exp, processed = tmp_path / "demo", tmp_path / "p"
+    inputs = manifest.path_for(processed, "train")
+    manifest.write_if_changed(inputs, {"files": [["a.dcm", 10, 1]], "labels_sha1": "x"})
+    assert query.main(["stamps", "--config", "demo", "--exp-dir", str(exp), "--processed", str(processed)]) == 0
     stamps = {p.name: p.stat().st_mtime_ns for p in (exp / "stamps").glob("*.json")}
-    runs = [f"{task}-fold{k}.json" for task in ("classifier", "segmentation") for k in range(3)]
+    runs = {f"{task}-fold{k}.json" for task in ("classifier", "segmentation") for k in range(3)}
     assert set(stamps) == {f"{name}.json" for name in config.SECTIONS} | {*runs, "classifier-pretrain.json"}
     child = tmp_path / "demo2.yaml"
     child.write_text("defaults: [demo]\ninfer: {batch_size: 3}\n")
-    assert query.main(["stamps", "--config", str(child), "--exp-dir", str(exp)]) == 0
-    changed = {p.name for p in (exp / "stamps").glob("*.json") if p.stat().st_mtime_ns != stamps[p.name]}
-    assert changed == {"infer.json"}
+
+    def changed_by(config_name: str) -> set[str]:
+        assert (
+            query.main(["stamps", "--config", config_name, "--exp-dir", str(exp), "--processed", str(processed)]) == 0
+        )
+        now = {p.name: p.stat().st_mtime_ns for p in (exp / "stamps").glob("*.json")}
+        changed = {name for name in now if now[name] != stamps[name]}
+        stamps.update(now)
+        return changed
+
+    assert changed_by(str(child)) == {"infer.json"}
+    # a replaced training DICOM: every fold retrains (not the pretraining on its own CSV), no section changed
+    manifest.write_if_changed(inputs, {"files": [["a.dcm", 12, 2]], "labels_sha1": "x"})
+    assert changed_by(str(child)) == runs
+    assert json.loads((exp / "stamps" / "segmentation-fold0.json").read_text())["train_inputs"] == manifest.digest(
+        processed
+    )
 
 
 def test_weights_that_training_will_not_write_fail_at_load():
@@ -138,16 +155,23 @@ def test_a_config_saved_before_new_keys_still_loads_with_their_defaults():
 
 
 def test_a_section_set_back_to_a_finished_runs_values_takes_that_runs_time(tmp_path):
-    """A `make -n` of an edit, then the edit reverted: the runs made under the old values stay up to
-    date (their stamps are not newer than them); runs of other values are not."""
-    from pneumothorax import query
+    """A `make -n` of an edit, then the edit reverted: the runs made under the old values and inputs stay
+    up to date (their stamps are not newer than them); runs of other values or inputs are not."""
+    from pneumothorax import query, trainer
 
-    exp, cfg = paths.ExperimentDir(tmp_path / "demo"), config.load("demo")
-    for run in (exp.segmenter(0), exp.segmenter(1)):
+    exp, cfg, processed = paths.ExperimentDir(tmp_path / "demo"), config.load("demo"), tmp_path / "p"
+    manifest.write_if_changed(manifest.path_for(processed, "train"), {"files": [["a.dcm", 10, 1]]})
+    now_inputs = manifest.digest(processed)
+    for k in range(3):
+        run = exp.segmenter(k)
         run.root.mkdir(parents=True)
         run.model.write_bytes(b"weights")
         os.utime(run.model, ns=(10**17, 10**17))
-    exp.segmenter(0).config.write_text(config.dump(cfg))
+    # what the trainer writes beside a finished model: these values and inputs, and these values on other inputs
+    for k, inputs in ((0, now_inputs), (2, "an-older-manifest")):
+        under = trainer.settings_for(cfg, "segmentation", cfg.seed + k, f"split-{k}", inputs).section
+        exp.segmenter(k).trained_under.write_text(json.dumps(under))
+    # a run from before trained_under.json: its config under 3 epochs
     exp.segmenter(1).config.write_text(config.dump(config.load("demo", ["segmentation.stages.1.epochs=3"])))
     (exp.root / "stamps").mkdir()
     exp.folds_made.write_text(query._section_text(cfg, "folds"))
@@ -155,9 +179,13 @@ def test_a_section_set_back_to_a_finished_runs_values_takes_that_runs_time(tmp_p
     edited = tmp_path / "edited.yaml"
     edited.write_text("defaults: [demo]\nsegmentation: {stages: [{size: 64}, {size: 64}]}\ndata: {area_bins: 3}\n")
     for name in (edited, "demo"):  # the edit, then the edit reverted
-        assert query.main(["stamps", "--config", str(name), "--exp-dir", str(exp.root)]) == 0
+        assert (
+            query.main(["stamps", "--config", str(name), "--exp-dir", str(exp.root), "--processed", str(processed)])
+            == 0
+        )
     times = {p.name: p.stat().st_mtime_ns for p in (exp.root / "stamps").iterdir()}
-    assert times["segmentation-fold0.json"] == 10**17  # trained under these values
+    assert times["segmentation-fold0.json"] == 10**17  # trained under these values and inputs
     assert times["segmentation-fold1.json"] > 2 * 10**17  # trained under 3 epochs: out of date
+    assert times["segmentation-fold2.json"] > 2 * 10**17  # trained on other inputs: out of date
     assert times["folds.json"] == 2 * 10**17  # folds.made split under these values
-    assert times["segmentation-fold2.json"] > 2 * 10**17  # never trained
+    assert times["classifier-fold0.json"] > 2 * 10**17  # never trained

@@ -8,9 +8,10 @@ import shutil
 import subprocess
 
 import pandas as pd
+import pydicom
 import pytest
 
-from pneumothorax import config, paths, rle
+from pneumothorax import config, dicom, paths, rle, synthetic
 from pneumothorax.paths import ExperimentDir, ProcessedDir
 
 
@@ -217,9 +218,29 @@ def test_pipeline_end_to_end(tmp_path):
     (configs / "mine.yaml").write_text(base + classifier)
     assert _planned(make(*everything, *common, dry=True).stdout) == _plan()
     assert make("-q", *everything, *common, check=False).returncode == 0
+    _a_replaced_training_image_retrains_every_run(world / "dicom-images-train", exp, [*everything, *common])
     # one fold out of date reruns that fold and what depends on it, nothing else
     exp.segmenter(1).model.unlink()
     assert _planned(make("submit", *common, dry=True).stdout) == _plan(segmentation=1, infer=1, search=1, submit=1)
+
+
+def _a_replaced_training_image_retrains_every_run(train_dir, exp: ExperimentDir, goals: list[str]) -> None:
+    """A training DICOM replaced by one with other pixels, its labels and so the split unchanged: the images
+    a model learns from changed, so every run retrains; once done, nothing is planned."""
+    replaced = sorted(train_dir.rglob("*.dcm"))[0]
+    pixels, _ = dicom.read(replaced)
+    ds = pydicom.dcmread(replaced)
+    tags = {key: str(ds.get(key, "")) for key in ("SOPInstanceUID", "StudyInstanceUID", "PatientID", "PatientAge")}
+    synthetic.write_dicom(replaced, 255 - pixels, tags)
+    split, trained = exp.folds.read_bytes(), json.loads(exp.segmenter(0).trained_under.read_text())
+    replan = _plan(prepare=1, folds=1, classifier=2, segmentation=2, infer=1, search=1, submit=1)
+    assert _planned(make(*goals, dry=True).stdout) == replan
+    make(*goals)
+    retrained = json.loads(exp.segmenter(0).trained_under.read_text())
+    assert exp.folds.read_bytes() == split and retrained["split"] == trained["split"]
+    assert retrained["train_inputs"] != trained["train_inputs"]
+    assert _planned(make(*goals, dry=True).stdout) == _plan()
+    assert make("-q", *goals, check=False).returncode == 0
 
 
 @pytest.mark.slow

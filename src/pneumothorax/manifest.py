@@ -71,6 +71,13 @@ def path_for(processed: Path, split: str) -> Path:
     return paths.ProcessedDir(processed).inputs(split)
 
 
+def digest(processed: Path, split: str = "train") -> str:
+    """SHA-1 of a split's manifest as written (``none`` when there is none): what a training run's
+    fingerprint and its Make stamp record of the inputs it learnt from."""
+    path = path_for(Path(processed), split)
+    return file_hash(path) if path.exists() else layout_mod.NONE
+
+
 def write_if_changed(path: Path, content: dict[str, Any]) -> bool:
     """Write ``content`` as JSON unless the file already holds exactly it; True if written."""
     text = json.dumps(content, indent=1, sort_keys=True) + "\n"

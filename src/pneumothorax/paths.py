@@ -109,6 +109,11 @@ class RunDir:
         return self.root / "metrics.json"
 
     @property
+    def trained_under(self) -> Path:
+        """The values a finished run's fingerprint holds (its section, split and inputs), readable without torch."""
+        return self.root / "trained_under.json"
+
+    @property
     def log(self) -> Path:
         return self.root / "train.log"
 

@@ -31,7 +31,7 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from . import bars, dicom, files, paths, pools, rle, scale
+from . import bars, dicom, files, manifest, paths, pools, rle, scale
 from . import layout as layout_mod
 
 RECORD_VERSION = 2
@@ -554,6 +554,7 @@ def _prepare(
         sigs = [None if "error" in m else sig for m, sig in zip(ordered, plan.sigs, strict=True)]
         record["splits"][split] = {"ids": plan.ids, "sigs": sigs, "metas": ordered, "sizes": all_sizes}
     files.write_json(paths.ProcessedDir(out_dir).record, record)
+    manifest.update(found, out_dir)  # as Make's, where prepare runs alone: what training runs record they learnt from
     return table
 
 

@@ -2,10 +2,11 @@
 
 ``python -m pneumothorax.query get KEY --config NAME``: a config value (lists space-separated,
 booleans as 1 or nothing). ``deps --config NAME``: the YAML files the experiment reads.
-``stamps --config NAME --exp-dir models/NAME``: write ``stamps/<section>.json`` for every
-config section (:data:`pneumothorax.config.SECTIONS`) whose resolved value changed, so that
-Make reruns exactly the steps that read it, and each training run's own copy of its section
-(``stamps/segmentation-fold0.json``; see :func:`_write_stamp`).
+``stamps --config NAME --exp-dir models/NAME --processed P``: write ``stamps/<section>.json`` for
+every config section (:data:`pneumothorax.config.SECTIONS`) whose resolved value changed, so that
+Make reruns exactly the steps that read it, and each training run's own copy of its section with,
+for a fold, the hash of ``P/inputs-train.json`` (``stamps/segmentation-fold0.json``; see
+:func:`_write_stamp`).
 ``manifest --data-dir D --processed P [--train-csv ...]``: find the data layout and write the
 input manifests ``P/inputs-train.json`` and ``P/inputs-test.json`` where they changed; on a
 layout error, remove them and print the error (Make then stops at the step that needs them).
@@ -63,13 +64,26 @@ def _section_text(cfg: config_mod.Config, name: str) -> str:
     return json.dumps(config_mod.section(cfg, name), indent=1, sort_keys=True) + "\n"
 
 
+def _run_text(cfg: config_mod.Config, name: str, train_inputs: str | None) -> str:
+    """A training run's stamp: its section and, for a fold (whose fingerprint holds it), the training
+    inputs' manifest hash."""
+    values = config_mod.section(cfg, name)
+    if train_inputs is not None:
+        values["train_inputs"] = train_inputs
+    return json.dumps(values, indent=1, sort_keys=True) + "\n"
+
+
 def _trained_text(run: paths.RunDir, name: str) -> str | None:
-    """Section ``name`` as a finished run was trained under it (the config saved beside its model), or None."""
-    if not (run.model.exists() and run.config.exists()):
+    """A finished run's stamp as it was trained (``trained_under.json``, less the split, which Make
+    follows as folds.csv; for older runs the section of the config saved beside the model), or None."""
+    if not run.model.exists():
         return None
     try:
-        return _section_text(config_mod.from_yaml(run.config.read_text()), name)
-    except (config_mod.ConfigError, yaml.YAMLError):  # saved under an older schema: the run's script decides
+        if run.trained_under.exists():
+            values = json.loads(run.trained_under.read_text())
+            return json.dumps({k: v for k, v in values.items() if k != "split"}, indent=1, sort_keys=True) + "\n"
+        return _section_text(config_mod.from_yaml(run.config.read_text()), name) if run.config.exists() else None
+    except (config_mod.ConfigError, yaml.YAMLError, ValueError):  # an older schema: the run's script decides
         return None
 
 
@@ -98,8 +112,10 @@ def _stamps(args: argparse.Namespace) -> int:
     # the folds step copies the section it split under into folds.made
     made = exp.folds_made
     _write_stamp(exp.stamp("folds"), texts["folds"], made, lambda: made.read_text() if made.exists() else None)
+    train_inputs = manifest.digest(Path(args.processed)) if args.processed else layout_mod.NONE
     for name, run in exp.training_runs(cfg.data.n_folds):
-        _write_stamp(exp.run_stamp(name, run), texts[name], run.model, functools.partial(_trained_text, run, name))
+        text = _run_text(cfg, name, None if run == exp.pretrain else train_inputs)
+        _write_stamp(exp.run_stamp(name, run), text, run.model, functools.partial(_trained_text, run, name))
     return 0
 
 

@@ -13,10 +13,12 @@ validates, and predicts its out-of-fold output at the end. Hooks for more (EMA w
 go in :meth:`Trainer._after_step`, the one place every optimiser step passes.
 
 **A changed config is never resumed.** The values a run depends on (its config section, see
-:data:`pneumothorax.config.SECTIONS`, plus its split) are fingerprinted into ``state.pt`` and
-``model.pt``. A run folder with another fingerprint is moved aside to
-``<run>.stale-<old fingerprint>`` (the log names the keys that changed) and training starts
-from scratch; a finished run with the same fingerprint is not trained again.
+:data:`pneumothorax.config.SECTIONS`, plus its split and, for a fold, the hash of the training
+inputs' manifest) are fingerprinted into ``state.pt`` and ``model.pt``, and written out as
+``trained_under.json`` beside a finished model (Make's stamps compare with it). A run folder
+with another fingerprint is moved aside to ``<run>.stale-<old fingerprint>`` (the log names the
+keys that changed) and training starts from scratch; a finished run with the same fingerprint is
+not trained again.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from . import bars, checkpoints, data, devices, files, plots
+from . import bars, checkpoints, data, devices, files, manifest, plots
 from . import config as config_mod
 from . import folds as folds_mod
 from .devices import Runtime
@@ -472,6 +474,7 @@ class Trainer:
             extra, weights = self.task.finish(self.run, self.runtime, self.progress)
             summary.update(extra, weights=weights)
             files.write_json(self.run.summary, summary)
+            files.write_json(self.run.trained_under, self.settings.section)
             state = checkpoints.load_checkpoint(self.run.weights(weights))
             checkpoints.save_checkpoint(
                 self.run.model, {"state_dict": state, "meta": {**self.meta, "summary": summary}}
@@ -481,10 +484,15 @@ class Trainer:
         return summary
 
 
-def settings_for(cfg: config_mod.Config, section: str, seed: int, split: str) -> Settings:
+def settings_for(
+    cfg: config_mod.Config, section: str, seed: int, split: str, train_inputs: str | None = None
+) -> Settings:
     """The settings of a run of config section ``section`` (``segmentation`` or ``classifier``) on ``split``
-    (a hash of the images it trains and validates on: a changed split is a changed run)."""
+    (a hash of the images it trains and validates on: a changed split is a changed run) and, for a fold,
+    ``train_inputs`` (the training inputs' manifest hash: a replaced training DICOM is a changed run too)."""
     values = {**config_mod.section(cfg, section), "split": split}
+    if train_inputs is not None:
+        values["train_inputs"] = train_inputs
     return Settings(seed, cfg.deterministic, cfg.compile, cfg.data.channels, values, config_mod.dump(cfg))
 
 
@@ -512,7 +520,7 @@ def fit_fold(job: FoldJob, section: str, task: Task, run: RunDir, seed: int, **o
     ``options``: ``device`` (cpu or cuda; default CUDA when usable), ``progress``, ``max_epochs``.
     """
     split = folds_mod.split_hash(pd.read_csv(job.exp.folds, dtype={"image_id": str}), job.fold)
-    settings = settings_for(job.cfg, section, seed, split)
+    settings = settings_for(job.cfg, section, seed, split, manifest.digest(job.processed.root))
     with devices.running(options.pop("device", None)) as runtime:
         return Trainer(task, run, settings, runtime, **options).fit()
 
