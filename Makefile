@@ -203,9 +203,25 @@ ENSEMBLE ?=
 NAME     ?= ensemble
 WEIGHTS  ?= equal
 ENSEMBLE_SUBMISSION := $(SUBMISSIONS_DIR)/$(NAME).csv
+ifneq ($(filter ensemble,$(MAKECMDGOALS)),)
+ifneq ($(filter-out 0 1,$(words $(ENSEMBLE))),$(words $(ENSEMBLE)))
+$(error name two experiments or more: make ensemble ENSEMBLE="exp_a exp_b" NAME=ens1 (got ENSEMBLE="$(ENSEMBLE)"))
+endif
+UNFINISHED := $(strip $(foreach e,$(ENSEMBLE),$(if $(wildcard $(MODELS_DIR)/$(e)/thresholds.json),$(if $(wildcard \
+  $(MODELS_DIR)/$(e)/test/ids.csv),,$(e)),$(e))))
+ifneq ($(UNFINISHED),)
+$(error ENSEMBLE member(s) $(UNFINISHED) not searched and inferred under MODELS_DIR=$(MODELS_DIR) (no thresholds.json or test/ids.csv): run make train infer search EXP=<member> for each first)
+endif
+# the members and WEIGHTS, so that another list or weight mode under the same NAME rebuilds it
+ENSEMBLE_STAMP_ERROR := $(shell $(PY) -m pneumothorax.query ensemble --exp-dir $(MODELS_DIR)/$(NAME) \
+  --members "$(ENSEMBLE)" --weights $(WEIGHTS) 2>&1)
+ifneq ($(ENSEMBLE_STAMP_ERROR),)
+$(error $(ENSEMBLE_STAMP_ERROR))
+endif
+endif
 ensemble: $(ENSEMBLE_SUBMISSION) ## blend experiments' OOF and test maps: ENSEMBLE="a b" NAME=ens1 [WEIGHTS=search]
-$(ENSEMBLE_SUBMISSION): $(foreach e,$(ENSEMBLE),$(MODELS_DIR)/$(e)/thresholds.json $(MODELS_DIR)/$(e)/test/ids.csv) | $(INSTALLED)
-	@[ -n "$(ENSEMBLE)" ] || { echo 'error: name the members: make ensemble ENSEMBLE="exp_a exp_b" NAME=ens1' >&2; exit 2; }
+$(ENSEMBLE_SUBMISSION): $(foreach e,$(ENSEMBLE),$(MODELS_DIR)/$(e)/thresholds.json $(MODELS_DIR)/$(e)/test/ids.csv) \
+  $(MODELS_DIR)/$(NAME)/stamps/ensemble.json | $(INSTALLED)
 	$(PY) scripts/10_ensemble.py --members $(ENSEMBLE) --name $(NAME) --configs-dir $(CONFIGS) --models-dir $(MODELS_DIR) \
 	  --processed $(PROCESSED) --weights $(WEIGHTS) --out $@ $(if $(wildcard $(LABELS)),--labels $(LABELS)) $(Q)
 

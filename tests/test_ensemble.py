@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import cv2
@@ -77,3 +78,28 @@ def test_members_must_cover_the_same_images(processed, tmp_path, finished_folds)
     ids.iloc[:-1].to_csv(other.exp.test_ids, index=False)
     with pytest.raises(ValueError, match="b's test images and a's differ"):
         ensemble.build([good, other], ExperimentDir(tmp_path / "ens", 64), ProcessedDir(processed), progress=False)
+
+
+def test_another_member_list_or_weight_mode_rebuilds_an_ensemble_and_a_revert_does_not(tmp_path):
+    """`stamps/ensemble.json` holds the members and WEIGHTS; set back to what `ensemble.json` was built
+    from (after a `make -n` of another mode, say), it takes that file's time."""
+    from pneumothorax import query
+
+    exp = ExperimentDir(tmp_path / "ens1")
+    exp.root.mkdir()
+    exp.ensemble.write_text(
+        json.dumps({"members": [{"experiment": "a"}, {"experiment": "b"}], "weights_mode": "equal"})
+    )
+    built = 10**17
+    os.utime(exp.ensemble, ns=(built, built))
+
+    def stamp_time(members: str, weights: str) -> int:
+        args = ["ensemble", "--exp-dir", str(exp.root), "--members", members, "--weights", weights]
+        assert query.main(args) == 0
+        return exp.stamp("ensemble").stat().st_mtime_ns
+
+    assert stamp_time("a b", "equal") == built  # as built: up to date
+    assert stamp_time("a b", "search") > built  # another weight mode: rebuilt
+    assert stamp_time("a b", "equal") == built  # set back
+    assert stamp_time("a b c", "equal") > built  # another member: rebuilt
+    assert json.loads(exp.stamp("ensemble").read_text()) == {"members": ["a", "b", "c"], "weights": "equal"}

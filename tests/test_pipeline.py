@@ -94,6 +94,18 @@ def _plan(**counts: int) -> dict[str, int]:
     return {name: counts.get(name.split("_")[-1], 0) for name in SCRIPTS}
 
 
+def test_an_ensemble_of_one_or_of_an_unfinished_experiment_fails_at_once(tmp_path):
+    models = f"MODELS_DIR={tmp_path}"
+    one = make("ensemble", "ENSEMBLE=demo", "NAME=e", models, dry=True, check=False)
+    assert one.returncode != 0 and "name two experiments or more" in one.stderr and 'got ENSEMBLE="demo"' in one.stderr
+    (tmp_path / "a" / "test").mkdir(parents=True)
+    for path in ("a/thresholds.json", "a/test/ids.csv", "b/thresholds.json"):
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / path).write_text("")
+    unfinished = make("ensemble", "ENSEMBLE=a b", "NAME=e", models, dry=True, check=False)
+    assert unfinished.returncode != 0 and "ENSEMBLE member(s) b not searched and inferred" in unfinished.stderr
+
+
 def test_fold_out_of_range_fails_before_any_work(tmp_path):
     result = make("train", "EXP=tiny", "FOLD=9", f"MODELS_DIR={tmp_path}", dry=True, check=False)
     assert result.returncode != 0

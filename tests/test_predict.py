@@ -8,6 +8,7 @@ import cv2
 import numpy as np
 import pandas as pd
 import pydicom
+import pytest
 import torch
 
 from pneumothorax import config, dicom_seg, predict, rle
@@ -76,3 +77,11 @@ def test_predict_writes_a_row_mask_and_overlay_per_file(tmp_path, monkeypatch):
     odd = table.loc["no_study.dcm"]
     assert odd["rle"] == real["rle"] and "no DICOM SEG" in odd["error"] and "StudyInstanceUID" in odd["error"]
     assert not (out / "dicom_seg" / "no_study.dcm").exists()
+
+
+def test_an_experiment_never_searched_is_named_before_any_image_is_read(tmp_path):
+    (tmp_path / "in").mkdir()
+    exp = ExperimentDir(tmp_path / "models" / "nosuch")
+    with pytest.raises(FileNotFoundError, match=r"nosuch: no finished experiment or ensemble there.*EXP=nosuch"):
+        predict.predict_folder(exp, tmp_path / "in", tmp_path / "out", "cpu", progress=False)
+    assert not (tmp_path / "out").exists()  # nothing half-written

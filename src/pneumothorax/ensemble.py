@@ -219,6 +219,7 @@ def build(
     record = {
         "members": [member_summary(m) for m in members],
         "weights": oof["weights"],
+        "weights_mode": weights_mode,
         "size": out.final_size,
         "weights_tried": oof["weights_tried"],
     }

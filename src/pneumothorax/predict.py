@@ -231,6 +231,11 @@ def predict_folder(
 ) -> pd.DataFrame:
     """Predict every image below ``folder`` with experiment (or ensemble) ``exp``; write the CSV, masks,
     overlays (and a DICOM SEG per DICOM input with ``write_seg``)."""
+    if not exp.postprocess.exists():
+        raise FileNotFoundError(
+            f"{exp.root}: no finished experiment or ensemble there (no {exp.postprocess.name}): run "
+            f"`make train infer search EXP={exp.name}` or `make ensemble ... NAME={exp.name}` first"
+        )
     out = PredictionDir(Path(out_dir))
     post, _ = postprocess.load(exp.postprocess)
     runtime = devices.setup_runtime(device)

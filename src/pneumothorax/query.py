@@ -7,6 +7,8 @@ every config section (:data:`pneumothorax.config.SECTIONS`) whose resolved value
 Make reruns exactly the steps that read it, and each training run's own copy of its section with,
 for a fold, the hash of ``P/inputs-train.json`` (``stamps/segmentation-fold0.json``; see
 :func:`_write_stamp`).
+``ensemble --exp-dir models/NAME --members "a b" --weights W``: ``stamps/ensemble.json``, the
+ensemble's members and weight mode (see :func:`_ensemble_stamp`).
 ``manifest --data-dir D --processed P [--train-csv ...]``: find the data layout and write the
 input manifests ``P/inputs-train.json`` and ``P/inputs-test.json`` where they changed; on a
 layout error, remove them and print the error (Make then stops at the step that needs them).
@@ -119,10 +121,34 @@ def _stamps(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ensemble_text(members: list[str], weights: str | None) -> str:
+    return json.dumps({"members": members, "weights": weights}, indent=1) + "\n"
+
+
+def _ensemble_stamp(args: argparse.Namespace) -> int:
+    """``stamps/ensemble.json`` of ensemble ``--exp-dir``: its members and weight mode, rewritten when
+    they change (another member list or ``WEIGHTS`` rebuilds it under the same NAME); set back to what
+    ``ensemble.json`` was built from, it takes that file's time."""
+    exp = paths.ExperimentDir(Path(args.exp_dir))
+
+    def built_under() -> str | None:
+        try:
+            record = json.loads(exp.ensemble.read_text())
+        except (OSError, ValueError):
+            return None
+        return _ensemble_text([m["experiment"] for m in record.get("members", [])], record.get("weights_mode"))
+
+    exp.stamp("ensemble").parent.mkdir(parents=True, exist_ok=True)
+    _write_stamp(exp.stamp("ensemble"), _ensemble_text(args.members.split(), args.weights), exp.ensemble, built_under)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    """``get KEY``, ``deps`` or ``manifest``."""
+    """``get KEY``, ``deps``, ``manifest``, ``stamps`` or ``ensemble``."""
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("command", choices=["get", "deps", "manifest", "stamps"])
+    p.add_argument("command", choices=["get", "deps", "manifest", "stamps", "ensemble"])
+    p.add_argument("--members", default="", help="ensemble: the member experiments, space-separated")
+    p.add_argument("--weights", default="equal", help="ensemble: equal or search")
     p.add_argument("--exp-dir")
     p.add_argument("key", nargs="?")
     p.add_argument("--config")
@@ -138,6 +164,8 @@ def main(argv: list[str] | None = None) -> int:
         return _manifest(args)
     if args.command == "stamps":
         return _stamps(args)
+    if args.command == "ensemble":
+        return _ensemble_stamp(args)
     if args.command == "deps":
         print(" ".join(os.path.relpath(f, Path.cwd()) for f in config_mod.sources(args.config)))
         return 0
