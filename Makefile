@@ -207,6 +207,9 @@ ifneq ($(filter ensemble,$(MAKECMDGOALS)),)
 ifneq ($(filter-out 0 1,$(words $(ENSEMBLE))),$(words $(ENSEMBLE)))
 $(error name two experiments or more: make ensemble ENSEMBLE="exp_a exp_b" NAME=ens1 (got ENSEMBLE="$(ENSEMBLE)"))
 endif
+ifneq ($(words $(filter equal search,$(WEIGHTS))) $(words $(WEIGHTS)),1 1)
+$(error WEIGHTS=$(WEIGHTS): use WEIGHTS=equal or WEIGHTS=search)
+endif
 UNFINISHED := $(strip $(foreach e,$(ENSEMBLE),$(if $(wildcard $(MODELS_DIR)/$(e)/thresholds.json),$(if $(wildcard \
   $(MODELS_DIR)/$(e)/test/ids.csv),,$(e)),$(e))))
 ifneq ($(UNFINISHED),)

@@ -104,6 +104,8 @@ def test_an_ensemble_of_one_or_of_an_unfinished_experiment_fails_at_once(tmp_pat
         (tmp_path / path).write_text("")
     unfinished = make("ensemble", "ENSEMBLE=a b", "NAME=e", models, dry=True, check=False)
     assert unfinished.returncode != 0 and "ENSEMBLE member(s) b not searched and inferred" in unfinished.stderr
+    bogus = make("ensemble", "ENSEMBLE=a b", "NAME=e", "WEIGHTS=best", models, dry=True, check=False)
+    assert bogus.returncode != 0 and "WEIGHTS=best: use WEIGHTS=equal or WEIGHTS=search" in bogus.stderr
 
 
 def test_fold_out_of_range_fails_before_any_work(tmp_path):
