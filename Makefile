@@ -102,11 +102,12 @@ endif
 # Config stamps: the resolved value of each config section (pneumothorax.config.SECTIONS),
 # rewritten at parse time only when it changes. Each step depends on the sections it reads, so
 # an edited postprocess reruns search and submit only, and an edited comment reruns nothing.
-# Each training run has its own copy (stamps/segmentation-fold0.json) with the hash of the
-# training inputs' manifest, which its fingerprint holds too: a replaced training DICOM retrains
-# even where the split stays. A stamp set back to the values a finished model was trained under
-# (an edit reverted, or one only `make -n` saw) takes that model's time, so the run is neither
-# planned nor invoked again.
+# Each training run has its own copy (stamps/segmentation-fold0.json) with the training inputs'
+# hash (pneumothorax.manifest.digest), which its fingerprint holds too: a replaced training DICOM
+# retrains even where the split stays; the data folder moved with its times retrains nothing. A
+# stamp newer than what it built but holding the values that was built under (an edit reverted,
+# one only `make -n` saw, a folds step that left the split) takes that output's time, so the step
+# is neither planned nor invoked again.
 ifneq ($(filter-out $(NO_DATA_GOALS),$(or $(MAKECMDGOALS),help)),)
 STAMP_ERROR := $(shell [ -x $(PY) ] && $(PY) -m pneumothorax.query stamps --config $(CONFIG) --exp-dir $(MODELS) --processed $(PROCESSED))
 ifneq ($(STAMP_ERROR),)
@@ -149,17 +150,15 @@ $(PREPARED): $(TRAIN_INPUTS) $(TEST_INPUTS) $(call stamp,prepare) | $(INSTALLED)
 	  $(LAYOUT_ARGS) $(if $(SKIP_BAD),--skip-bad) $(Q)
 	touch $@
 
-# Folds belong to the experiment and follow the training inputs (not metadata.csv, which a new
-# test folder changes too). folds.csv is rewritten only when its content changes, so a folds
-# section edited without changing the split retrains nothing; folds.made holds the section it
-# split under (see the config stamps above), timed as folds.csv. Changed training inputs retrain
-# every run whatever the split (their run stamps hold the input manifest's hash), so then
-# folds.csv is touched: the folds step is done, and the plan settles.
+# Folds belong to the experiment and follow the training inputs (their hash is in the folds'
+# stamp; not metadata.csv, which a new test folder changes too). folds.csv is rewritten only when
+# its content changes, so a folds edit or new inputs that leave the split retrain nothing through
+# it (new inputs retrain every run through the runs' own stamps). folds.made holds the stamp it
+# split under, timed as folds.csv (see the config stamps above).
 folds: $(FOLDS_CSV) ## patient-grouped, stratified folds of this experiment: models/EXP/folds.csv
 $(FOLDS_CSV): $(FOLDS_MADE) ;
-$(FOLDS_MADE): $(TRAIN_INPUTS) $(call stamp,folds) | $(PREPARED)
+$(FOLDS_MADE): $(call stamp,folds) | $(PREPARED)
 	$(PY) scripts/02_folds.py --config $(CONFIG) --processed $(PROCESSED) --exp-dir $(MODELS)
-	if [ $(TRAIN_INPUTS) -nt $(FOLDS_CSV) ]; then touch $(FOLDS_CSV); fi
 	cp $(call stamp,folds) $@.tmp && touch -r $(FOLDS_CSV) $@.tmp && mv $@.tmp $@
 
 train: train-cls train-seg ## train gate and segmenter folds that are out of date (FOLD=k for one)

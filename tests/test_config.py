@@ -129,9 +129,14 @@ def test_stamps_are_rewritten_only_when_their_section_changes(tmp_path):
         return changed
 
     assert changed_by(str(child)) == {"infer.json"}
-    # a replaced training DICOM: every fold retrains (not the pretraining on its own CSV), no section changed
+    # a replaced training DICOM: the folds and every fold's run (not the pretraining on its own CSV), no section
     manifest.write_if_changed(inputs, {"files": [["a.dcm", 12, 2]], "labels_sha1": "x"})
-    assert changed_by(str(child)) == runs
+    assert changed_by(str(child)) == runs | {"folds.json"}
+    # the same files moved elsewhere, times kept: nothing
+    manifest.write_if_changed(inputs, {"files": [["/ssd/a.dcm", 12, 2]], "labels_sha1": "x", "layout": {"d": "/ssd"}})
+    assert changed_by(str(child)) == set()
+    manifest.write_if_changed(inputs, {"files": [["/ssd/a.dcm", 12, 2]], "labels_sha1": "y", "layout": {"d": "/ssd"}})
+    assert changed_by(str(child)) == runs | {"folds.json"}  # an edited label file
     assert json.loads((exp / "stamps" / "segmentation-fold0.json").read_text())["train_inputs"] == manifest.digest(
         processed
     )
@@ -174,7 +179,7 @@ def test_a_section_set_back_to_a_finished_runs_values_takes_that_runs_time(tmp_p
     # a run from before trained_under.json: its config under 3 epochs
     exp.segmenter(1).config.write_text(config.dump(config.load("demo", ["segmentation.stages.1.epochs=3"])))
     (exp.root / "stamps").mkdir()
-    exp.folds_made.write_text(query._section_text(cfg, "folds"))
+    exp.folds_made.write_text(query._stamp_text(cfg, "folds", now_inputs))
     os.utime(exp.folds_made, ns=(2 * 10**17, 2 * 10**17))
     edited = tmp_path / "edited.yaml"
     edited.write_text("defaults: [demo]\nsegmentation: {stages: [{size: 64}, {size: 64}]}\ndata: {area_bins: 3}\n")
@@ -189,3 +194,9 @@ def test_a_section_set_back_to_a_finished_runs_values_takes_that_runs_time(tmp_p
     assert times["segmentation-fold2.json"] > 2 * 10**17  # trained on other inputs: out of date
     assert times["folds.json"] == 2 * 10**17  # folds.made split under these values
     assert times["classifier-fold0.json"] > 2 * 10**17  # never trained
+    # a step that ran and kept its output (folds.csv unchanged, folds.made timed as it): its stamp,
+    # unchanged since, takes the output's time, and the step is not run again at every make
+    later = 3 * 10**17
+    os.utime(exp.stamp("folds"), ns=(later, later))
+    assert query.main(["stamps", "--config", "demo", "--exp-dir", str(exp.root), "--processed", str(processed)]) == 0
+    assert exp.stamp("folds").stat().st_mtime_ns == 2 * 10**17

@@ -233,6 +233,14 @@ def test_pipeline_end_to_end(tmp_path):
     assert _planned(make(*everything, *common, dry=True).stdout) == _plan()
     assert make("-q", *everything, *common, check=False).returncode == 0
     _a_replaced_training_image_retrains_every_run(world / "dicom-images-train", exp, [*everything, *common])
+    # the data folder moved, times kept (to a faster disk, say): prepare, infer and submit read the new paths;
+    # nothing retrains
+    moved = tmp_path / "moved"
+    shutil.move(world, moved)
+    common = [f"DATA_DIR={moved}" if arg.startswith("DATA_DIR=") else arg for arg in common]
+    assert _planned(make(*everything, *common, dry=True).stdout) == _plan(prepare=1, infer=1, submit=1)
+    make(*everything, *common)
+    assert make("-q", *everything, *common, check=False).returncode == 0
     # one fold out of date reruns that fold and what depends on it, nothing else
     exp.segmenter(1).model.unlink()
     assert _planned(make("submit", *common, dry=True).stdout) == _plan(segmentation=1, infer=1, search=1, submit=1)

@@ -72,10 +72,17 @@ def path_for(processed: Path, split: str) -> Path:
 
 
 def digest(processed: Path, split: str = "train") -> str:
-    """SHA-1 of a split's manifest as written (``none`` when there is none): what a training run's
-    fingerprint and its Make stamp record of the inputs it learnt from."""
+    """What the folds and each training run record of the inputs they learnt from (``none`` without a
+    manifest): a hash of the split's files by name, size and modification time, and of the label and
+    patient-map hashes, not of where they lie. A replaced DICOM or an edited label file changes it;
+    the data folder moved with its times (``mv``, ``cp -a``) does not."""
     path = path_for(Path(processed), split)
-    return file_hash(path) if path.exists() else layout_mod.NONE
+    if not path.exists():
+        return layout_mod.NONE
+    content = json.loads(path.read_text())
+    identity = {key: value for key, value in content.items() if key not in ("files", "layout")}
+    identity["files"] = sorted([Path(name).name, *rest] for name, *rest in content.get("files", []))
+    return hashlib.sha1(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
 
 def write_if_changed(path: Path, content: dict[str, Any]) -> bool:

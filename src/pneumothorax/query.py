@@ -4,9 +4,9 @@
 booleans as 1 or nothing). ``deps --config NAME``: the YAML files the experiment reads.
 ``stamps --config NAME --exp-dir models/NAME --processed P``: write ``stamps/<section>.json`` for
 every config section (:data:`pneumothorax.config.SECTIONS`) whose resolved value changed, so that
-Make reruns exactly the steps that read it, and each training run's own copy of its section with,
-for a fold, the hash of ``P/inputs-train.json`` (``stamps/segmentation-fold0.json``; see
-:func:`_write_stamp`).
+Make reruns exactly the steps that read it, and each training run's own copy of its section
+(``stamps/segmentation-fold0.json``); the folds' stamp and each fold's hold the training inputs'
+hash from ``P/inputs-train.json`` too (see :func:`_write_stamp`).
 ``ensemble --exp-dir models/NAME --members "a b" --weights W``: ``stamps/ensemble.json``, the
 ensemble's members and weight mode (see :func:`_ensemble_stamp`).
 ``manifest --data-dir D --processed P [--train-csv ...]``: find the data layout and write the
@@ -62,13 +62,9 @@ def _manifest(args: argparse.Namespace) -> int:
     return 0
 
 
-def _section_text(cfg: config_mod.Config, name: str) -> str:
-    return json.dumps(config_mod.section(cfg, name), indent=1, sort_keys=True) + "\n"
-
-
-def _run_text(cfg: config_mod.Config, name: str, train_inputs: str | None) -> str:
-    """A training run's stamp: its section and, for a fold (whose fingerprint holds it), the training
-    inputs' manifest hash."""
+def _stamp_text(cfg: config_mod.Config, name: str, train_inputs: str | None) -> str:
+    """A step's stamp: its section and, for the folds and each fold's training run (whose fingerprint
+    holds it), the training inputs' hash (:func:`pneumothorax.manifest.digest`)."""
     values = config_mod.section(cfg, name)
     if train_inputs is not None:
         values["train_inputs"] = train_inputs
@@ -84,17 +80,19 @@ def _trained_text(run: paths.RunDir, name: str) -> str | None:
         if run.trained_under.exists():
             values = json.loads(run.trained_under.read_text())
             return json.dumps({k: v for k, v in values.items() if k != "split"}, indent=1, sort_keys=True) + "\n"
-        return _section_text(config_mod.from_yaml(run.config.read_text()), name) if run.config.exists() else None
+        return _stamp_text(config_mod.from_yaml(run.config.read_text()), name, None) if run.config.exists() else None
     except (config_mod.ConfigError, yaml.YAMLError, ValueError):  # an older schema: the run's script decides
         return None
 
 
 def _write_stamp(stamp: Path, text: str, built: Path, built_under: Callable[[], str | None]) -> None:
-    """A stamp, rewritten when its section changes. A section set back to the values that ``built``
-    was made under (an edit reverted, or one that only a ``make -n`` saw) takes ``built``'s time:
-    the step is up to date, and Make neither plans it nor invokes its script as a no-op forever.
-    ``built_under`` reads that record only when the stamp changed (not at every ``make``)."""
-    if files.write_text_if_changed(stamp, text) and built_under() == text:
+    """A stamp, rewritten when its value changes. A stamp newer than ``built`` that holds the values
+    ``built`` was made under takes ``built``'s time: an edit reverted, one that only a ``make -n`` saw,
+    or a step that ran and kept its output as it was (a folds edit or new inputs that leave the split).
+    The step is up to date, and Make neither plans it nor invokes its script as a no-op forever.
+    ``built_under`` reads that record only then (not at every ``make``)."""
+    files.write_text_if_changed(stamp, text)
+    if built.exists() and stamp.stat().st_mtime_ns > built.stat().st_mtime_ns and built_under() == text:
         made = built.stat().st_mtime_ns
         os.utime(stamp, ns=(made, made))
 
@@ -106,17 +104,17 @@ def _stamps(args: argparse.Namespace) -> int:
         print(str(exc).replace("\n", " "))
         return 2
     exp = paths.ExperimentDir(Path(args.exp_dir), cfg.final_size)
-    texts = {name: _section_text(cfg, name) for name in config_mod.SECTIONS}
-    exp.stamp("prepare").parent.mkdir(parents=True, exist_ok=True)
-    for name, text in texts.items():
-        if name != "folds":
-            files.write_text_if_changed(exp.stamp(name), text)
-    # the folds step copies the section it split under into folds.made
-    made = exp.folds_made
-    _write_stamp(exp.stamp("folds"), texts["folds"], made, lambda: made.read_text() if made.exists() else None)
     train_inputs = manifest.digest(Path(args.processed)) if args.processed else layout_mod.NONE
+    exp.stamp("prepare").parent.mkdir(parents=True, exist_ok=True)
+    for name in config_mod.SECTIONS:
+        if name != "folds":
+            files.write_text_if_changed(exp.stamp(name), _stamp_text(cfg, name, None))
+    # the folds step copies its stamp (the section, and the training inputs it split) into folds.made
+    made = exp.folds_made
+    folds_text = _stamp_text(cfg, "folds", train_inputs)
+    _write_stamp(exp.stamp("folds"), folds_text, made, lambda: made.read_text() if made.exists() else None)
     for name, run in exp.training_runs(cfg.data.n_folds):
-        text = _run_text(cfg, name, None if run == exp.pretrain else train_inputs)
+        text = _stamp_text(cfg, name, None if run == exp.pretrain else train_inputs)
         _write_stamp(exp.run_stamp(name, run), text, run.model, functools.partial(_trained_text, run, name))
     return 0
 
