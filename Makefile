@@ -202,6 +202,7 @@ ENSEMBLE ?=
 NAME     ?= ensemble
 WEIGHTS  ?= equal
 ENSEMBLE_SUBMISSION := $(SUBMISSIONS_DIR)/$(NAME).csv
+member_files = $(MODELS_DIR)/$(1)/thresholds.json $(MODELS_DIR)/$(1)/test/ids.csv
 ifneq ($(filter ensemble,$(MAKECMDGOALS)),)
 ifneq ($(filter-out 0 1,$(words $(ENSEMBLE))),$(words $(ENSEMBLE)))
 $(error name two experiments or more: make ensemble ENSEMBLE="exp_a exp_b" NAME=ens1 (got ENSEMBLE="$(ENSEMBLE)"))
@@ -209,8 +210,7 @@ endif
 ifneq ($(words $(filter equal search,$(WEIGHTS))) $(words $(WEIGHTS)),1 1)
 $(error WEIGHTS=$(WEIGHTS): use WEIGHTS=equal or WEIGHTS=search)
 endif
-UNFINISHED := $(strip $(foreach e,$(ENSEMBLE),$(if $(wildcard $(MODELS_DIR)/$(e)/thresholds.json),$(if $(wildcard \
-  $(MODELS_DIR)/$(e)/test/ids.csv),,$(e)),$(e))))
+UNFINISHED := $(strip $(foreach e,$(ENSEMBLE),$(if $(filter-out $(wildcard $(call member_files,$(e))),$(call member_files,$(e))),$(e))))
 ifneq ($(UNFINISHED),)
 $(error ENSEMBLE member(s) $(UNFINISHED) not searched and inferred under MODELS_DIR=$(MODELS_DIR) (no thresholds.json or test/ids.csv): run make train infer search EXP=<member> for each first)
 endif
@@ -222,8 +222,8 @@ $(error $(ENSEMBLE_STAMP_ERROR))
 endif
 endif
 ensemble: $(ENSEMBLE_SUBMISSION) ## blend experiments' OOF and test maps: ENSEMBLE="a b" NAME=ens1 [WEIGHTS=search]
-$(ENSEMBLE_SUBMISSION): $(foreach e,$(ENSEMBLE),$(MODELS_DIR)/$(e)/thresholds.json $(MODELS_DIR)/$(e)/test/ids.csv) \
-  $(MODELS_DIR)/$(NAME)/stamps/ensemble.json | $(INSTALLED)
+$(ENSEMBLE_SUBMISSION): $(foreach e,$(ENSEMBLE),$(call member_files,$(e))) $(MODELS_DIR)/$(NAME)/stamps/ensemble.json \
+  | $(INSTALLED)
 	$(PY) scripts/10_ensemble.py --members $(ENSEMBLE) --name $(NAME) --configs-dir $(CONFIGS) --models-dir $(MODELS_DIR) \
 	  --processed $(PROCESSED) --weights $(WEIGHTS) --out $@ $(if $(wildcard $(LABELS)),--labels $(LABELS)) $(Q)
 

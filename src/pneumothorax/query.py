@@ -62,24 +62,27 @@ def _manifest(args: argparse.Namespace) -> int:
     return 0
 
 
+def _text(values: dict[str, Any]) -> str:
+    """A stamp's content: the values as JSON, keys sorted (so equal values are equal texts)."""
+    return json.dumps(values, indent=1, sort_keys=True) + "\n"
+
+
 def _stamp_text(cfg: config_mod.Config, name: str, train_inputs: str | None) -> str:
     """A step's stamp: its section and, for the folds and each fold's training run (whose fingerprint
     holds it), the training inputs' hash (:func:`pneumothorax.manifest.digest`)."""
     values = config_mod.section(cfg, name)
     if train_inputs is not None:
         values["train_inputs"] = train_inputs
-    return json.dumps(values, indent=1, sort_keys=True) + "\n"
+    return _text(values)
 
 
 def _trained_text(run: paths.RunDir, name: str) -> str | None:
     """A finished run's stamp as it was trained (``trained_under.json``, less the split, which Make
     follows as folds.csv; for older runs the section of the config saved beside the model), or None."""
-    if not run.model.exists():
-        return None
     try:
         if run.trained_under.exists():
             values = json.loads(run.trained_under.read_text())
-            return json.dumps({k: v for k, v in values.items() if k != "split"}, indent=1, sort_keys=True) + "\n"
+            return _text({k: v for k, v in values.items() if k != "split"})
         return _stamp_text(config_mod.from_yaml(run.config.read_text()), name, None) if run.config.exists() else None
     except (config_mod.ConfigError, yaml.YAMLError, ValueError):  # an older schema: the run's script decides
         return None
@@ -90,10 +93,12 @@ def _write_stamp(stamp: Path, text: str, built: Path, built_under: Callable[[], 
     ``built`` was made under takes ``built``'s time: an edit reverted, one that only a ``make -n`` saw,
     or a step that ran and kept its output as it was (a folds edit or new inputs that leave the split).
     The step is up to date, and Make neither plans it nor invokes its script as a no-op forever.
-    ``built_under`` reads that record only then (not at every ``make``)."""
+    ``built_under`` (called only when ``built`` exists) reads that record only then, not at every ``make``."""
     files.write_text_if_changed(stamp, text)
-    if built.exists() and stamp.stat().st_mtime_ns > built.stat().st_mtime_ns and built_under() == text:
-        made = built.stat().st_mtime_ns
+    if not built.exists():
+        return
+    made = built.stat().st_mtime_ns
+    if stamp.stat().st_mtime_ns > made and built_under() == text:
         os.utime(stamp, ns=(made, made))
 
 
@@ -112,7 +117,7 @@ def _stamps(args: argparse.Namespace) -> int:
     # the folds step copies its stamp (the section, and the training inputs it split) into folds.made
     made = exp.folds_made
     folds_text = _stamp_text(cfg, "folds", train_inputs)
-    _write_stamp(exp.stamp("folds"), folds_text, made, lambda: made.read_text() if made.exists() else None)
+    _write_stamp(exp.stamp("folds"), folds_text, made, made.read_text)
     for name, run in exp.training_runs(cfg.data.n_folds):
         text = _stamp_text(cfg, name, None if run == exp.pretrain else train_inputs)
         _write_stamp(exp.run_stamp(name, run), text, run.model, functools.partial(_trained_text, run, name))
@@ -120,7 +125,7 @@ def _stamps(args: argparse.Namespace) -> int:
 
 
 def _ensemble_text(members: list[str], weights: str | None) -> str:
-    return json.dumps({"members": members, "weights": weights}, indent=1) + "\n"
+    return _text({"members": members, "weights": weights})
 
 
 def _ensemble_stamp(args: argparse.Namespace) -> int:
@@ -132,7 +137,7 @@ def _ensemble_stamp(args: argparse.Namespace) -> int:
     def built_under() -> str | None:
         try:
             record = json.loads(exp.ensemble.read_text())
-        except (OSError, ValueError):
+        except ValueError:
             return None
         return _ensemble_text([m["experiment"] for m in record.get("members", [])], record.get("weights_mode"))
 
