@@ -72,8 +72,11 @@ ALL_SEG    := $(foreach k,$(ALL_FOLDS),$(MODELS)/fold$(k)/model.pt)
 ALL_CLS    := $(if $(CLS_ENABLED),$(foreach k,$(ALL_FOLDS),$(MODELS)/classifier/fold$(k)/model.pt))
 PREPARED   := $(PROCESSED)/prepared-$(EXP).stamp
 FOLDS_CSV  := $(MODELS)/folds.csv
-FOLDS_MADE := $(MODELS)/stamps/folds.made
 stamp       = $(MODELS)/stamps/$(1).json
+made        = $(MODELS)/stamps/$(1).made
+FOLDS_MADE := $(call made,folds)
+# After a step, the stamp it ran under, timed as its output (see the config stamps below).
+record_made = cp $(call stamp,$(1)) $(call made,$(1)).tmp && touch -r $(2) $(call made,$(1)).tmp && mv $(call made,$(1)).tmp $(call made,$(1))
 
 ifneq ($(filter-out 1,$(NNODES)),)
 ifeq ($(RDZV_ENDPOINT),)
@@ -107,7 +110,9 @@ endif
 # retrains even where the split stays; the data folder moved with its times retrains nothing. A
 # stamp newer than what it built but holding the values that was built under (an edit reverted,
 # one only `make -n` saw, a folds step that left the split) takes that output's time, so the step
-# is neither planned nor invoked again.
+# is neither planned nor invoked again: each step records the stamp it ran under (record_made:
+# stamps/prepare.made, folds.made, infer.made, postprocess.made), each training run its
+# trained_under.json.
 ifneq ($(filter-out $(NO_DATA_GOALS),$(or $(MAKECMDGOALS),help)),)
 STAMP_ERROR := $(shell [ -x $(PY) ] && $(PY) -m pneumothorax.query stamps --config $(CONFIG) --exp-dir $(MODELS) --processed $(PROCESSED))
 ifneq ($(STAMP_ERROR),)
@@ -117,7 +122,7 @@ endif
 LAYOUT_ARGS := $(if $(TRAIN_CSV),--train-csv $(TRAIN_CSV)) $(foreach d,$(TRAIN_DIR),--train-dir $(d)) \
   $(if $(TEST_DIR),--test-dir $(TEST_DIR)) $(if $(SAMPLE_SUBMISSION),--sample-submission $(SAMPLE_SUBMISSION))
 
-.PHONY: help install demo synthetic prepare folds pretrain train train-seg train-cls infer search submit score report \
+.PHONY: help install layout-error demo synthetic prepare folds pretrain train train-seg train-cls infer search submit score report \
         test test-fast lint bench bench-data bench-train bench-post clean clean-models print-paths ensemble predict \
         leaderboard ablation
 
@@ -143,12 +148,17 @@ $(DATA_DIR)/world.json: | $(INSTALLED)
 
 $(TRAIN_INPUTS) $(TEST_INPUTS):
 	@echo "error: $(or $(MANIFEST_ERROR),$@ is missing: cannot tell which inputs DATA_DIR=$(DATA_DIR) holds)" >&2; exit 2
+# A layout error (a mistyped TEST_DIR, say) stops every step that reads the data, with its message,
+# and leaves the last good layout's manifests: the corrected command then reruns nothing.
+LAYOUT_ERROR := $(if $(MANIFEST_ERROR),layout-error)
+layout-error:
+	@echo "error: $(MANIFEST_ERROR)" >&2; exit 2
 
 prepare: $(PREPARED) ## DICOMs + labels -> $(PROCESSED)/metadata.csv and caches at the config's sizes
-$(PREPARED): $(TRAIN_INPUTS) $(TEST_INPUTS) $(call stamp,prepare) | $(INSTALLED)
+$(PREPARED): $(TRAIN_INPUTS) $(TEST_INPUTS) $(call stamp,prepare) | $(INSTALLED) $(LAYOUT_ERROR)
 	$(PY) scripts/01_prepare.py --config $(CONFIG) --data-dir $(DATA_DIR) --out $(PROCESSED) --patient-map $(PATIENT_MAP) \
 	  $(LAYOUT_ARGS) $(if $(SKIP_BAD),--skip-bad) $(Q)
-	touch $@
+	touch $@ && $(call record_made,prepare,$@)
 
 # Folds belong to the experiment and follow the training inputs (their hash is in the folds'
 # stamp; not metadata.csv, which a new test folder changes too). folds.csv is rewritten only when
@@ -159,7 +169,7 @@ folds: $(FOLDS_CSV) ## patient-grouped, stratified folds of this experiment: mod
 $(FOLDS_CSV): $(FOLDS_MADE) ;
 $(FOLDS_MADE): $(call stamp,folds) | $(PREPARED)
 	$(PY) scripts/02_folds.py --config $(CONFIG) --processed $(PROCESSED) --exp-dir $(MODELS)
-	cp $(call stamp,folds) $@.tmp && touch -r $(FOLDS_CSV) $@.tmp && mv $@.tmp $@
+	$(call record_made,folds,$(FOLDS_CSV))
 
 train: train-cls train-seg ## train gate and segmenter folds that are out of date (FOLD=k for one)
 train-seg: $(SEG_MODELS) ## segmentation folds only
@@ -180,10 +190,12 @@ $(MODELS)/fold%/model.pt: $(call stamp,segmentation-fold%) $(FOLDS_CSV) $(SEG_IN
 infer: $(MODELS)/test/ids.csv ## test probabilities: folds ensembled, flip TTA, gate
 $(MODELS)/test/ids.csv: $(ALL_SEG) $(ALL_CLS) $(TEST_INPUTS) $(call stamp,infer) | $(PREPARED)
 	$(PY) scripts/05_infer.py --config $(CONFIG) --processed $(PROCESSED) --exp-dir $(MODELS) $(Q)
+	$(call record_made,infer,$@)
 
 search: $(MODELS)/thresholds.json ## exact B-TH x R-TH x gate search on out-of-fold predictions
 $(MODELS)/thresholds.json: $(ALL_SEG) $(ALL_CLS) $(call stamp,postprocess)
 	$(PY) scripts/06_search_thresholds.py --config $(CONFIG) --processed $(PROCESSED) --exp-dir $(MODELS) $(Q)
+	$(call record_made,postprocess,$@)
 
 submit: $(SUBMISSION) ## validated submission CSV
 $(SUBMISSION): $(MODELS)/thresholds.json $(MODELS)/test/ids.csv

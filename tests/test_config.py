@@ -179,10 +179,16 @@ def test_a_section_set_back_to_a_finished_runs_values_takes_that_runs_time(tmp_p
     # a run from before trained_under.json: its config under 3 epochs
     exp.segmenter(1).config.write_text(config.dump(config.load("demo", ["segmentation.stages.1.epochs=3"])))
     (exp.root / "stamps").mkdir()
+    # what Make records after the folds and search steps: the stamp each ran under, timed as its output
     exp.folds_made.write_text(query._stamp_text(cfg, "folds", now_inputs))
-    os.utime(exp.folds_made, ns=(2 * 10**17, 2 * 10**17))
+    exp.made("postprocess").write_text(query._stamp_text(cfg, "postprocess", None))
+    for made in (exp.folds_made, exp.made("postprocess")):
+        os.utime(made, ns=(2 * 10**17, 2 * 10**17))
     edited = tmp_path / "edited.yaml"
-    edited.write_text("defaults: [demo]\nsegmentation: {stages: [{size: 64}, {size: 64}]}\ndata: {area_bins: 3}\n")
+    edited.write_text(
+        "defaults: [demo]\nsegmentation: {stages: [{size: 64}, {size: 64}]}\ndata: {area_bins: 3}\n"
+        "postprocess: {r_th: [0]}\ninfer: {batch_size: 3}\n"
+    )
     for name in (edited, "demo"):  # the edit, then the edit reverted
         assert (
             query.main(["stamps", "--config", str(name), "--exp-dir", str(exp.root), "--processed", str(processed)])
@@ -193,6 +199,8 @@ def test_a_section_set_back_to_a_finished_runs_values_takes_that_runs_time(tmp_p
     assert times["segmentation-fold1.json"] > 2 * 10**17  # trained under 3 epochs: out of date
     assert times["segmentation-fold2.json"] > 2 * 10**17  # trained on other inputs: out of date
     assert times["folds.json"] == 2 * 10**17  # folds.made split under these values
+    assert times["postprocess.json"] == 2 * 10**17  # searched under these values
+    assert times["infer.json"] > 2 * 10**17  # no infer.made: never inferred
     assert times["classifier-fold0.json"] > 2 * 10**17  # never trained
     # a step that ran and kept its output (folds.csv unchanged, folds.made timed as it): its stamp,
     # unchanged since, takes the output's time, and the step is not run again at every make

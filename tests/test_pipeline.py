@@ -167,9 +167,12 @@ def test_todays_download_end_to_end(today, tmp_path):
     meta = pd.read_csv(tmp_path / "p" / "metadata.csv", dtype=str, keep_default_na=False)
     assert (meta["error"] == "").all()
 
-    # a mistyped test folder is an error, not an empty submission
-    typo = make("prepare", *common, f"TEST_DIR={today / 'stage_2_imgs'}", check=False)
+    # a mistyped test folder is an error, not an empty submission; corrected, nothing reruns (the manifests
+    # of the last good layout stay)
+    mistyped = [f"TEST_DIR={today / 'stage_2_imgs'}" if arg.startswith("TEST_DIR=") else arg for arg in swapped]
+    typo = make("prepare", *mistyped, check=False)
     assert typo.returncode != 0 and "stage_2_imgs: test folder (TEST_DIR) does not exist" in typo.stderr
+    assert make("-q", "prepare", *swapped, check=False).returncode == 0
 
 
 @pytest.mark.slow
@@ -227,23 +230,29 @@ def test_pipeline_end_to_end(tmp_path):
     folds_edit = plan_after(classifier + "data: {area_bins: 3}\n", carry_out=False)
     assert folds_edit == _plan(folds=1, classifier=2, segmentation=2, infer=1, search=1, submit=1)
     assert plan_after(classifier + "seed: 7\n", carry_out=False) == folds_edit
+    steps_edit = "data: {sizes: [32, 48, 64]}\ninfer: {batch_size: 3}\npostprocess: {r_th: [0]}\n"
+    assert plan_after(classifier + steps_edit, carry_out=False) == _plan(prepare=1, infer=1, search=1, submit=1)
     # those edits reverted: what `make -n` saw leaves nothing to plan or invoke (stamps newer than
     # the models used to make every training script run again as a no-op, and `make -n` list it all)
     (configs / "mine.yaml").write_text(base + classifier)
     assert _planned(make(*everything, *common, dry=True).stdout) == _plan()
     assert make("-q", *everything, *common, check=False).returncode == 0
     _a_replaced_training_image_retrains_every_run(world / "dicom-images-train", exp, [*everything, *common])
-    # the data folder moved, times kept (to a faster disk, say): prepare, infer and submit read the new paths;
-    # nothing retrains
-    moved = tmp_path / "moved"
-    shutil.move(world, moved)
-    common = [f"DATA_DIR={moved}" if arg.startswith("DATA_DIR=") else arg for arg in common]
-    assert _planned(make(*everything, *common, dry=True).stdout) == _plan(prepare=1, infer=1, submit=1)
-    make(*everything, *common)
-    assert make("-q", *everything, *common, check=False).returncode == 0
+    common = _a_moved_data_folder_retrains_nothing(world, tmp_path / "moved", everything, common)
     # one fold out of date reruns that fold and what depends on it, nothing else
     exp.segmenter(1).model.unlink()
     assert _planned(make("submit", *common, dry=True).stdout) == _plan(segmentation=1, infer=1, search=1, submit=1)
+
+
+def _a_moved_data_folder_retrains_nothing(world, moved, goals: list[str], common: list[str]) -> list[str]:
+    """The data folder moved, times kept (to a faster disk, say): prepare, infer and submit read the new
+    paths; nothing retrains. The arguments that name the new folder."""
+    shutil.move(world, moved)
+    common = [f"DATA_DIR={moved}" if arg.startswith("DATA_DIR=") else arg for arg in common]
+    assert _planned(make(*goals, *common, dry=True).stdout) == _plan(prepare=1, infer=1, submit=1)
+    make(*goals, *common)
+    assert make("-q", *goals, *common, check=False).returncode == 0
+    return common
 
 
 def _a_replaced_training_image_retrains_every_run(train_dir, exp: ExperimentDir, goals: list[str]) -> None:

@@ -100,9 +100,3 @@ def write_if_changed(path: Path, content: dict[str, Any]) -> bool:
 def update(found: layout_mod.Layout, processed: Path) -> dict[str, bool]:
     """Write both manifests under ``processed`` where they changed; which ones were written."""
     return {split: write_if_changed(path_for(processed, split), m) for split, m in build(found).items()}
-
-
-def remove(processed: Path) -> None:
-    """Delete the manifests (inputs unknown: steps that need them fail with the layout's message)."""
-    for split in SPLITS:
-        path_for(processed, split).unlink(missing_ok=True)

@@ -178,10 +178,15 @@ class ExperimentDir:
         """The resolved value of one config section, rewritten only when it changes (Make's input)."""
         return self.root / "stamps" / f"{section}.json"
 
+    def made(self, section: str) -> Path:
+        """The stamp a step's output was made under, timed as that output (Make copies it after the step:
+        ``stamps/folds.made`` beside ``folds.csv``, ``stamps/infer.made`` beside ``test/ids.csv``)."""
+        return self.root / "stamps" / f"{section}.made"
+
     @property
     def folds_made(self) -> Path:
         """Make's target of the folds step: the folds section it split under, timed as ``folds.csv``."""
-        return self.root / "stamps" / "folds.made"
+        return self.made("folds")
 
     def run_stamp(self, section: str, run: RunDir) -> Path:
         """One training run's copy of its config section (Make's input for that run's ``model.pt``):

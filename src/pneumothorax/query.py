@@ -11,7 +11,7 @@ hash from ``P/inputs-train.json`` too (see :func:`_write_stamp`).
 ensemble's members and weight mode (see :func:`_ensemble_stamp`).
 ``manifest --data-dir D --processed P [--train-csv ...]``: find the data layout and write the
 input manifests ``P/inputs-train.json`` and ``P/inputs-test.json`` where they changed; on a
-layout error, remove them and print the error (Make then stops at the step that needs them).
+layout error, print it and leave them (Make then stops every step that reads the data).
 """
 
 from __future__ import annotations
@@ -56,7 +56,8 @@ def _manifest(args: argparse.Namespace) -> int:
         )
         manifest.update(found, processed)
     except (layout_mod.LayoutError, OSError) as exc:
-        manifest.remove(processed)
+        # the last good layout's manifests stay (Make stops every step that reads the data on this
+        # error), so the corrected command finds its inputs unchanged and reruns nothing
         print(str(exc).replace("\n", " "))
         return 2
     return 0
@@ -111,13 +112,13 @@ def _stamps(args: argparse.Namespace) -> int:
     exp = paths.ExperimentDir(Path(args.exp_dir), cfg.final_size)
     train_inputs = manifest.digest(Path(args.processed)) if args.processed else layout_mod.NONE
     exp.stamp("prepare").parent.mkdir(parents=True, exist_ok=True)
+    # each step's Make recipe copies its stamp into stamps/<section>.made, timed as its output (the
+    # folds' stamp holds the training inputs it split too); no step makes classifier.made or
+    # segmentation.made: the training runs have their own stamps, below
     for name in config_mod.SECTIONS:
-        if name != "folds":
-            files.write_text_if_changed(exp.stamp(name), _stamp_text(cfg, name, None))
-    # the folds step copies its stamp (the section, and the training inputs it split) into folds.made
-    made = exp.folds_made
-    folds_text = _stamp_text(cfg, "folds", train_inputs)
-    _write_stamp(exp.stamp("folds"), folds_text, made, made.read_text)
+        text = _stamp_text(cfg, name, train_inputs if name == "folds" else None)
+        made = exp.made(name)
+        _write_stamp(exp.stamp(name), text, made, made.read_text)
     for name, run in exp.training_runs(cfg.data.n_folds):
         text = _stamp_text(cfg, name, None if run == exp.pretrain else train_inputs)
         _write_stamp(exp.run_stamp(name, run), text, run.model, functools.partial(_trained_text, run, name))
