@@ -219,22 +219,24 @@ def test_pipeline_end_to_end(tmp_path):
 
     assert plan_after("# only a comment\n") == _plan()
     assert plan_after("postprocess: {r_th: [0, 2048]}\n") == _plan(search=1, submit=1)
-    assert plan_after("postprocess: {r_th: [0, 2048]}\ninfer: {tta: [vflip]}\n") == _plan(infer=1, submit=1)
+    carried = "postprocess: {r_th: [0, 2048]}\ninfer: {tta: [vflip]}\n"
+    assert plan_after(carried) == _plan(infer=1, submit=1)
+    # the edits below are planned only (each retrains, and the replaced image below carries out a retraining)
     edited_stage = "segmentation: {stages: [{size: 32, epochs: 1, batch_size: 16, lr: 0.002, augment: [A1]}, " + (
         "{size: 64, epochs: 1, batch_size: 16, lr: 0.001, swa_epochs: 1, augment: [A1, A2]}]}\n"
     )
-    assert plan_after(edited_stage) == _plan(segmentation=2, infer=1, search=1, submit=1)
-    classifier = edited_stage + "classifier: {lr: 0.001}\n"
-    assert plan_after(classifier) == _plan(classifier=2, infer=1, search=1, submit=1)
-    # a changed split, and a seed every training reads (planned only: carrying them out would retrain everything)
-    folds_edit = plan_after(classifier + "data: {area_bins: 3}\n", carry_out=False)
+    assert plan_after(carried + edited_stage, False) == _plan(segmentation=2, infer=1, search=1, submit=1)
+    assert plan_after(carried + "classifier: {lr: 0.001}\n", False) == _plan(classifier=2, infer=1, search=1, submit=1)
+    # a changed split, and a seed every training reads
+    folds_edit = plan_after(carried + "data: {area_bins: 3}\n", carry_out=False)
     assert folds_edit == _plan(folds=1, classifier=2, segmentation=2, infer=1, search=1, submit=1)
-    assert plan_after(classifier + "seed: 7\n", carry_out=False) == folds_edit
-    steps_edit = "data: {sizes: [32, 48, 64]}\ninfer: {batch_size: 3}\npostprocess: {r_th: [0]}\n"
-    assert plan_after(classifier + steps_edit, carry_out=False) == _plan(prepare=1, infer=1, search=1, submit=1)
-    # those edits reverted: what `make -n` saw leaves nothing to plan or invoke (stamps newer than
-    # the models used to make every training script run again as a no-op, and `make -n` list it all)
-    (configs / "mine.yaml").write_text(base + classifier)
+    assert plan_after(carried + "seed: 7\n", carry_out=False) == folds_edit
+    steps_edit = "data: {sizes: [32, 48, 64]}\ninfer: {tta: [vflip], batch_size: 3}\npostprocess: {r_th: [0]}\n"
+    assert plan_after(steps_edit, carry_out=False) == _plan(prepare=1, infer=1, search=1, submit=1)
+    # those edits reverted: what `make -n` saw leaves nothing to plan or invoke (each step's output, and
+    # each model, records the values it was made under; stamps newer than them used to make every
+    # training script run again as a no-op, and `make -n` list it all)
+    (configs / "mine.yaml").write_text(base + carried)
     assert _planned(make(*everything, *common, dry=True).stdout) == _plan()
     assert make("-q", *everything, *common, check=False).returncode == 0
     _a_replaced_training_image_retrains_every_run(world / "dicom-images-train", exp, [*everything, *common])
