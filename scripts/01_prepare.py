@@ -6,7 +6,7 @@ stage-1 layout); every other option overrides one part of it.
 
 from pathlib import Path
 
-from pneumothorax import cli, prepare
+from pneumothorax import cli, models, prepare
 from pneumothorax import layout as layout_mod
 
 
@@ -22,7 +22,7 @@ def main() -> None:
     p.add_argument("--skip-bad", action="store_true", help="leave unreadable training files out (reported)")
     p.add_argument("--workers", type=int, default=None)
     args = p.parse_args()
-    cfg = cli.load_config(args)
+    cfg = cli.load_config(args, models.check_names)
     found = layout_mod.detect(
         args.data_dir, args.train_csv, args.train_dir, args.test_dir, args.sample_submission, args.patient_map
     )

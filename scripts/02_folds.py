@@ -4,7 +4,7 @@ The split belongs to the experiment: another experiment's `make folds` never cha
 is rewritten only when its content changes.
 """
 
-from pneumothorax import cli, folds, steps
+from pneumothorax import cli, folds, models, steps
 from pneumothorax.paths import ProcessedDir
 
 
@@ -13,7 +13,7 @@ def main() -> None:
     p.add_argument("--processed", required=True)
     p.add_argument("--exp-dir", required=True, help="models/<exp>")
     args = p.parse_args()
-    cfg = cli.load_config(args)
+    cfg = cli.load_config(args, models.check_names)
     table = steps.make_folds(cfg, ProcessedDir(args.processed), cli.experiment(cfg, args.exp_dir))
     print(folds.fold_summary(table).to_string())
 

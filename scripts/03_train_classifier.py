@@ -1,6 +1,6 @@
 """Train one classifier (gate) fold, or pre-train on classifier.external_csv; resumes; DDP under torchrun."""
 
-from pneumothorax import classifier, cli
+from pneumothorax import classifier, cli, models
 
 
 def main() -> None:
@@ -12,7 +12,7 @@ def main() -> None:
     p.add_argument("--exp-dir", required=True, help="models/<exp>")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     args = p.parse_args()
-    cfg = cli.load_config(args)
+    cfg = cli.load_config(args, models.check_names)
     exp = cli.experiment(cfg, args.exp_dir)
     if args.pretrain:
         if cfg.classifier.external_csv == "none":

@@ -4,7 +4,7 @@ A fold trained under other settings (its config section or its split) is moved a
 trained from scratch; a finished fold with the same settings is left as it is.
 """
 
-from pneumothorax import cli, segmentation
+from pneumothorax import cli, models, segmentation
 
 
 def main() -> None:
@@ -14,7 +14,7 @@ def main() -> None:
     p.add_argument("--exp-dir", required=True, help="models/<exp>")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     args = p.parse_args()
-    cfg = cli.load_config(args)
+    cfg = cli.load_config(args, models.check_names)
     exp = cli.experiment(cfg, args.exp_dir)
     print(segmentation.train_fold(cfg, args.fold, args.processed, exp, device=args.device, progress=not args.quiet))
 

@@ -1,7 +1,7 @@
 """Exact grid search of B-TH, R-TH, gate (and triplet / min component) on out-of-fold predictions, then
 the choice re-scored at 1024x1024 with the competition metric against the original RLE rows."""
 
-from pneumothorax import cli, postprocess, steps
+from pneumothorax import cli, models, postprocess, steps
 from pneumothorax.paths import ProcessedDir
 
 
@@ -10,7 +10,7 @@ def main() -> None:
     p.add_argument("--processed", required=True)
     p.add_argument("--exp-dir", required=True, help="models/<exp>")
     args = p.parse_args()
-    cfg = cli.load_config(args)
+    cfg = cli.load_config(args, models.check_names)
     result = steps.search(cfg, cli.experiment(cfg, args.exp_dir), ProcessedDir(args.processed), not args.quiet)
     post = postprocess.PostProcess.from_dict(result["postprocess"])
     print(

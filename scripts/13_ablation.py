@@ -6,7 +6,7 @@ make ablation EXP=demo ABLATION_WORLDS="0" ABLATION_SEEDS="0 1" ABLATION_JOBS=2
 import time
 from pathlib import Path
 
-from pneumothorax import ablation, cli, synthetic
+from pneumothorax import ablation, cli, models, synthetic
 from pneumothorax.paths import AblationDir
 
 
@@ -20,7 +20,7 @@ def main() -> None:
     p.add_argument("--jobs", type=int, default=1, help="(world, seed) runs trained at once, the cores shared out")
     p.add_argument("--difficulty", choices=sorted(synthetic.DIFFICULTIES), default="default")
     args = p.parse_args()
-    cfg = cli.load_config(args)
+    cfg = cli.load_config(args, models.check_names)
     started = time.time()
     size = (args.n_train, args.n_test)
     out = AblationDir(Path(args.out))

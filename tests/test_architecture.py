@@ -4,6 +4,8 @@ steps), none hides inside a function, and no function grows past the size people
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 
 import pytest
 
@@ -13,6 +15,7 @@ PACKAGE = paths.ROOT / "src" / "pneumothorax"
 LAYERS = [
     {
         "paths",
+        "errors",
         "files",
         "pools",
         "bars",
@@ -77,3 +80,13 @@ def test_functions_stay_short():
             if fn.end_lineno - fn.lineno + 1 > 60:
                 long.append(f"{path.name}:{fn.lineno} {fn.name} ({fn.end_lineno - fn.lineno + 1} lines)")
     assert not long
+
+
+@pytest.mark.parametrize("script", ["07_submit", "08_score", "12_leaderboard"])
+def test_scripts_that_build_no_model_import_no_torch(script):
+    """Submit, score and the leaderboard start in about a second: torch, timm and smp take three or four."""
+    source = (paths.ROOT / "scripts" / f"{script}.py").read_text()
+    imports = "\n".join(line for line in source.splitlines() if line.startswith(("from pneumothorax", "import ")))
+    probe = imports + "\nimport sys\nprint(sorted({'torch', 'timm', 'segmentation_models_pytorch'} & set(sys.modules)))"
+    loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert loaded.strip() == "[]", f"{script}.py imports {loaded.strip()}"

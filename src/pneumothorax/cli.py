@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from . import config as config_mod
-from . import devices, dicom, files, models, postprocess, prepare, rle, submission
+from . import dicom, files, postprocess, prepare, rle, submission
 from . import layout as layout_mod
-from .models import WeightsError
+from .errors import DeviceError, WeightsError
 from .paths import ExperimentDir
 
 KINDS = {
@@ -46,10 +47,14 @@ def experiment(cfg: config_mod.Config, exp_dir: str) -> ExperimentDir:
     return ExperimentDir(Path(exp_dir), cfg.final_size)
 
 
-def load_config(args: argparse.Namespace) -> config_mod.Config:
-    """The experiment config from parsed args (every name in it checked against its registry)."""
+def load_config(
+    args: argparse.Namespace, check: Callable[[config_mod.Config], None] | None = None
+) -> config_mod.Config:
+    """The experiment config from parsed args, passed to ``check`` (``models.check_names``: every model name
+    against its registry, before any work; this module imports no torch, so the caller hands it over)."""
     cfg = config_mod.load(args.config, args.overrides)
-    models.check_names(cfg)
+    if check is not None:
+        check(cfg)
     return cfg
 
 
@@ -77,7 +82,7 @@ ERRORS = (
     prepare.PrepareError,
     submission.SubmissionError,
     WeightsError,
-    devices.DeviceError,
+    DeviceError,
     postprocess.PostProcessError,
     files.WriteError,
     FileNotFoundError,

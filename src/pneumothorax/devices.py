@@ -14,9 +14,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-
-class DeviceError(RuntimeError):
-    """A GPU is there but torch cannot use it; the message says why and what to do."""
+from .errors import DeviceError
 
 
 @dataclass(frozen=True)

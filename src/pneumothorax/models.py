@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .config import ClassifierConfig, Config, ConfigError, SegmentationConfig
+from .errors import WeightsError
 
 SEGMENTERS: dict[str, Callable[..., nn.Module]] = {
     "unet": smp.Unet,
@@ -26,10 +27,6 @@ SEGMENTERS: dict[str, Callable[..., nn.Module]] = {
     "deeplabv3plus": smp.DeepLabV3Plus,
     "linknet": smp.Linknet,
 }
-
-
-class WeightsError(RuntimeError):
-    """Pretrained weights that cannot be obtained or do not fit the model."""
 
 
 def _offline_hint(what: str, key: str, exc: Exception) -> WeightsError:
