@@ -97,6 +97,10 @@ TEST_INPUTS  := $(PROCESSED)/inputs-test.json
 NO_DATA_GOALS := help install test test-fast lint bench bench-data bench-train bench-post clean clean-models synthetic demo print-paths \
   predict leaderboard ensemble ablation
 ifneq ($(filter-out $(NO_DATA_GOALS),$(or $(MAKECMDGOALS),help)),)
+# The steps' inputs and stamps come from the venv's Python, at parse time.
+ifeq ($(wildcard $(PY)),)
+$(error $(PY) is missing: run `make install` first (`make demo` and `make test` install it themselves))
+endif
 MANIFEST_ERROR := $(shell [ -x $(PY) ] && $(PY) -m pneumothorax.query manifest --data-dir $(DATA_DIR) \
   --processed $(PROCESSED) --patient-map $(PATIENT_MAP) $(if $(TRAIN_CSV),--train-csv $(TRAIN_CSV)) \
   $(if $(TRAIN_DIR),--train-dir "$(TRAIN_DIR)") $(if $(TEST_DIR),--test-dir $(TEST_DIR)) \

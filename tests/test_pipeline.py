@@ -108,6 +108,13 @@ def test_an_ensemble_of_one_or_of_an_unfinished_experiment_fails_at_once(tmp_pat
     assert bogus.returncode != 0 and "WEIGHTS=best: use WEIGHTS=equal or WEIGHTS=search" in bogus.stderr
 
 
+def test_a_step_before_the_venv_exists_says_to_install_it(tmp_path):
+    result = make(
+        "prepare", "EXP=tiny", f"VENV={tmp_path / 'no-venv'}", f"MODELS_DIR={tmp_path}", dry=True, check=False
+    )
+    assert result.returncode != 0 and "no-venv/bin/python is missing: run `make install` first" in result.stderr
+
+
 def test_fold_out_of_range_fails_before_any_work(tmp_path):
     result = make("train", "EXP=tiny", "FOLD=9", f"MODELS_DIR={tmp_path}", dry=True, check=False)
     assert result.returncode != 0
