@@ -97,11 +97,11 @@ TEST_INPUTS  := $(PROCESSED)/inputs-test.json
 NO_DATA_GOALS := help install test test-fast lint bench bench-data bench-train bench-post clean clean-models synthetic demo print-paths \
   predict leaderboard ensemble ablation
 ifneq ($(filter-out $(NO_DATA_GOALS),$(or $(MAKECMDGOALS),help)),)
-# The steps' inputs and stamps come from the venv's Python, at parse time.
+# The steps' inputs and stamps come from the venv's Python, at parse time (below: both need it).
 ifeq ($(wildcard $(PY)),)
 $(error $(PY) is missing: run `make install` first (`make demo` and `make test` install it themselves))
 endif
-MANIFEST_ERROR := $(shell [ -x $(PY) ] && $(PY) -m pneumothorax.query manifest --data-dir $(DATA_DIR) \
+MANIFEST_ERROR := $(shell $(PY) -m pneumothorax.query manifest --data-dir $(DATA_DIR) \
   --processed $(PROCESSED) --patient-map $(PATIENT_MAP) $(if $(TRAIN_CSV),--train-csv $(TRAIN_CSV)) \
   $(if $(TRAIN_DIR),--train-dir "$(TRAIN_DIR)") $(if $(TEST_DIR),--test-dir $(TEST_DIR)) \
   $(if $(SAMPLE_SUBMISSION),--sample-submission $(SAMPLE_SUBMISSION)))
@@ -118,7 +118,7 @@ endif
 # stamps/prepare.made, folds.made, infer.made, postprocess.made), each training run its
 # trained_under.json.
 ifneq ($(filter-out $(NO_DATA_GOALS),$(or $(MAKECMDGOALS),help)),)
-STAMP_ERROR := $(shell [ -x $(PY) ] && $(PY) -m pneumothorax.query stamps --config $(CONFIG) --exp-dir $(MODELS) --processed $(PROCESSED))
+STAMP_ERROR := $(shell $(PY) -m pneumothorax.query stamps --config $(CONFIG) --exp-dir $(MODELS) --processed $(PROCESSED))
 ifneq ($(STAMP_ERROR),)
 $(error $(STAMP_ERROR))
 endif

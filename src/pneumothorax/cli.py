@@ -47,14 +47,11 @@ def experiment(cfg: config_mod.Config, exp_dir: str) -> ExperimentDir:
     return ExperimentDir(Path(exp_dir), cfg.final_size)
 
 
-def load_config(
-    args: argparse.Namespace, check: Callable[[config_mod.Config], None] | None = None
-) -> config_mod.Config:
+def load_config(args: argparse.Namespace, check: Callable[[config_mod.Config], None]) -> config_mod.Config:
     """The experiment config from parsed args, passed to ``check`` (``models.check_names``: every model name
     against its registry, before any work; this module imports no torch, so the caller hands it over)."""
     cfg = config_mod.load(args.config, args.overrides)
-    if check is not None:
-        check(cfg)
+    check(cfg)
     return cfg
 
 
