@@ -90,8 +90,10 @@ endif
 endif
 
 # Input manifests (files with sizes and times, label hash, layout), rewritten at parse time only
-# when they change: steps that read the data depend on them, so a new test folder, an edited
-# label file or a replaced DICOM reruns exactly what depends on it.
+# when they change. Each experiment keeps its own record of them (stamps/inputs.json, which prepare
+# depends on, and stamps/test-inputs.json, which infer depends on; kept as the config stamps below
+# are), so a new test folder, an edited label file or a replaced DICOM reruns exactly what depends
+# on it, and a test folder that only `make -n` saw reruns nothing once dropped.
 TRAIN_INPUTS := $(PROCESSED)/inputs-train.json
 TEST_INPUTS  := $(PROCESSED)/inputs-test.json
 NO_DATA_GOALS := help install test test-fast lint bench bench-data bench-train bench-post clean clean-models synthetic demo print-paths \
@@ -115,8 +117,8 @@ endif
 # stamp newer than what it built but holding the values that was built under (an edit reverted,
 # one only `make -n` saw, a folds step that left the split) takes that output's time, so the step
 # is neither planned nor invoked again: each step records the stamp it ran under (record_made:
-# stamps/prepare.made, folds.made, infer.made, postprocess.made), each training run its
-# trained_under.json.
+# stamps/prepare.made and inputs.made, folds.made, infer.made and test-inputs.made,
+# postprocess.made), each training run its trained_under.json.
 ifneq ($(filter-out $(NO_DATA_GOALS),$(or $(MAKECMDGOALS),help)),)
 STAMP_ERROR := $(shell $(PY) -m pneumothorax.query stamps --config $(CONFIG) --exp-dir $(MODELS) --processed $(PROCESSED))
 ifneq ($(STAMP_ERROR),)
@@ -159,10 +161,10 @@ layout-error:
 	@echo "error: $(MANIFEST_ERROR)" >&2; exit 2
 
 prepare: $(PREPARED) ## DICOMs + labels -> $(PROCESSED)/metadata.csv and caches at the config's sizes
-$(PREPARED): $(TRAIN_INPUTS) $(TEST_INPUTS) $(call stamp,prepare) | $(INSTALLED) $(LAYOUT_ERROR)
+$(PREPARED): $(call stamp,inputs) $(call stamp,prepare) | $(TRAIN_INPUTS) $(TEST_INPUTS) $(INSTALLED) $(LAYOUT_ERROR)
 	$(PY) scripts/01_prepare.py --config $(CONFIG) --data-dir $(DATA_DIR) --out $(PROCESSED) --patient-map $(PATIENT_MAP) \
 	  $(LAYOUT_ARGS) $(if $(SKIP_BAD),--skip-bad) $(Q)
-	touch $@ && $(call record_made,prepare,$@)
+	touch $@ && $(call record_made,prepare,$@) && $(call record_made,inputs,$@)
 
 # Folds belong to the experiment and follow the training inputs (their hash is in the folds'
 # stamp; not metadata.csv, which a new test folder changes too). folds.csv is rewritten only when
@@ -192,9 +194,9 @@ $(MODELS)/fold%/model.pt: $(call stamp,segmentation-fold%) $(FOLDS_CSV) $(SEG_IN
 	$(RUN) scripts/04_train_segmentation.py --config $(CONFIG) --fold $* --processed $(PROCESSED) --exp-dir $(MODELS) $(Q)
 
 infer: $(MODELS)/test/ids.csv ## test probabilities: folds ensembled, flip TTA, gate
-$(MODELS)/test/ids.csv: $(ALL_SEG) $(ALL_CLS) $(TEST_INPUTS) $(call stamp,infer) | $(PREPARED)
+$(MODELS)/test/ids.csv: $(ALL_SEG) $(ALL_CLS) $(call stamp,test-inputs) $(call stamp,infer) | $(PREPARED)
 	$(PY) scripts/05_infer.py --config $(CONFIG) --processed $(PROCESSED) --exp-dir $(MODELS) $(Q)
-	$(call record_made,infer,$@)
+	$(call record_made,infer,$@) && $(call record_made,test-inputs,$@)
 
 search: $(MODELS)/thresholds.json ## exact B-TH x R-TH x gate search on out-of-fold predictions
 $(MODELS)/thresholds.json: $(ALL_SEG) $(ALL_CLS) $(call stamp,postprocess)

@@ -115,7 +115,10 @@ def test_stamps_are_rewritten_only_when_their_section_changes(tmp_path):
     assert query.main(["stamps", "--config", "demo", "--exp-dir", str(exp), "--processed", str(processed)]) == 0
     stamps = {p.name: p.stat().st_mtime_ns for p in (exp / "stamps").glob("*.json")}
     runs = {f"{task}-fold{k}.json" for task in ("classifier", "segmentation") for k in range(3)}
-    assert set(stamps) == {f"{name}.json" for name in config.SECTIONS} | {*runs, "classifier-pretrain.json"}
+    inputs_stamps = {"inputs.json", "test-inputs.json"}
+    assert set(stamps) == {f"{name}.json" for name in config.SECTIONS} | {*runs, "classifier-pretrain.json"} | {
+        *inputs_stamps
+    }
     child = tmp_path / "demo2.yaml"
     child.write_text("defaults: [demo]\ninfer: {batch_size: 3}\n")
 
@@ -131,12 +134,15 @@ def test_stamps_are_rewritten_only_when_their_section_changes(tmp_path):
     assert changed_by(str(child)) == {"infer.json"}
     # a replaced training DICOM: the folds and every fold's run (not the pretraining on its own CSV), no section
     manifest.write_if_changed(inputs, {"files": [["a.dcm", 12, 2]], "labels_sha1": "x"})
-    assert changed_by(str(child)) == runs | {"folds.json"}
-    # the same files moved elsewhere, times kept: nothing
+    assert changed_by(str(child)) == runs | {"folds.json", "inputs.json"}
+    # the same files moved elsewhere, times kept: prepare only (its metadata names the files)
     manifest.write_if_changed(inputs, {"files": [["/ssd/a.dcm", 12, 2]], "labels_sha1": "x", "layout": {"d": "/ssd"}})
-    assert changed_by(str(child)) == set()
+    assert changed_by(str(child)) == {"inputs.json"}
     manifest.write_if_changed(inputs, {"files": [["/ssd/a.dcm", 12, 2]], "labels_sha1": "y", "layout": {"d": "/ssd"}})
-    assert changed_by(str(child)) == runs | {"folds.json"}  # an edited label file
+    assert changed_by(str(child)) == runs | {"folds.json", "inputs.json"}  # an edited label file
+    # a new test folder: prepare's and infer's records of the inputs, nothing trained
+    manifest.write_if_changed(manifest.path_for(processed, "test"), {"files": [["t.dcm", 5, 3]]})
+    assert changed_by(str(child)) == inputs_stamps
     assert json.loads((exp / "stamps" / "segmentation-fold0.json").read_text())["train_inputs"] == manifest.digest(
         processed
     )
@@ -157,6 +163,43 @@ def test_a_config_saved_before_new_keys_still_loads_with_their_defaults():
     loaded = config.from_yaml(__import__("yaml").safe_dump(saved))
     assert loaded.segmentation.top_k == 0 and loaded.classifier.accumulate == 1
     assert loaded == config.load("demo")
+
+
+def test_a_test_folder_only_previewed_then_dropped_leaves_prepare_and_infer_up_to_date(tmp_path):
+    """`make -n TEST_DIR=other` rewrites the shared test manifest at parse time; back on the old folder,
+    each experiment's inputs stamps take the time of the prepare and infer that ran under it. Had a step
+    run under the other folder, its stamp stays newer than its output (it runs again)."""
+    from pneumothorax import query
+
+    processed, test_manifest = tmp_path / "p", manifest.path_for(tmp_path / "p", "test")
+    manifest.write_if_changed(manifest.path_for(processed, "train"), {"files": [["a.dcm", 10, 1]]})
+    manifest.write_if_changed(test_manifest, {"files": [["t1.dcm", 5, 1]]})
+    os.utime(test_manifest, ns=(10**17, 10**17))
+    exps = {name: paths.ExperimentDir(tmp_path / name) for name in ("a", "b")}
+
+    def stamps(name: str) -> dict[str, int]:
+        exp = exps[name]
+        args = ["stamps", "--config", "tiny", "--exp-dir", str(exp.root), "--processed", str(processed)]
+        assert query.main(args) == 0
+        return {n: exp.stamp(n).stat().st_mtime_ns for n in manifest.STEP_INPUTS}
+
+    def record_made(name: str, at: int) -> None:  # what Make does after prepare and infer
+        for step in manifest.STEP_INPUTS:
+            made = exps[name].made(step)
+            made.write_text(exps[name].stamp(step).read_text())
+            os.utime(made, ns=(at, at))
+
+    # first written, the stamps take the manifests' time (what Make compared before they existed)
+    train_time = manifest.path_for(processed, "train").stat().st_mtime_ns
+    assert stamps("a") == {"inputs": max(train_time, 10**17), "test-inputs": 10**17}
+    record_made("a", 2 * 10**17)
+    manifest.write_if_changed(test_manifest, {"files": [["t2.dcm", 5, 2]]})  # make -n TEST_DIR=other
+    assert all(t > 3 * 10**17 for t in stamps("a").values())
+    stamps("b")
+    record_made("b", 3 * 10**17)  # b ran prepare and infer under the other folder
+    manifest.write_if_changed(test_manifest, {"files": [["t1.dcm", 5, 1]]})  # back on the old folder
+    assert stamps("a") == {"inputs": 2 * 10**17, "test-inputs": 2 * 10**17}
+    assert all(t > 3 * 10**17 for t in stamps("b").values())
 
 
 def test_a_section_set_back_to_a_finished_runs_values_takes_that_runs_time(tmp_path):

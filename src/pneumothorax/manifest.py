@@ -19,6 +19,11 @@ from . import layout as layout_mod
 from . import paths
 
 SPLITS = ("train", "test")
+# Each experiment's own record of the manifests a step reads (``models/<exp>/stamps/<name>.json``):
+# prepare reads both, infer the test split. Make compares these, not the shared manifests, so that a
+# manifest set back to what a step ran under (a test folder only a ``make -n`` saw) takes that step's
+# time per experiment (:func:`pneumothorax.query._stamps`).
+STEP_INPUTS: dict[str, tuple[str, ...]] = {"inputs": SPLITS, "test-inputs": ("test",)}
 
 
 def file_hash(path: Path | None) -> str:
@@ -83,6 +88,22 @@ def digest(processed: Path, split: str = "train") -> str:
     identity = {key: value for key, value in content.items() if key not in ("files", "layout")}
     identity["files"] = sorted([Path(name).name, *rest] for name, *rest in content.get("files", []))
     return hashlib.sha1(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+
+
+def step_inputs_text(processed: Path, splits: tuple[str, ...]) -> str:
+    """What a step's inputs stamp holds: the SHA-1 of each split's manifest text (``none`` without one),
+    so any change a manifest records (a file, a time, a label hash, the layout) changes it."""
+    hashes = {}
+    for split in splits:
+        path = path_for(processed, split)
+        hashes[split] = hashlib.sha1(path.read_bytes()).hexdigest() if path.exists() else layout_mod.NONE
+    return json.dumps(hashes, indent=1, sort_keys=True) + "\n"
+
+
+def newest_time(processed: Path, splits: tuple[str, ...]) -> int | None:
+    """The newest modification time (ns) among the splits' manifests, None without any."""
+    times = [path_for(processed, s).stat().st_mtime_ns for s in splits if path_for(processed, s).exists()]
+    return max(times, default=None)
 
 
 def write_if_changed(path: Path, content: dict[str, Any]) -> bool:

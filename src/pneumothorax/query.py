@@ -6,7 +6,8 @@ booleans as 1 or nothing). ``deps --config NAME``: the YAML files the experiment
 every config section (:data:`pneumothorax.config.SECTIONS`) whose resolved value changed, so that
 Make reruns exactly the steps that read it, and each training run's own copy of its section
 (``stamps/segmentation-fold0.json``); the folds' stamp and each fold's hold the training inputs'
-hash from ``P/inputs-train.json`` too (see :func:`_write_stamp`).
+hash from ``P/inputs-train.json`` too (see :func:`_write_stamp`); ``stamps/inputs.json`` and
+``stamps/test-inputs.json`` are the experiment's record of the manifests prepare and infer read.
 ``ensemble --exp-dir models/NAME --members "a b" --weights W``: ``stamps/ensemble.json``, the
 ensemble's members and weight mode (see :func:`_ensemble_stamp`).
 ``manifest --data-dir D --processed P [--train-csv ...]``: find the data layout and write the
@@ -103,6 +104,20 @@ def _write_stamp(stamp: Path, text: str, built: Path, built_under: Callable[[], 
         os.utime(stamp, ns=(made, made))
 
 
+def _write_inputs_stamp(exp: paths.ExperimentDir, name: str, processed: Path) -> None:
+    """A step's inputs stamp (:data:`pneumothorax.manifest.STEP_INPUTS`), kept as a config stamp is: set
+    back to the manifests the step last ran under (a test folder that only a ``make -n`` saw), it takes
+    that run's time (``stamps/<name>.made``). Created, it takes the manifests' own time, which is what
+    Make compared before these stamps existed: an experiment prepared before them reruns nothing."""
+    stamp, made = exp.stamp(name), exp.made(name)
+    created = not stamp.exists()
+    splits = manifest.STEP_INPUTS[name]
+    _write_stamp(stamp, manifest.step_inputs_text(processed, splits), made, made.read_text)
+    newest = manifest.newest_time(processed, splits)
+    if created and newest is not None:
+        os.utime(stamp, ns=(newest, newest))
+
+
 def _stamps(args: argparse.Namespace) -> int:
     try:
         cfg = config_mod.load(args.config)
@@ -110,8 +125,11 @@ def _stamps(args: argparse.Namespace) -> int:
         print(str(exc).replace("\n", " "))
         return 2
     exp = paths.ExperimentDir(Path(args.exp_dir), cfg.final_size)
-    train_inputs = manifest.digest(Path(args.processed)) if args.processed else layout_mod.NONE
+    processed = Path(args.processed)
+    train_inputs = manifest.digest(processed)
     exp.stamp("prepare").parent.mkdir(parents=True, exist_ok=True)
+    for name in manifest.STEP_INPUTS:
+        _write_inputs_stamp(exp, name, processed)
     # each step's Make recipe copies its stamp into stamps/<section>.made, timed as its output (the
     # folds' stamp holds the training inputs it split too); no step makes classifier.made or
     # segmentation.made: the training runs have their own stamps, below
@@ -157,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("key", nargs="?")
     p.add_argument("--config")
     p.add_argument("--data-dir")
-    p.add_argument("--processed")
+    p.add_argument("--processed", help="stamps, manifest: the processed folder (its input manifests)")
     p.add_argument("--train-csv", default=None)
     p.add_argument("--train-dir", default="")
     p.add_argument("--test-dir", default=None)
@@ -167,6 +185,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "manifest":
         return _manifest(args)
     if args.command == "stamps":
+        if not args.processed:
+            p.error("stamps needs --processed (the input manifests)")
         return _stamps(args)
     if args.command == "ensemble":
         return _ensemble_stamp(args)
