@@ -175,7 +175,8 @@ class ExperimentDir:
         return RunDir(self.root / "pretrain")
 
     def stamp(self, section: str) -> Path:
-        """The resolved value of one config section, rewritten only when it changes (Make's input)."""
+        """The resolved value of one config section, or the experiment's record of the input manifests a
+        step reads (``inputs``, ``test-inputs``), rewritten only when it changes (Make's input)."""
         return self.root / "stamps" / f"{section}.json"
 
     def made(self, section: str) -> Path:
