@@ -90,20 +90,20 @@ def digest(processed: Path, split: str = "train") -> str:
     return hashlib.sha1(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
 
-def step_inputs_text(processed: Path, splits: tuple[str, ...]) -> str:
-    """What a step's inputs stamp holds: the SHA-1 of each split's manifest text (``none`` without one),
-    so any change a manifest records (a file, a time, a label hash, the layout) changes it."""
-    hashes = {}
-    for split in splits:
+def hashes(processed: Path) -> dict[str, str]:
+    """The SHA-1 of each split's manifest text (``none`` without one): what the steps' inputs stamps
+    hold, so any change a manifest records (a file, a time, a label hash, the layout) changes them."""
+    out = {}
+    for split in SPLITS:
         path = path_for(processed, split)
-        hashes[split] = hashlib.sha1(path.read_bytes()).hexdigest() if path.exists() else layout_mod.NONE
-    return json.dumps(hashes, indent=1, sort_keys=True) + "\n"
+        out[split] = hashlib.sha1(path.read_bytes()).hexdigest() if path.exists() else layout_mod.NONE
+    return out
 
 
 def newest_time(processed: Path, splits: tuple[str, ...]) -> int | None:
     """The newest modification time (ns) among the splits' manifests, None without any."""
-    times = [path_for(processed, s).stat().st_mtime_ns for s in splits if path_for(processed, s).exists()]
-    return max(times, default=None)
+    found = [path for path in (path_for(processed, s) for s in splits) if path.exists()]
+    return max((path.stat().st_mtime_ns for path in found), default=None)
 
 
 def write_if_changed(path: Path, content: dict[str, Any]) -> bool:

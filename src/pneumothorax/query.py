@@ -104,7 +104,7 @@ def _write_stamp(stamp: Path, text: str, built: Path, built_under: Callable[[], 
         os.utime(stamp, ns=(made, made))
 
 
-def _write_inputs_stamp(exp: paths.ExperimentDir, name: str, processed: Path) -> None:
+def _write_inputs_stamp(exp: paths.ExperimentDir, name: str, processed: Path, hashes: dict[str, str]) -> None:
     """A step's inputs stamp (:data:`pneumothorax.manifest.STEP_INPUTS`), kept as a config stamp is: set
     back to the manifests the step last ran under (a test folder that only a ``make -n`` saw), it takes
     that run's time (``stamps/<name>.made``). Created, it takes the manifests' own time, which is what
@@ -112,9 +112,9 @@ def _write_inputs_stamp(exp: paths.ExperimentDir, name: str, processed: Path) ->
     stamp, made = exp.stamp(name), exp.made(name)
     created = not stamp.exists()
     splits = manifest.STEP_INPUTS[name]
-    _write_stamp(stamp, manifest.step_inputs_text(processed, splits), made, made.read_text)
-    newest = manifest.newest_time(processed, splits)
-    if created and newest is not None:
+    _write_stamp(stamp, _text({split: hashes[split] for split in splits}), made, made.read_text)
+    newest = manifest.newest_time(processed, splits) if created else None
+    if newest is not None:
         os.utime(stamp, ns=(newest, newest))
 
 
@@ -128,8 +128,9 @@ def _stamps(args: argparse.Namespace) -> int:
     processed = Path(args.processed)
     train_inputs = manifest.digest(processed)
     exp.stamp("prepare").parent.mkdir(parents=True, exist_ok=True)
+    hashes = manifest.hashes(processed)  # each manifest read once, whichever steps' stamps hold it
     for name in manifest.STEP_INPUTS:
-        _write_inputs_stamp(exp, name, processed)
+        _write_inputs_stamp(exp, name, processed, hashes)
     # each step's Make recipe copies its stamp into stamps/<section>.made, timed as its output (the
     # folds' stamp holds the training inputs it split too); no step makes classifier.made or
     # segmentation.made: the training runs have their own stamps, below
