@@ -24,7 +24,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from common import save  # noqa: E402
 
-from pneumothorax import config, models  # noqa: E402
+from pneumothorax.io import config
+from pneumothorax.models import factory
 
 GPUS_GIB = (16, 24, 40, 80)
 CONTEXT_GIB = 1.5
@@ -50,7 +51,7 @@ def saved_bytes(model: torch.nn.Module, size: int) -> int:
 def recipe(name: str) -> dict:
     cfg = config.load(name)
     seg = replace(cfg.segmentation, encoder_weights="none")
-    model = models.create_segmenter(seg, 3)
+    model = factory.create_segmenter(seg, 3)
     final = cfg.segmentation.stages[-1]
     per_image = saved_bytes(model, 1024)
     params = sum(p.numel() for p in model.parameters())

@@ -15,7 +15,8 @@ import pydicom
 sys.path.insert(0, str(Path(__file__).parent))
 from common import save, timed  # noqa: E402
 
-from pneumothorax import dicom, layout, paths, pools, prepare, rle  # noqa: E402
+from pneumothorax.data import prepare
+from pneumothorax.io import dicom, layout, paths, processes, rle
 
 REAL = paths.ROOT / "tests" / "fixtures" / "train-rle.csv.gz"
 
@@ -128,10 +129,10 @@ def bench_prepare(
 
     The two are timed in alternation, ``rounds`` times, each from a synced disk (so that one
     round's writeback does not slow the next); the ratio is of the best of each. The bare loop
-    runs with the allocator settings that prepare's workers use (``pools.steady_malloc``):
+    runs with the allocator settings that prepare's workers use (``processes.steady_malloc``):
     without them it is 1.7x slower here, which would flatter the ratio.
     """
-    pools.steady_malloc()
+    processes.steady_malloc()
     with tempfile.TemporaryDirectory() as tmp:
         world = real_format_world(Path(tmp) / "w", n_train, n_test)
         inputs = prepare.scan(layout.detect(world))

@@ -18,9 +18,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from common import save, write_prepare_record  # noqa: E402
 
-from pneumothorax import checkpoints, config, files, folds, models, rle, synthetic, thresholds, tta  # noqa: E402
-from pneumothorax.paths import ExperimentDir  # noqa: E402
-from pneumothorax.postprocess import PostProcess  # noqa: E402
+from pneumothorax.data import folds, synthetic
+from pneumothorax.io import atomic, config, rle
+from pneumothorax.io.paths import ExperimentDir
+from pneumothorax.models import factory, tta
+from pneumothorax.post import exact_search
+from pneumothorax.post.postprocess import PostProcess
+from pneumothorax.train import checkpoints
 
 
 def bench_grid(n: int = 2000, size: int = 256, sample: int = 10) -> dict:
@@ -38,12 +42,12 @@ def bench_grid(n: int = 2000, size: int = 256, sample: int = 10) -> dict:
         masks = np.load(Path(tmp) / "m.npy", mmap_mode="r")
         b_th = config.Grid(0.2, 0.9, 0.001).values()
         r_th = [0, 512, 1024, 2048, 3072, 4096, 6144, 8192]
-        thresholds.grid_search(probs[:4], masks[:4], b_th, r_th)  # numba cache
+        exact_search.grid_search(probs[:4], masks[:4], b_th, r_th)  # numba cache
         read_s, _ = _time(lambda: (np.asarray(probs).sum(), np.asarray(masks).sum()))
-        fast_s, grid = _time(lambda: thresholds.grid_search(probs, masks, b_th, r_th))
-        sub_fast = thresholds.grid_search(probs[:sample], masks[:sample], b_th, r_th)
+        fast_s, grid = _time(lambda: exact_search.grid_search(probs, masks, b_th, r_th))
+        sub_fast = exact_search.grid_search(probs[:sample], masks[:sample], b_th, r_th)
         brute_s, sub_brute = _time(
-            lambda: thresholds.grid_search_brute(np.asarray(probs[:sample]), np.asarray(masks[:sample]), b_th, r_th)
+            lambda: exact_search.grid_search_brute(np.asarray(probs[:sample]), np.asarray(masks[:sample]), b_th, r_th)
         )
     brute_full = brute_s * n / sample
     return {
@@ -71,7 +75,7 @@ def _time(fn):
 
 def bench_tta(size: int = 256, batch: int = 8, steps: int = 4) -> dict:
     cfg = config.load("2st_exp5")
-    model = models.create_segmenter(replace(cfg.segmentation, encoder_weights="none"), 3).eval()
+    model = factory.create_segmenter(replace(cfg.segmentation, encoder_weights="none"), 3).eval()
     x = torch.randn(batch, 3, size, size)
     with torch.no_grad():
         model(x)
@@ -158,7 +162,7 @@ def fake_world(root: Path, n_train: int = 2000, n_new: int = 500, size: int = 25
             ),
         ]
     )
-    files.write_csv(processed / "metadata.csv", meta)
+    atomic.write_csv(processed / "metadata.csv", meta)
     masks = np.lib.format.open_memmap(processed / f"masks_train_{size}.npy", "w+", np.uint8, (n_train, size, size))
     rows = []
     for i in range(n_train):
@@ -171,41 +175,45 @@ def fake_world(root: Path, n_train: int = 2000, n_new: int = 500, size: int = 25
         else:
             rows.append((train_ids[i], "-1"))
     masks.flush()
-    files.write_csv(root / "labels.csv", pd.DataFrame(rows, columns=["ImageId", "EncodedPixels"]))
+    atomic.write_csv(root / "labels.csv", pd.DataFrame(rows, columns=["ImageId", "EncodedPixels"]))
     np.save(processed / f"images_test_{size}.npy", rng.integers(0, 255, (n_new, size, size), dtype=np.uint8))
     write_prepare_record(processed, test_ids, root / "labels.csv")
     split = pd.DataFrame({"image_id": train_ids, "fold": np.arange(n_train) % cfg.data.n_folds})
-    model = models.create_segmenter(replace(cfg.segmentation, encoder_weights="none"), cfg.data.channels)
+    model = factory.create_segmenter(replace(cfg.segmentation, encoder_weights="none"), cfg.data.channels)
     for m in range(3):
         _fake_member(root / "models" / f"m{m}", cfg, split, masks, model, rng, n_new, test_ids, size)
     new = root / "new"
     for i in range(n_new):
         pixels = rng.integers(0, 255, (1024, 1024), dtype=np.uint8)
         synthetic.write_dicom(new / f"n{i}.dcm", pixels, {"SOPInstanceUID": f"1.2.3.{i}", "PatientID": "x"})
-    files.write_json(root / "world.json", {"n_train": n_train, "n_new": n_new, "size": size})
+    atomic.write_json(root / "world.json", {"n_train": n_train, "n_new": n_new, "size": size})
     return root
 
 
 def _fake_member(root, cfg, split, masks, model, rng, n_new, test_ids, size) -> None:
     exp = ExperimentDir(root, size)
     root.mkdir(parents=True)
-    files.write_csv(exp.folds, split)
+    atomic.write_csv(exp.folds, split)
+    exp.oof.mkdir()
     for k in range(cfg.data.n_folds):
         run = exp.segmenter(k)
         run.root.mkdir()
         run.config.write_text(config.dump(cfg))
         part = split[split["fold"] == k]
         rows = part.index.to_numpy()
-        files.write_csv(run.oof_ids, pd.DataFrame({"image_id": part["image_id"], "index": rows, "has_pneumothorax": 0}))
+        atomic.write_csv(
+            exp.oof_ids(k), pd.DataFrame({"image_id": part["image_id"], "index": rows, "has_pneumothorax": 0})
+        )
         noise = rng.integers(0, 90, (len(rows), size, size), dtype=np.uint8)
-        np.save(run.oof_maps, np.asarray(masks[rows]) * 160 + noise)
+        np.save(exp.oof_maps(k), np.asarray(masks[rows]) * 160 + noise)
         checkpoints.save_checkpoint(run.weights("last"), model.state_dict())
         meta = {"section": {"split": folds.split_hash(split, k)}}
         checkpoints.save_checkpoint(run.model, {"state_dict": model.state_dict(), "meta": meta})
+        atomic.write_json(run.trained_under, meta["section"])
     exp.test.mkdir()
     np.save(exp.test_maps, rng.integers(0, 255, (n_new, size, size), dtype=np.uint8))
-    files.write_csv(exp.test_ids, pd.DataFrame({"image_id": test_ids, "row": np.arange(n_new), "error": ""}))
-    files.write_csv(exp.test_gate, pd.DataFrame({"image_id": test_ids, "prob": 1.0}))
+    atomic.write_csv(exp.test_ids, pd.DataFrame({"image_id": test_ids, "row": np.arange(n_new), "error": ""}))
+    atomic.write_csv(exp.test_gate, pd.DataFrame({"image_id": test_ids, "prob": 1.0}))
     exp.postprocess.write_text(json.dumps({"postprocess": PostProcess().to_dict(), "score_full_resolution": 0.0}))
 
 

@@ -1,11 +1,12 @@
 """bench-train: what a user needs to know before a GPU run, from the recipes' own configs.
 
 - the loader: augmented images/s with real worker processes at every stage's size and augmentation
-  groups, against the number of workers;
+  groups, against the number of workers, in steady state (one long epoch, after each worker's first batch);
 - the model step: images/s at every stage's size and batch, in fp32, AMP bf16 and bf16 +
-  channels_last (and torch.compile), with peak GPU memory;
-- epoch time (a fold of the real data: 9,637 training images) and the time of one whole 2ST Exp5
-  fold, predicted from the slower of the two.
+  channels_last (and torch.compile), cuDNN benchmark on as in training, with peak GPU memory
+  allocated and reserved;
+- each stage's time on a fold of the real data (9,637 training images; with a positive sampler, its
+  epochs' own sizes) and the time of one whole fold, predicted from the slower of loader and step.
 
 On CPU it runs the same code at batch 2 and says that the GPU figures need CUDA.
 """
@@ -19,42 +20,44 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import prepared_world, save  # noqa: E402
 
-from pneumothorax import config, data, devices, losses, models  # noqa: E402
+from pneumothorax.data import augmentations, datasets
+from pneumothorax.io import config
+from pneumothorax.models import devices, factory, losses
 
 RECIPES = ("2st_exp5", "1st_place")
 FOLD_IMAGES = 12047 * 4 // 5  # training images of one fold of the real data
+POSITIVE_SHARE = 2669 / 12047  # images with pneumothorax in stage_2_train.csv
 
 
 def loader_rate(processed, size: int, augment: tuple[str, ...], batch: int, workers: int, batches: int) -> float:
-    """Augmented images/s delivered by a DataLoader with ``workers`` processes (after its first batch)."""
-    rows = data.train_rows(processed, processed / "folds.csv")  # the benchmark world keeps its split there
-    ds = data.CacheDataset(
-        processed, "train", size, rows["index"].to_numpy(), data.segmentation_augment(augment, size, 0.5)
+    """Augmented images/s a DataLoader with ``workers`` processes keeps up, in steady state: one long epoch over the
+    benchmark world's rows repeated (so every worker stays busy), timed after each worker delivered its first batch."""
+    rows = datasets.train_rows(processed, processed / "folds.csv")  # the benchmark world keeps its split there
+    warmup = max(1, workers)
+    repeated = np.resize(rows["index"].to_numpy(), (batches + warmup) * batch)
+    ds = datasets.CacheDataset(
+        processed, "train", size, repeated, augmentations.segmentation_augment(augment, size, 0.5)
     )
-    sampler = data.PositiveRateSampler(rows["has_pneumothorax"].to_numpy(), seed=0)
-    loader = data.make_loader(ds, batch, sampler, workers, drop_last=True)
-    done, start, epoch = 0, None, 0
-    while done < batches:
-        sampler.set_epoch(epoch)
-        for _ in loader:
-            if start is None:  # the first batch pays for starting the workers
-                start, done = time.perf_counter(), -1
-            done += 1
-            if done >= batches:
-                break
-        epoch += 1
+    sampler = datasets.PositiveRateSampler(np.zeros(len(repeated), dtype=int), seed=0)  # every row once, shuffled
+    loader = iter(datasets.make_loader(ds, batch, sampler, workers, drop_last=True))
+    for _ in range(warmup):  # starting the workers and their first batches
+        next(loader)
+    start = time.perf_counter()
+    for _ in range(batches):
+        next(loader)
     return batches * batch / (time.perf_counter() - start)
 
 
 def step_rate(cfg, size: int, batch: int, device, amp: str, channels_last: bool, steps: int, compile_: bool = False):
     """(images/s, peak GPU GiB or None) of training steps of the recipe's model, loss and optimiser."""
     seg = replace(cfg.segmentation, encoder_weights="none")
-    model = models.create_segmenter(seg, cfg.data.channels).to(device)
+    model = factory.create_segmenter(seg, cfg.data.channels).to(device)
     if channels_last and device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     net = devices.compiled(model, compile_)
@@ -63,14 +66,15 @@ def step_rate(cfg, size: int, batch: int, device, amp: str, channels_last: bool,
     masks = (torch.rand(batch, 1, size, size) > 0.9).to(torch.uint8)
 
     def step() -> None:
-        x = data.model_input(images, cfg.data.channels, device, channels_last)
+        x = datasets.model_input(images, cfg.data.channels, device, channels_last)
         with devices.autocast(device, amp):
             out = net(x)
-        loss = loss_fn(out.float(), data.model_target(masks, device))
+        loss = loss_fn(out.float(), datasets.model_target(masks, device))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
 
+    torch.backends.cudnn.benchmark = True  # as training runs (checkpoints.seed_everything, deterministic: false)
     for _ in range(2):  # warm-up: cuDNN autotuning, compilation
         step()
     if device.type == "cuda":
@@ -81,15 +85,28 @@ def step_rate(cfg, size: int, batch: int, device, amp: str, channels_last: bool,
         step()
     if device.type == "cuda":
         torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+    peak = None
+    if device.type == "cuda":  # what tensors held, and what the caching allocator reserved (what nvidia-smi shows)
+        peak = (torch.cuda.max_memory_allocated() / 2**30, torch.cuda.max_memory_reserved() / 2**30)
     return batch * steps / (time.perf_counter() - start), peak
+
+
+def epoch_images(stage, epoch: int) -> int:
+    """Images of one epoch of a stage on a fold of the real data: the positive sampler takes every positive and
+    only as many negatives as its rate asks (the 1st place's epochs are a fraction of the fold)."""
+    if stage.positive_rate is None:
+        return FOLD_IMAGES
+    end = stage.positive_rate if stage.positive_rate_end is None else stage.positive_rate_end
+    rate = stage.positive_rate + (end - stage.positive_rate) * (epoch / max(1, stage.epochs - 1))
+    positives = round(FOLD_IMAGES * POSITIVE_SHARE)
+    return positives + min(FOLD_IMAGES - positives, round(positives * (1 - rate) / rate))
 
 
 def stage_figures(cfg, stage, processed, device, workers_list) -> dict:
     """Loader and step figures of one recipe stage, and its epoch time."""
     batch = stage.batch_size if device.type == "cuda" else 2
     steps = 20 if device.type == "cuda" else 2
-    batches = 10 if device.type == "cuda" else 40
+    batches = 40 if device.type == "cuda" else 40
     loader = {w: round(loader_rate(processed, stage.size, stage.augment, batch, w, batches), 1) for w in workers_list}
     out = {"size": stage.size, "batch": batch, "augment": list(stage.augment), "loader_images_per_s_by_workers": loader}
     variants = {"fp32": ("none", False)}
@@ -99,9 +116,12 @@ def stage_figures(cfg, stage, processed, device, workers_list) -> dict:
         rate, peak = step_rate(cfg, stage.size, batch, device, amp, channels_last, steps)
         out[f"step_{name}_images_per_s"] = round(rate, 2)
         if peak is not None:
-            out[f"peak_gib_{name}"] = round(peak, 2)
+            out[f"peak_allocated_gib_{name}"], out[f"peak_reserved_gib_{name}"] = (round(p, 2) for p in peak)
     best_step = max(v for k, v in out.items() if k.startswith("step_"))
-    out["epoch_minutes"] = round(FOLD_IMAGES / min(best_step, max(loader.values())) / 60, 2)
+    rate = min(best_step, max(loader.values()))
+    images = [epoch_images(stage, e) for e in range(stage.epochs)]
+    out["epoch_images"] = [min(images), max(images)]
+    out["stage_minutes"] = round(sum(images) / rate / 60, 2)
     return out
 
 
@@ -119,10 +139,8 @@ def main() -> dict:
         for name in RECIPES:
             cfg = config.load(name)
             stages = [stage_figures(cfg, stage, processed, device, workers_list) for stage in cfg.segmentation.stages]
-            fold_hours = sum(
-                s["epoch_minutes"] * st.epochs for s, st in zip(stages, cfg.segmentation.stages, strict=True)
-            )
-            results[name] = {"stages": stages, "fold_hours_predicted": round(fold_hours / 60, 2)}
+            fold_hours = sum(s["stage_minutes"] for s in stages) / 60
+            results[name] = {"stages": stages, "fold_hours_predicted": round(fold_hours, 2)}
         cfg, first = config.load("2st_exp5"), config.load("2st_exp5").segmentation.stages[0]
         size, batch = (first.size, first.batch_size) if device.type == "cuda" else (128, 2)
         amp, channels_last = ("bf16", True) if device.type == "cuda" else ("none", False)

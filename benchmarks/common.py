@@ -12,7 +12,8 @@ from typing import Any
 
 import torch
 
-from pneumothorax import files, folds, layout, paths, prepare, synthetic
+from pneumothorax.data import folds, prepare, synthetic
+from pneumothorax.io import atomic, layout, paths
 
 RESULTS = paths.ROOT / "benchmarks" / "results"
 
@@ -38,7 +39,7 @@ def save(name: str, results: dict[str, Any]) -> None:
         **results,
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
-    files.write_json(RESULTS / f"{name}.json", results)
+    atomic.write_json(RESULTS / f"{name}.json", results)
     print(json.dumps(results, indent=2))
 
 
@@ -61,7 +62,7 @@ def write_prepare_record(processed: Path, test_ids: list[str], labels: Path | No
     hold (no sample submission), and the label CSV that full-resolution scoring reads, if any."""
     found = {"sample_submission": "none", **({"labels": str(labels)} if labels else {})}
     record = {"version": prepare.RECORD_VERSION, "layout": found, "splits": {"test": {"ids": test_ids}}}
-    files.write_json(paths.ProcessedDir(processed).record, record)
+    atomic.write_json(paths.ProcessedDir(processed).record, record)
 
 
 def prepared_world(root: Path, n_train: int, n_test: int, sizes: tuple[int, ...], seed: int = 7) -> tuple[Path, Path]:
@@ -76,5 +77,5 @@ def prepared_world(root: Path, n_train: int, n_test: int, sizes: tuple[int, ...]
         sizes=sizes,
         progress=False,
     )
-    files.write_csv(processed / "folds.csv", folds.make_folds(meta[meta["split"] == "train"], 5, 0))
+    atomic.write_csv(processed / "folds.csv", folds.make_folds(meta[meta["split"] == "train"], 5, 0))
     return world, processed

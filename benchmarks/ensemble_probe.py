@@ -1,6 +1,6 @@
 """Run one measured step in a fresh process and print its peak memory and time as JSON.
 
-    python ensemble_probe.py search   ROOT   # steps.search on one experiment of ROOT's fake world
+    python ensemble_probe.py search   ROOT   # search.search on one experiment of ROOT's fake world
     python ensemble_probe.py ensemble ROOT   # ensemble.build over its three experiments
     python ensemble_probe.py predict  ROOT   # predict.predict_folder on its new DICOMs
     python ensemble_probe.py infer    ROOT   # infer.infer_test on the same images, prepared
@@ -19,8 +19,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from common import peak_rss_mb  # noqa: E402
 
-from pneumothorax import config, ensemble, infer, predict, steps
-from pneumothorax.paths import ExperimentDir, ProcessedDir
+from pneumothorax.io import config
+from pneumothorax.io.paths import ExperimentDir, ProcessedDir
+from pneumothorax.pipeline import ensemble, predict, search
+from pneumothorax.predict import infer
 
 
 def main(step: str, root: Path) -> None:
@@ -29,7 +31,7 @@ def main(step: str, root: Path) -> None:
     cfg = config.from_yaml((root / "models" / "m0" / "fold0" / "config.yaml").read_text())
     started = time.perf_counter()
     if step == "search":
-        steps.search(cfg, ExperimentDir(root / "models" / "m0", size), processed, progress=False)
+        search.search(cfg, ExperimentDir(root / "models" / "m0", size), processed, progress=False)
         count = spec["n_train"]
     elif step == "ensemble":
         members = [ensemble.Member(cfg, ExperimentDir(root / "models" / f"m{k}", size)) for k in range(3)]

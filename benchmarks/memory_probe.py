@@ -15,9 +15,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from common import peak_rss_mb, write_prepare_record  # noqa: E402
 
-from pneumothorax import config, files, infer, models, submission
-from pneumothorax.paths import ExperimentDir, ProcessedDir
-from pneumothorax.postprocess import PostProcess
+from pneumothorax.io import atomic, config
+from pneumothorax.io.paths import ExperimentDir, ProcessedDir
+from pneumothorax.models import factory
+from pneumothorax.post import submission
+from pneumothorax.post.postprocess import PostProcess
+from pneumothorax.predict import infer
 
 
 def main(n: int) -> None:
@@ -36,7 +39,7 @@ def main(n: int) -> None:
         train = pd.DataFrame(
             {"image_id": [f"r{i}" for i in range(n_train)], "split": "train", "index": np.arange(n_train), "error": ""}
         )
-        files.write_csv(processed / "metadata.csv", pd.concat([meta, train]))
+        atomic.write_csv(processed / "metadata.csv", pd.concat([meta, train]))
         write_prepare_record(processed, list(meta["image_id"]))  # the ids the submission must hold
         for split, count in (("test", n), ("train", n_train)):
             images = np.lib.format.open_memmap(
@@ -51,22 +54,22 @@ def main(n: int) -> None:
         for k in range(2):
             fold = exp.segmenter(k).root
             fold.mkdir(parents=True)
-            model = models.create_segmenter(replace(cfg.segmentation, encoder_weights="none"), cfg.data.channels)
+            model = factory.create_segmenter(replace(cfg.segmentation, encoder_weights="none"), cfg.data.channels)
             torch.save(model.state_dict(), fold / "swa.pt")
             part = np.arange(k, n_train, 2)
-            files.save_npy(fold / "oof.npy", rng.integers(0, 255, (len(part), size, size), dtype=np.uint8))
-            files.write_csv(
-                fold / "oof_ids.csv",
+            atomic.save_npy(exp.oof_maps(k), rng.integers(0, 255, (len(part), size, size), dtype=np.uint8))
+            atomic.write_csv(
+                exp.oof_ids(k),
                 pd.DataFrame(
                     {"image_id": [f"r{i}" for i in part], "index": part, "has_pneumothorax": (part < 50).astype(int)}
                 ),
             )
             cls_dir = exp.classifier(k).root
             cls_dir.mkdir(parents=True)
-            clf = models.create_classifier(replace(cfg.classifier, pretrained="none"), cfg.data.channels)
+            clf = factory.create_classifier(replace(cfg.classifier, pretrained="none"), cfg.data.channels)
             torch.save(clf.state_dict(), cls_dir / "model.pt")
-            files.write_csv(
-                cls_dir / "oof.csv",
+            atomic.write_csv(
+                exp.oof_gate(k),
                 pd.DataFrame(
                     {
                         "image_id": [f"r{i}" for i in part],
@@ -78,7 +81,7 @@ def main(n: int) -> None:
         cfg = replace(cfg, classifier=replace(cfg.classifier, size=size))
         infer.infer_test(cfg, exp, ProcessedDir(processed), "cpu", progress=False)
         after_infer = peak_rss_mb()
-        files.write_json(exp.postprocess, {"postprocess": PostProcess("b_r", 0.5, 1024, 0.3).to_dict()})
+        atomic.write_json(exp.postprocess, {"postprocess": PostProcess("b_r", 0.5, 1024, 0.3).to_dict()})
         submission.make_submission(exp, ProcessedDir(processed), root / "sub.csv", progress=False)
         peak = peak_rss_mb()  # before reading the CSV back
         encoded = pd.read_csv(root / "sub.csv")["EncodedPixels"]

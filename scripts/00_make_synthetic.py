@@ -1,10 +1,11 @@
-"""Write a synthetic world in today's (stage2) or the stage-1 layout (see pneumothorax.synthetic).
+"""Write a synthetic world in today's (stage2) or the stage-1 layout (see pneumothorax.data.synthetic).
 
 Difficulty: --difficulty default|hard|harder sets the three knobs; --noise, --contrast and
 --lesion-scale override one of them (1.0 = the default world).
 """
 
-from pneumothorax import cli, synthetic
+from pneumothorax.data import synthetic
+from pneumothorax.pipeline import cli
 
 
 def main() -> None:

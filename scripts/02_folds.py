@@ -4,18 +4,19 @@ The split belongs to the experiment: another experiment's `make folds` never cha
 is rewritten only when its content changes.
 """
 
-from pneumothorax import cli, folds, models, steps
-from pneumothorax.paths import ProcessedDir
+from pneumothorax.data import folds
+from pneumothorax.io.paths import ProcessedDir
+from pneumothorax.pipeline import cli
 
 
 def main() -> None:
-    p = cli.parser(__doc__)
-    p.add_argument("--processed", required=True)
-    p.add_argument("--exp-dir", required=True, help="models/<exp>")
+    p = cli.parser(__doc__, step=True)
     args = p.parse_args()
-    cfg = cli.load_config(args, models.check_names)
-    table = steps.make_folds(cfg, ProcessedDir(args.processed), cli.experiment(cfg, args.exp_dir))
+    cfg = cli.load_config(args, cli.no_models)
+    exp = cli.experiment(cfg, args.exp_dir)
+    table = folds.write_folds(cfg, ProcessedDir(args.processed), exp)
     print(folds.fold_summary(table).to_string())
+    cli.record("folds", cfg, exp, args.processed)
 
 
 if __name__ == "__main__":

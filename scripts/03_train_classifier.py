@@ -1,18 +1,18 @@
 """Train one classifier (gate) fold, or pre-train on classifier.external_csv; resumes; DDP under torchrun."""
 
-from pneumothorax import classifier, cli, models
+from pneumothorax.models import factory
+from pneumothorax.pipeline import cli
+from pneumothorax.train import classifier
 
 
 def main() -> None:
-    p = cli.parser(__doc__)
+    p = cli.parser(__doc__, step=True)
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--fold", type=int, help="train this fold on the prepared caches")
     which.add_argument("--pretrain", action="store_true", help="train on the config's classifier.external_csv")
-    p.add_argument("--processed", help="prepared data (with --fold)")
-    p.add_argument("--exp-dir", required=True, help="models/<exp>")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     args = p.parse_args()
-    cfg = cli.load_config(args, models.check_names)
+    cfg = cli.load_config(args, factory.check_names)
     exp = cli.experiment(cfg, args.exp_dir)
     if args.pretrain:
         if cfg.classifier.external_csv == "none":
@@ -21,8 +21,6 @@ def main() -> None:
             cfg, cfg.classifier.external_csv, exp.pretrain.root, device=args.device, progress=not args.quiet
         )
     else:
-        if not args.processed:
-            p.error("--fold needs --processed")
         summary = classifier.train_classifier_fold(
             cfg, args.fold, args.processed, exp, device=args.device, progress=not args.quiet
         )

@@ -1,20 +1,20 @@
-"""Train one segmentation fold (all stages, SWA, OOF predictions); resumes from state.pt; DDP under torchrun.
+"""Train one segmentation fold (all stages, SWA); resumes from state.pt; DDP under torchrun.
 
-A fold trained under other settings (its config section or its split) is moved aside and
+A fold trained under other settings (its config section, its split or its inputs) is moved aside and
 trained from scratch; a finished fold with the same settings is left as it is.
 """
 
-from pneumothorax import cli, models, segmentation
+from pneumothorax.models import factory
+from pneumothorax.pipeline import cli
+from pneumothorax.train import segmentation
 
 
 def main() -> None:
-    p = cli.parser(__doc__)
+    p = cli.parser(__doc__, step=True)
     p.add_argument("--fold", type=int, required=True)
-    p.add_argument("--processed", required=True)
-    p.add_argument("--exp-dir", required=True, help="models/<exp>")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     args = p.parse_args()
-    cfg = cli.load_config(args, models.check_names)
+    cfg = cli.load_config(args, factory.check_names)
     exp = cli.experiment(cfg, args.exp_dir)
     print(segmentation.train_fold(cfg, args.fold, args.processed, exp, device=args.device, progress=not args.quiet))
 

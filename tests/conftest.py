@@ -18,14 +18,14 @@ DCM_MONO1 = FIXTURES / "monochrome1-edit.dcm"
 
 @pytest.fixture(scope="session")
 def real_rows():
-    from pneumothorax import rle
+    from pneumothorax.io import rle
 
     return rle.read_label_rows(REAL_CSV)
 
 
 @pytest.fixture(scope="session")
 def real_labels(real_rows):
-    from pneumothorax import rle
+    from pneumothorax.io import rle
 
     return rle.group_labels(real_rows)
 
@@ -33,7 +33,7 @@ def real_labels(real_rows):
 @pytest.fixture(scope="session")
 def world(tmp_path_factory) -> Path:
     """A small synthetic world (300 train, 30 test images), shared by the session."""
-    from pneumothorax import synthetic
+    from pneumothorax.data import synthetic
 
     out = tmp_path_factory.mktemp("world")
     return synthetic.make_world(out, synthetic.WorldSpec(n_train=300, n_test=30, seed=11), workers=2, progress=False)
@@ -41,7 +41,8 @@ def world(tmp_path_factory) -> Path:
 
 def _prepare_world(world: Path, out: Path, sizes: tuple[int, ...]):
     """A synthetic world prepared into ``out`` at ``sizes``: its metadata table."""
-    from pneumothorax import layout, prepare
+    from pneumothorax.data import prepare
+    from pneumothorax.io import layout
 
     found = layout.detect(world, patient_map=world / "kaggle-to-nih-id.csv")
     return prepare.prepare(found, out, sizes=sizes, workers=2, progress=False)
@@ -56,12 +57,13 @@ def prepare_world():
 @pytest.fixture(scope="session")
 def processed(world, tmp_path_factory) -> Path:
     """The world prepared at 32 and 64 pixels, with 2 folds."""
-    from pneumothorax import files, folds
+    from pneumothorax.data import folds
+    from pneumothorax.io import atomic
 
     out = tmp_path_factory.mktemp("processed")
     meta = _prepare_world(world, out, (32, 64))
     train = meta[meta["split"] == "train"]
-    files.write_csv(out / "folds.csv", folds.make_folds(train, n_folds=2, seed=0))
+    atomic.write_csv(out / "folds.csv", folds.make_folds(train, n_folds=2, seed=0))
     return out
 
 
@@ -70,7 +72,7 @@ def exp(processed, tmp_path):
     """A fresh experiment folder (models/<exp>) holding the 2-fold split of :func:`processed`."""
     import shutil
 
-    from pneumothorax.paths import ExperimentDir
+    from pneumothorax.io.paths import ExperimentDir
 
     out = ExperimentDir(tmp_path / "models" / "tiny", 64)
     out.root.mkdir(parents=True)
@@ -80,23 +82,28 @@ def exp(processed, tmp_path):
 
 def _finished_folds(cfg, exp, processed, maps_of, size=64):
     """Fake finished segmentation folds whose OOF maps are ``maps_of(masks)``, recorded on the current split."""
+    import json
+
     import numpy as np
     import pandas as pd
 
-    from pneumothorax import checkpoints, folds, prepare
+    from pneumothorax.data import folds, prepare
+    from pneumothorax.train import checkpoints
 
     split = pd.read_csv(exp.folds, dtype={"image_id": str})
     rows = pd.read_csv(processed / "metadata.csv", dtype={"image_id": str}, keep_default_na=False)
     rows = rows[rows["split"] == "train"].merge(split[["image_id", "fold"]], on="image_id")
     masks = prepare.load_cache(processed, "masks", "train", size)
+    exp.oof.mkdir(parents=True, exist_ok=True)
     for k in range(cfg.data.n_folds):
         run = exp.segmenter(k)
         run.root.mkdir(parents=True)
         part = rows[rows["fold"] == k]
-        np.save(run.oof_maps, maps_of(np.asarray(masks[part["index"].to_numpy()])))
-        part[["image_id", "index", "has_pneumothorax"]].to_csv(run.oof_ids, index=False)
+        np.save(exp.oof_maps(k), maps_of(np.asarray(masks[part["index"].to_numpy()])))
+        part[["image_id", "index", "has_pneumothorax"]].to_csv(exp.oof_ids(k), index=False)
         meta = {"section": {"split": folds.split_hash(split, k)}}
         checkpoints.save_checkpoint(run.model, {"state_dict": {}, "meta": meta})
+        run.trained_under.write_text(json.dumps(meta["section"]))  # what the search checks the split against
 
 
 @pytest.fixture()
@@ -110,7 +117,7 @@ def to_stage2(source: Path, dest_dir: Path, image_id: str) -> Path:
     that same string (not a UID), PatientID and study/series UIDs empty."""
     import pydicom
 
-    from pneumothorax import dicom
+    from pneumothorax.io import dicom
 
     with dicom.lenient():
         ds = pydicom.dcmread(source)
@@ -135,7 +142,7 @@ def today_template(tmp_path_factory) -> Path:
     re-upload nested under siim/, with a second copy of part of it under pneumothorax/."""
     import shutil
 
-    from pneumothorax import synthetic
+    from pneumothorax.data import synthetic
 
     out = tmp_path_factory.mktemp("today") / "siim-acr"
     synthetic.make_world(
@@ -158,3 +165,10 @@ def today(today_template, tmp_path) -> Path:
     import shutil
 
     return Path(shutil.copytree(today_template, tmp_path / "siim-acr"))
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test that neither trains nor runs make is a unit test (``make test-fast`` runs those)."""
+    for item in items:
+        if not any(item.get_closest_marker(name) for name in ("trains", "make")):
+            item.add_marker(pytest.mark.unit)

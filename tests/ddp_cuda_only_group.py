@@ -11,7 +11,8 @@ import sys
 import torch
 import torch.distributed as dist
 
-from pneumothorax import classifier, config, segmentation
+from pneumothorax.io import config
+from pneumothorax.train import classifier, segmentation
 
 dist.init_process_group(backend="cuda:gloo")  # what NCCL gives: no CPU backend
 try:

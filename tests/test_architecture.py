@@ -1,5 +1,5 @@
-"""Imports point one way (format I/O -> data -> models -> training -> prediction -> post-processing ->
-steps), none hides inside a function, and no function grows past the size people can read."""
+"""The layers are folders (io -> data -> models -> train -> predict -> post -> pipeline), imports point one way
+between them, none hides inside a function, and no function grows past the size people can read."""
 
 from __future__ import annotations
 
@@ -9,47 +9,31 @@ import sys
 
 import pytest
 
-from pneumothorax import paths
+from pneumothorax.io import paths
 
 PACKAGE = paths.ROOT / "src" / "pneumothorax"
-LAYERS = [
-    {
-        "paths",
-        "errors",
-        "files",
-        "pools",
-        "bars",
-        "plots",
-        "rle",
-        "dicom",
-        "dicom_seg",
-        "metric",
-        "scale",
-        "layout",
-        "manifest",
-        "config",
-        "gpus",
-    },
-    {"prepare", "folds", "data", "synthetic"},
-    {"models", "losses", "devices", "tta"},
-    {"checkpoints", "trainer", "segmentation", "classifier"},
-    {"infer"},
-    {"postprocess", "thresholds", "submission"},
-    {"steps", "report", "ensemble", "predict", "leaderboard", "ablation", "cli", "query"},
-]
-LAYER_OF = {name: k for k, layer in enumerate(LAYERS) for name in layer}
+LAYERS = ["io", "data", "models", "train", "predict", "post", "pipeline"]
+"""The layer folders, lowest first: a module imports only from its own layer and the ones before it."""
+MODULES = {f"{p.parent.name}.{p.stem}": p for p in PACKAGE.glob("*/*.py") if p.stem != "__init__"}
+LAYER_OF = {name: LAYERS.index(name.split(".")[0]) for name in MODULES}
 
 
-def _package_imports(tree: ast.AST) -> list[tuple[str, ast.AST]]:
-    """(module, node) for every import of a pneumothorax module, wherever it is."""
+def _package_imports(tree: ast.AST, module: str) -> list[tuple[str, ast.AST]]:
+    """(layer, node) for every import of a pneumothorax module, wherever it is (absolute or relative)."""
     found = []
+    package = module.split(".")[0]
     for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom) and node.level == 1:
-            names = [node.module] if node.module else [alias.name for alias in node.names]
-            # ``from . import __version__``: an attribute of the package's __init__, which imports nothing
-            found += [(name.split(".")[0], node) for name in names if not name.startswith("__")]
-        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("pneumothorax"):
-            found += [(alias.name, node) for alias in node.names]
+        if not isinstance(node, ast.ImportFrom):
+            continue
+        name = node.module or ""
+        if node.level == 1:
+            found.append((package, node))
+        elif node.level == 2:
+            found.append(((name or node.names[0].name).split(".")[0], node))
+        elif name.startswith("pneumothorax."):
+            found.append((name.split(".")[1], node))
+        elif name == "pneumothorax":
+            found += [(alias.name, node) for alias in node.names if not alias.name.startswith("__")]
     return found
 
 
@@ -57,32 +41,56 @@ def _function_nodes(tree: ast.AST) -> list[ast.AST]:
     return [n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef)]
 
 
-def test_every_module_has_a_layer():
-    modules = {p.stem for p in PACKAGE.glob("*.py")} - {"__init__"}
-    assert modules == set(LAYER_OF), f"unplaced: {modules - set(LAYER_OF)}, gone: {set(LAYER_OF) - modules}"
+def test_the_package_is_its_layer_folders():
+    """Every module sits in a layer folder; the package root holds only ``__init__``; the folders are the layers."""
+    assert {p.name for p in PACKAGE.glob("*.py")} == {"__init__.py"}
+    folders = {p.name for p in PACKAGE.iterdir() if p.is_dir() and not p.name.startswith("__")}
+    assert folders == set(LAYERS)
+    assert all((PACKAGE / layer / "__init__.py").exists() for layer in LAYERS)
 
 
-@pytest.mark.parametrize("module", sorted(LAYER_OF))
+@pytest.mark.parametrize("module", sorted(MODULES))
 def test_imports_point_one_way_and_sit_at_the_top(module):
-    tree = ast.parse((PACKAGE / f"{module}.py").read_text())
+    tree = ast.parse(MODULES[module].read_text())
     inside = {id(node) for fn in _function_nodes(tree) for node in ast.walk(fn)}
-    for name, node in _package_imports(tree):
-        assert id(node) not in inside, f"{module}.py:{node.lineno} imports {name} inside a function"
-        assert LAYER_OF[name] <= LAYER_OF[module], (
-            f"{module} (layer {LAYER_OF[module]}) imports {name} (layer {LAYER_OF[name]}): imports must point one way"
+    for layer, node in _package_imports(tree, module):
+        assert id(node) not in inside, f"{module}.py:{node.lineno} imports from {layer} inside a function"
+        assert layer in LAYERS, f"{module}.py:{node.lineno} imports {layer}, which is not a layer"
+        assert LAYERS.index(layer) <= LAYER_OF[module], (
+            f"{module} (layer {LAYER_OF[module]}) imports from {layer} (layer {LAYERS.index(layer)}): "
+            "imports must point one way"
         )
+
+
+def test_layer_packages_import_nothing():
+    """A layer's ``__init__`` is a docstring: importing one module never drags in a layer (submit stays torch-free)."""
+    for layer in LAYERS:
+        tree = ast.parse((PACKAGE / layer / "__init__.py").read_text())
+        assert all(isinstance(node, ast.Expr) for node in tree.body), layer
 
 
 def test_functions_stay_short():
     long = []
-    for path in [*PACKAGE.glob("*.py"), *(paths.ROOT / "scripts").glob("*.py")]:
+    for path in [*PACKAGE.rglob("*.py"), *(paths.ROOT / "scripts").glob("*.py")]:
         for fn in _function_nodes(ast.parse(path.read_text())):
             if fn.end_lineno - fn.lineno + 1 > 60:
                 long.append(f"{path.name}:{fn.lineno} {fn.name} ({fn.end_lineno - fn.lineno + 1} lines)")
     assert not long
 
 
-@pytest.mark.parametrize("script", ["07_submit", "08_score", "12_leaderboard"])
+@pytest.mark.parametrize(
+    "script",
+    [
+        "01_prepare",
+        "02_folds",
+        "07_search_postprocess",
+        "08_submit",
+        "09_score",
+        "10_report",
+        "13_leaderboard",
+        "15_submit_to_kaggle",
+    ],
+)
 def test_scripts_that_build_no_model_import_no_torch(script):
     """Submit, score and the leaderboard start in about a second: torch, timm and smp take three or four."""
     source = (paths.ROOT / "scripts" / f"{script}.py").read_text()

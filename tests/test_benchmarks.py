@@ -6,7 +6,7 @@ import json
 import subprocess
 import sys
 
-from pneumothorax import paths
+from pneumothorax.io import paths
 
 
 def test_memory_probe_submits_one_row_per_test_map() -> None:

@@ -10,8 +10,12 @@ import pandas as pd
 import pytest
 import torch
 
-from pneumothorax import checkpoints, classifier, config, models, paths, prepare, segmentation
-from pneumothorax.trainer import Interrupted
+from pneumothorax.data import prepare
+from pneumothorax.io import config, paths
+from pneumothorax.models import factory
+from pneumothorax.predict import oof
+from pneumothorax.train import checkpoints, classifier, segmentation
+from pneumothorax.train.trainer import Interrupted
 
 TINY = ["data.sizes=[32, 64]", "data.n_folds=2"]
 
@@ -48,16 +52,21 @@ def test_classifier_resumes_exactly_and_predicts_its_held_out_images(processed, 
     wa = checkpoints.load_checkpoint(whole.classifier(0).model)["state_dict"]
     wb = checkpoints.load_checkpoint(parts.classifier(0).model)["state_dict"]
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
-    oof = pd.read_csv(parts.classifier(0).oof_probs, dtype={"image_id": str})
-    folds = pd.read_csv(parts.folds, dtype={"image_id": str})
-    assert sorted(oof["image_id"]) == sorted(folds.loc[folds["fold"] == 0, "image_id"])
-    assert oof["prob"].between(0, 1).all() and oof["prob"].std() > 0  # not a constant
-    labels, probs = oof["label"].to_numpy(), oof["prob"].to_numpy()
-    assert summary["accuracy"] == pytest.approx(((probs >= 0.5) == labels).mean())
     assert summary["weights"] == "best"
+    # make oof: the held-out images' gate probabilities, with the views of infer.tta; without TTA they are the
+    # very probabilities the training summary scored
+    plain = replace(cfg, infer=replace(cfg.infer, tta=()))
+    metrics = oof.classifier_oof(plain, parts, paths.ProcessedDir(processed), 0, torch.device("cpu"))
+    table = pd.read_csv(parts.oof_gate(0), dtype={"image_id": str})
+    folds = pd.read_csv(parts.folds, dtype={"image_id": str})
+    assert sorted(table["image_id"]) == sorted(folds.loc[folds["fold"] == 0, "image_id"])
+    assert table["prob"].between(0, 1).all() and table["prob"].std() > 0  # not a constant
+    labels, probs = table["label"].to_numpy(), table["prob"].to_numpy()
+    assert summary["accuracy"] == pytest.approx(((probs >= 0.5) == labels).mean()) == metrics["accuracy"]
+    assert summary["auc"] == pytest.approx(metrics["auc"])
 
 
-@pytest.mark.slow
+@pytest.mark.trains
 def test_classifier_auc_beats_chance(processed, exp):
     cfg = config.load("demo", [*TINY, "classifier.size=64", "classifier.epochs=20"])
     summary = classifier.train_classifier_fold(cfg, 1, processed, exp, device="cpu", progress=False)
@@ -83,12 +92,12 @@ def test_external_pretraining_initialises_the_encoder(processed, tmp_path):
     classifier.pretrain_external(cfg, cfg.classifier.external_csv, out, device="cpu", progress=False)
     assert (out / "model.pt").exists() and len(pd.read_csv(out / "metrics.csv")) == 1
     seg_cfg = replace(cfg.segmentation, encoder_weights="none")
-    seg = models.create_segmenter(seg_cfg, 1)
-    report = models.init_encoder_from_classifier(seg, models.load_state_dict_file(out / "model.pt"))
+    seg = factory.create_segmenter(seg_cfg, 1)
+    report = factory.init_encoder_from_classifier(seg, factory.load_state_dict_file(out / "model.pt"))
     assert report["missing"] == [] and len(report["loaded"]) == len(seg.encoder.state_dict())
     source = segmentation.encoder_init_source("pretrain", paths.ExperimentDir(tmp_path / "models" / "demo"), 0)
     assert source == out / "model.pt"
-    pretrained = models.load_state_dict_file(out / "model.pt")
+    pretrained = factory.load_state_dict_file(out / "model.pt")
     assert torch.equal(seg.encoder.state_dict()["model.conv1.0.weight"], pretrained["conv1.0.weight"])
 
 

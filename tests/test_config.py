@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import json
-import os
-
 import pytest
 
-from pneumothorax import config, manifest, paths
+from pneumothorax.io import config, paths
 
 SHIPPED = sorted(p.stem for p in paths.CONFIGS.glob("*.yaml"))
 
@@ -89,65 +86,6 @@ def test_interpolation_and_list_overrides(tmp_path):
         config.load("demo", ["segmentation.stages.7.lr=1"])
 
 
-def test_sections_name_what_each_step_reads():
-    demo = config.load("demo")
-    assert config.section(demo, "postprocess")["postprocess"]["r_th"] == list(demo.postprocess.r_th)
-    same = config.load("demo", ["compile=true", "data.workers=1", "postprocess.r_th=[0]"])
-    assert config.fingerprint(config.section(same, "segmentation")) == config.fingerprint(
-        config.section(demo, "segmentation")
-    )
-    lr = config.load("demo", ["segmentation.stages.1.lr=0.1"])
-    old, new = config.section(demo, "segmentation"), config.section(lr, "segmentation")
-    assert config.fingerprint(old) != config.fingerprint(new)
-    assert config.changed_keys(old, new) == [
-        "segmentation.stages: " + repr(old["segmentation"]["stages"]) + " -> " + repr(new["segmentation"]["stages"])
-    ]
-    init = config.load("demo", ["segmentation.encoder_init=classifier"])
-    assert "classifier" in config.section(init, "segmentation")  # its encoder starts from the classifier
-
-
-def test_stamps_are_rewritten_only_when_their_section_changes(tmp_path):
-    from pneumothorax import query
-
-    exp, processed = tmp_path / "demo", tmp_path / "p"
-    inputs = manifest.path_for(processed, "train")
-    manifest.write_if_changed(inputs, {"files": [["a.dcm", 10, 1]], "labels_sha1": "x"})
-    assert query.main(["stamps", "--config", "demo", "--exp-dir", str(exp), "--processed", str(processed)]) == 0
-    stamps = {p.name: p.stat().st_mtime_ns for p in (exp / "stamps").glob("*.json")}
-    runs = {f"{task}-fold{k}.json" for task in ("classifier", "segmentation") for k in range(3)}
-    inputs_stamps = {"inputs.json", "test-inputs.json"}
-    assert set(stamps) == {f"{name}.json" for name in config.SECTIONS} | {*runs, "classifier-pretrain.json"} | {
-        *inputs_stamps
-    }
-    child = tmp_path / "demo2.yaml"
-    child.write_text("defaults: [demo]\ninfer: {batch_size: 3}\n")
-
-    def changed_by(config_name: str) -> set[str]:
-        assert (
-            query.main(["stamps", "--config", config_name, "--exp-dir", str(exp), "--processed", str(processed)]) == 0
-        )
-        now = {p.name: p.stat().st_mtime_ns for p in (exp / "stamps").glob("*.json")}
-        changed = {name for name in now if now[name] != stamps[name]}
-        stamps.update(now)
-        return changed
-
-    assert changed_by(str(child)) == {"infer.json"}
-    # a replaced training DICOM: the folds and every fold's run (not the pretraining on its own CSV), no section
-    manifest.write_if_changed(inputs, {"files": [["a.dcm", 12, 2]], "labels_sha1": "x"})
-    assert changed_by(str(child)) == runs | {"folds.json", "inputs.json"}
-    # the same files moved elsewhere, times kept: prepare only (its metadata names the files)
-    manifest.write_if_changed(inputs, {"files": [["/ssd/a.dcm", 12, 2]], "labels_sha1": "x", "layout": {"d": "/ssd"}})
-    assert changed_by(str(child)) == {"inputs.json"}
-    manifest.write_if_changed(inputs, {"files": [["/ssd/a.dcm", 12, 2]], "labels_sha1": "y", "layout": {"d": "/ssd"}})
-    assert changed_by(str(child)) == runs | {"folds.json", "inputs.json"}  # an edited label file
-    # a new test folder: prepare's and infer's records of the inputs, nothing trained
-    manifest.write_if_changed(manifest.path_for(processed, "test"), {"files": [["t.dcm", 5, 3]]})
-    assert changed_by(str(child)) == inputs_stamps
-    assert json.loads((exp / "stamps" / "segmentation-fold0.json").read_text())["train_inputs"] == manifest.digest(
-        processed
-    )
-
-
 def test_weights_that_training_will_not_write_fail_at_load():
     with pytest.raises(config.ConfigError, match="infer.weights: topk needs segmentation.top_k"):
         config.load("demo", ["infer.weights=topk"])
@@ -163,91 +101,3 @@ def test_a_config_saved_before_new_keys_still_loads_with_their_defaults():
     loaded = config.from_yaml(__import__("yaml").safe_dump(saved))
     assert loaded.segmentation.top_k == 0 and loaded.classifier.accumulate == 1
     assert loaded == config.load("demo")
-
-
-def test_a_test_folder_only_previewed_then_dropped_leaves_prepare_and_infer_up_to_date(tmp_path):
-    """`make -n TEST_DIR=other` rewrites the shared test manifest at parse time; back on the old folder,
-    each experiment's inputs stamps take the time of the prepare and infer that ran under it. Had a step
-    run under the other folder, its stamp stays newer than its output (it runs again)."""
-    from pneumothorax import query
-
-    processed, test_manifest = tmp_path / "p", manifest.path_for(tmp_path / "p", "test")
-    manifest.write_if_changed(manifest.path_for(processed, "train"), {"files": [["a.dcm", 10, 1]]})
-    manifest.write_if_changed(test_manifest, {"files": [["t1.dcm", 5, 1]]})
-    os.utime(test_manifest, ns=(10**17, 10**17))
-    exps = {name: paths.ExperimentDir(tmp_path / name) for name in ("a", "b")}
-
-    def stamps(name: str) -> dict[str, int]:
-        exp = exps[name]
-        args = ["stamps", "--config", "tiny", "--exp-dir", str(exp.root), "--processed", str(processed)]
-        assert query.main(args) == 0
-        return {n: exp.stamp(n).stat().st_mtime_ns for n in manifest.STEP_INPUTS}
-
-    def record_made(name: str, at: int) -> None:  # what Make does after prepare and infer
-        for step in manifest.STEP_INPUTS:
-            made = exps[name].made(step)
-            made.write_text(exps[name].stamp(step).read_text())
-            os.utime(made, ns=(at, at))
-
-    # first written, the stamps take the manifests' time (what Make compared before they existed)
-    train_time = manifest.path_for(processed, "train").stat().st_mtime_ns
-    assert stamps("a") == {"inputs": max(train_time, 10**17), "test-inputs": 10**17}
-    record_made("a", 2 * 10**17)
-    manifest.write_if_changed(test_manifest, {"files": [["t2.dcm", 5, 2]]})  # make -n TEST_DIR=other
-    assert all(t > 3 * 10**17 for t in stamps("a").values())
-    stamps("b")
-    record_made("b", 3 * 10**17)  # b ran prepare and infer under the other folder
-    manifest.write_if_changed(test_manifest, {"files": [["t1.dcm", 5, 1]]})  # back on the old folder
-    assert stamps("a") == {"inputs": 2 * 10**17, "test-inputs": 2 * 10**17}
-    assert all(t > 3 * 10**17 for t in stamps("b").values())
-
-
-def test_a_section_set_back_to_a_finished_runs_values_takes_that_runs_time(tmp_path):
-    """A `make -n` of an edit, then the edit reverted: the runs made under the old values and inputs stay
-    up to date (their stamps are not newer than them); runs of other values or inputs are not."""
-    from pneumothorax import query, trainer
-
-    exp, cfg, processed = paths.ExperimentDir(tmp_path / "demo"), config.load("demo"), tmp_path / "p"
-    manifest.write_if_changed(manifest.path_for(processed, "train"), {"files": [["a.dcm", 10, 1]]})
-    now_inputs = manifest.digest(processed)
-    for k in range(3):
-        run = exp.segmenter(k)
-        run.root.mkdir(parents=True)
-        run.model.write_bytes(b"weights")
-        os.utime(run.model, ns=(10**17, 10**17))
-    # what the trainer writes beside a finished model: these values and inputs, and these values on other inputs
-    for k, inputs in ((0, now_inputs), (2, "an-older-manifest")):
-        under = trainer.settings_for(cfg, "segmentation", cfg.seed + k, f"split-{k}", inputs).section
-        exp.segmenter(k).trained_under.write_text(json.dumps(under))
-    # a run from before trained_under.json: its config under 3 epochs
-    exp.segmenter(1).config.write_text(config.dump(config.load("demo", ["segmentation.stages.1.epochs=3"])))
-    (exp.root / "stamps").mkdir()
-    # what Make records after the folds and search steps: the stamp each ran under, timed as its output
-    exp.folds_made.write_text(query._stamp_text(cfg, "folds", now_inputs))
-    exp.made("postprocess").write_text(query._stamp_text(cfg, "postprocess", None))
-    for made in (exp.folds_made, exp.made("postprocess")):
-        os.utime(made, ns=(2 * 10**17, 2 * 10**17))
-    edited = tmp_path / "edited.yaml"
-    edited.write_text(
-        "defaults: [demo]\nsegmentation: {stages: [{size: 64}, {size: 64}]}\ndata: {area_bins: 3}\n"
-        "postprocess: {r_th: [0]}\ninfer: {batch_size: 3}\n"
-    )
-    for name in (edited, "demo"):  # the edit, then the edit reverted
-        assert (
-            query.main(["stamps", "--config", str(name), "--exp-dir", str(exp.root), "--processed", str(processed)])
-            == 0
-        )
-    times = {p.name: p.stat().st_mtime_ns for p in (exp.root / "stamps").iterdir()}
-    assert times["segmentation-fold0.json"] == 10**17  # trained under these values and inputs
-    assert times["segmentation-fold1.json"] > 2 * 10**17  # trained under 3 epochs: out of date
-    assert times["segmentation-fold2.json"] > 2 * 10**17  # trained on other inputs: out of date
-    assert times["folds.json"] == 2 * 10**17  # folds.made split under these values
-    assert times["postprocess.json"] == 2 * 10**17  # searched under these values
-    assert times["infer.json"] > 2 * 10**17  # no infer.made: never inferred
-    assert times["classifier-fold0.json"] > 2 * 10**17  # never trained
-    # a step that ran and kept its output (folds.csv unchanged, folds.made timed as it): its stamp,
-    # unchanged since, takes the output's time, and the step is not run again at every make
-    later = 3 * 10**17
-    os.utime(exp.stamp("folds"), ns=(later, later))
-    assert query.main(["stamps", "--config", "demo", "--exp-dir", str(exp.root), "--processed", str(processed)]) == 0
-    assert exp.stamp("folds").stat().st_mtime_ns == 2 * 10**17

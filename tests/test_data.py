@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import typing
+
 import numpy as np
 import pytest
 import torch
 
-from pneumothorax import data, prepare
+from pneumothorax.data import augmentations, datasets, prepare
+from pneumothorax.io import config
 
 
 def _indices(sampler):
@@ -15,7 +18,7 @@ def _indices(sampler):
 
 def test_positive_rate_sampler():
     labels = np.array([1] * 20 + [0] * 80)
-    s = data.PositiveRateSampler(labels, rate=0.5, seed=0)
+    s = datasets.PositiveRateSampler(labels, rate=0.5, seed=0)
     idx = _indices(s)
     assert len(idx) == 40 and len(set(idx)) == 40
     assert set(range(20)) <= set(idx)  # every positive every epoch
@@ -24,49 +27,51 @@ def test_positive_rate_sampler():
     s.set_epoch(0)
     assert _indices(s) == idx  # the order depends only on (seed, epoch)
     assert [key for _, key in s] == [(0, 0, p) for p in range(40)]  # (seed, epoch, position)
-    falling = data.PositiveRateSampler(labels, rate=0.8, rate_end=0.4, epochs=5, seed=0)
+    falling = datasets.PositiveRateSampler(labels, rate=0.8, rate_end=0.4, epochs=5, seed=0)
     sizes = []
     for e in range(5):
         falling.set_epoch(e)
         sizes.append(len(_indices(falling)))
     assert sizes[0] == 25 and sizes[-1] == 50 and sizes == sorted(sizes)
-    natural = data.PositiveRateSampler(labels)
+    natural = datasets.PositiveRateSampler(labels)
     assert sorted(_indices(natural)) == list(range(100))
 
 
 def test_sampler_splits_across_ranks():
     labels = np.array([1] * 7 + [0] * 30)
-    parts = [list(data.PositiveRateSampler(labels, 0.5, seed=3, rank=r, world_size=2)) for r in range(2)]
+    parts = [list(datasets.PositiveRateSampler(labels, 0.5, seed=3, rank=r, world_size=2)) for r in range(2)]
     assert len(parts[0]) == len(parts[1])
-    whole = list(data.PositiveRateSampler(labels, 0.5, seed=3))
+    whole = list(datasets.PositiveRateSampler(labels, 0.5, seed=3))
     assert {i for i, _ in parts[0]} | {i for i, _ in parts[1]} == {i for i, _ in whole}
     # a sample keeps its key (so its augmentation) whichever rank loads it
     assert set(parts[0][:-1]) | set(parts[1][:-1]) <= set(whole) and not set(parts[0]) & set(parts[1])
 
 
 def test_augment_groups():
-    aug = data.segmentation_augment(["A1", "A2", "A3", "A4", "CLAHE"], 64, 1.0)
+    groups = augmentations.augmentation_groups(64, 1.0)
+    assert set(groups) == set(typing.get_args(config.AugmentGroup))  # the registry is what configs may name
+    aug = augmentations.segmentation_augment(list(groups), 64, 1.0)
     image = (np.random.default_rng(0).random((64, 64)) * 255).astype(np.uint8)
     mask = np.zeros((64, 64), np.uint8)
     mask[10:20, 10:20] = 1
     out = aug(image=image, mask=mask)
     assert out["image"].shape == (64, 64) and set(np.unique(out["mask"])) <= {0, 1}
     with pytest.raises(ValueError, match="choose from"):
-        data.segmentation_augment(["A9"], 64, 0.5)
+        augmentations.segmentation_augment(["A9"], 64, 0.5)
 
 
 def test_cache_dataset(processed):
-    rows = data.train_rows(processed, processed / "folds.csv")
-    ds = data.CacheDataset(processed, "train", 64, rows["index"].to_numpy()[:4])
+    rows = datasets.train_rows(processed, processed / "folds.csv")
+    ds = datasets.CacheDataset(processed, "train", 64, rows["index"].to_numpy()[:4])
     x, y = ds[0]  # what workers ship: uint8, one channel
     assert x.shape == y.shape == (1, 64, 64) and x.dtype == y.dtype == torch.uint8 and y.max() <= 1
     images = prepare.load_cache(processed, "images", "train", 64)
     assert torch.equal(x[0], torch.from_numpy(np.array(images[rows["index"].iloc[0]])))
-    batch = data.model_input(torch.stack([x, x]), 3, torch.device("cpu"))  # normalised and expanded on the device
+    batch = datasets.model_input(torch.stack([x, x]), 3, torch.device("cpu"))  # normalised and expanded on the device
     assert batch.shape == (2, 3, 64, 64) and batch.dtype == torch.float32
-    expected = (x[0].float() / 255 - data.MEAN) / data.STD
+    expected = (x[0].float() / 255 - datasets.MEAN) / datasets.STD
     assert all(torch.allclose(batch[1, c], expected) for c in range(3))
-    labels = data.CacheDataset(
+    labels = datasets.CacheDataset(
         processed,
         "train",
         32,
@@ -90,12 +95,12 @@ GROUP_OF = {
 def test_augmentation_groups_are_applied_independently():
     """albumentations' set_random_seed gives every child the same seed (A1-A3 all or none: correlation
     1.0); one shared random state per sample makes the groups independent."""
-    aug = data.segmentation_augment(["A1", "A2", "A3"], 32, 0.5)
+    aug = augmentations.segmentation_augment(["A1", "A2", "A3"], 32, 0.5)
     aug.save_applied_params = True
     image = (np.random.default_rng(0).random((32, 32)) * 255).astype(np.uint8)
     applied = np.zeros((600, 3))
     for n in range(len(applied)):
-        out = data.apply_augment(aug, (7, 0, n), image=image)
+        out = augmentations.apply_augment(aug, (7, 0, n), image=image)
         groups = {GROUP_OF[name] for name, _ in out["applied_transforms"]}
         applied[n] = [g in groups for g in ("A1", "A2", "A3")]
     rates = applied.mean(axis=0)
@@ -107,31 +112,35 @@ def test_augmentation_groups_are_applied_independently():
 def _augmented(processed, sampler, workers):
     import torch
 
-    rows = data.train_rows(processed, processed / "folds.csv")
+    rows = datasets.train_rows(processed, processed / "folds.csv")
     same_row = np.full(len(sampler.labels), rows["index"].iloc[0])  # every item is the same image
-    ds = data.CacheDataset(processed, "train", 32, same_row, data.segmentation_augment(["A1", "A2", "A3"], 32, 0.9))
-    return torch.cat([x for x, _ in data.make_loader(ds, 4, sampler, workers)])
+    ds = datasets.CacheDataset(
+        processed, "train", 32, same_row, augmentations.segmentation_augment(["A1", "A2", "A3"], 32, 0.9)
+    )
+    return torch.cat([x for x, _ in datasets.make_loader(ds, 4, sampler, workers)])
 
 
 def test_workers_ranks_and_resumes_see_the_right_augmentations(processed):
     labels = np.zeros(16, dtype=int)
-    two_workers = _augmented(processed, data.PositiveRateSampler(labels, seed=5), workers=2)
+    two_workers = _augmented(processed, datasets.PositiveRateSampler(labels, seed=5), workers=2)
     flat = two_workers.flatten(1)
     distinct = {tuple(np.round(r.numpy(), 3)) for r in flat}
     assert len(distinct) >= 12  # worker 0 and worker 1 used to produce identical batches
     torch = pytest.importorskip("torch")
     assert not torch.equal(two_workers[:4], two_workers[4:8])
     # the same samples, loaded by two ranks: each sample augmented exactly as in one process
-    ranks = [_augmented(processed, data.PositiveRateSampler(labels, seed=5, rank=r, world_size=2), 0) for r in (0, 1)]
+    ranks = [
+        _augmented(processed, datasets.PositiveRateSampler(labels, seed=5, rank=r, world_size=2), 0) for r in (0, 1)
+    ]
     assert torch.equal(ranks[0], two_workers[0::2]) and torch.equal(ranks[1], two_workers[1::2])
     assert not torch.equal(ranks[0], ranks[1])
     # a resumed run (a fresh sampler set to epoch 3) replays the same stream as one that ran epochs 0-2
-    ran = data.PositiveRateSampler(labels, seed=5)
+    ran = datasets.PositiveRateSampler(labels, seed=5)
     for epoch in range(3):
         ran.set_epoch(epoch)
         list(ran)
     ran.set_epoch(3)
-    resumed = data.PositiveRateSampler(labels, seed=5)
+    resumed = datasets.PositiveRateSampler(labels, seed=5)
     resumed.set_epoch(3)
     assert torch.equal(_augmented(processed, ran, 0), _augmented(processed, resumed, 0))
     assert not torch.equal(_augmented(processed, resumed, 0), two_workers)  # another epoch, other draws
@@ -154,7 +163,7 @@ def test_smooth_elastic_draws_the_field_albumentations_draws():
     import albumentations as A
 
     size, lag = 512, 512 // 40
-    ours = _field(data.SmoothElastic(alpha=size / 4, sigma=size / 40, p=1.0), size, 6)
+    ours = _field(augmentations.SmoothElastic(alpha=size / 4, sigma=size / 40, p=1.0), size, 6)
     theirs = _field(A.ElasticTransform(alpha=size / 4, sigma=size / 40, p=1.0), size, 6)
     assert ours.std() == pytest.approx(theirs.std(), rel=0.15)
 
@@ -164,7 +173,7 @@ def test_smooth_elastic_draws_the_field_albumentations_draws():
     assert corr(ours) == pytest.approx(corr(theirs), abs=0.05)
     mask = np.zeros((size, size), np.uint8)
     mask[100:300, 100:300] = 1
-    out = data.apply_augment(
-        A.Compose([data.SmoothElastic(size / 4, size / 40, p=1.0)]), (1, 0, 0), image=mask * 200, mask=mask
+    out = augmentations.apply_augment(
+        A.Compose([augmentations.SmoothElastic(size / 4, size / 40, p=1.0)]), (1, 0, 0), image=mask * 200, mask=mask
     )
     assert set(np.unique(out["mask"])) == {0, 1} and abs(int(out["mask"].sum()) - 200 * 200) < 0.02 * 200 * 200

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 
 import cv2
@@ -11,8 +10,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pneumothorax import config, ensemble, prepare, submission
-from pneumothorax.paths import ExperimentDir, ProcessedDir
+from pneumothorax.data import prepare
+from pneumothorax.io import config, freshness
+from pneumothorax.io.paths import ExperimentDir, ProcessedDir
+from pneumothorax.pipeline import ensemble
+from pneumothorax.post import submission
 
 
 def _member(name, size, tmp_path, processed, finished_folds, maps_of):
@@ -81,25 +83,16 @@ def test_members_must_cover_the_same_images(processed, tmp_path, finished_folds)
 
 
 def test_another_member_list_or_weight_mode_rebuilds_an_ensemble_and_a_revert_does_not(tmp_path):
-    """`stamps/ensemble.json` holds the members and WEIGHTS; set back to what `ensemble.json` was built
-    from (after a `make -n` of another mode, say), it takes that file's time."""
-    from pneumothorax import query
-
+    """An ensemble is stale when ``ensemble.json`` was built from other members or another WEIGHTS; set back
+    (after a `make -n` of another mode, say), it is up to date again: nothing was written meanwhile."""
     exp = ExperimentDir(tmp_path / "ens1")
     exp.root.mkdir()
+    assert not freshness.ensemble_is_stale(exp, ["a", "b"], "equal")  # not built yet: Make builds it anyway
     exp.ensemble.write_text(
         json.dumps({"members": [{"experiment": "a"}, {"experiment": "b"}], "weights_mode": "equal"})
     )
-    built = 10**17
-    os.utime(exp.ensemble, ns=(built, built))
-
-    def stamp_time(members: str, weights: str) -> int:
-        args = ["ensemble", "--exp-dir", str(exp.root), "--members", members, "--weights", weights]
-        assert query.main(args) == 0
-        return exp.stamp("ensemble").stat().st_mtime_ns
-
-    assert stamp_time("a b", "equal") == built  # as built: up to date
-    assert stamp_time("a b", "search") > built  # another weight mode: rebuilt
-    assert stamp_time("a b", "equal") == built  # set back
-    assert stamp_time("a b c", "equal") > built  # another member: rebuilt
-    assert json.loads(exp.stamp("ensemble").read_text()) == {"members": ["a", "b", "c"], "weights": "equal"}
+    assert not freshness.ensemble_is_stale(exp, ["a", "b"], "equal")  # as built: up to date
+    assert freshness.ensemble_is_stale(exp, ["a", "b"], "search")  # another weight mode: rebuilt
+    assert freshness.ensemble_is_stale(exp, ["a", "b", "c"], "equal")  # another member: rebuilt
+    assert freshness.ensemble_is_stale(exp, ["b", "a"], "equal")  # another order: other weights, rebuilt
+    assert sorted(p.name for p in exp.root.iterdir()) == ["ensemble.json"]

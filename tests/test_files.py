@@ -8,26 +8,26 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pneumothorax import files, pools
+from pneumothorax.io import atomic, npy_rows, processes, tables
 
 
 def test_create_npy_is_page_aligned_and_loads(tmp_path):
     path = tmp_path / "a.npy"
-    offset = files.create_npy(path, np.uint8, (3, 16, 16))
-    assert offset == 4096 and files.npy_data_offset(path) == 4096
+    offset = npy_rows.create_npy(path, np.uint8, (3, 16, 16))
+    assert offset == 4096 and npy_rows.npy_data_offset(path) == 4096
     array = np.load(path, mmap_mode="r")
     assert array.shape == (3, 16, 16) and array.dtype == np.uint8 and not array.any()
     assert os.stat(path).st_blocks * 512 <= 8192  # sparse: the data takes no disk until written
-    assert files.create_npy(tmp_path / "f.npy", np.float32, (2, 5)) == 4096
+    assert npy_rows.create_npy(tmp_path / "f.npy", np.float32, (2, 5)) == 4096
     assert np.load(tmp_path / "f.npy").dtype == np.float32
 
 
 def test_row_writer_writes_rows_in_place(tmp_path):
     path = tmp_path / "rows.npy"
-    offset = files.create_npy(path, np.uint8, (4, 8, 8))
-    files.reserve(path, [(offset + 8 * 64, 64), (offset + 64, 64), (offset, 64)])  # merged into two ranges
+    offset = npy_rows.create_npy(path, np.uint8, (4, 8, 8))
+    npy_rows.reserve(path, [(offset + 8 * 64, 64), (offset + 64, 64), (offset, 64)])  # merged into two ranges
     rows = np.arange(4 * 64, dtype=np.uint8).reshape(4, 8, 8)
-    writer = files.RowWriter()
+    writer = npy_rows.RowWriter()
     writer.write(str(path), offset, 2, rows[2])
     writer.write(str(path), offset, 0, rows[0].T.T)
     writer.write(str(path), offset, 3, np.asfortranarray(rows[3]))  # made C-contiguous before writing
@@ -38,9 +38,9 @@ def test_row_writer_writes_rows_in_place(tmp_path):
 
 def test_reserve_allocates_blocks(tmp_path):
     path = tmp_path / "big.npy"
-    offset = files.create_npy(path, np.uint8, (8, 256, 256))
+    offset = npy_rows.create_npy(path, np.uint8, (8, 256, 256))
     before = os.stat(path).st_blocks
-    files.reserve(path, [(offset + i * 65536, 65536) for i in (1, 2, 5)])
+    npy_rows.reserve(path, [(offset + i * 65536, 65536) for i in (1, 2, 5)])
     after = os.stat(path).st_blocks
     if after == before:
         pytest.skip("this filesystem does not allocate with fallocate")
@@ -53,38 +53,39 @@ def test_steady_malloc_on_glibc():
 
     if platform.libc_ver()[0] != "glibc":
         pytest.skip("mallopt is glibc's")
-    assert pools.steady_malloc() is True
+    assert processes.steady_malloc() is True
 
 
 def test_atomic_path_leaves_nothing_on_error(tmp_path):
     target = tmp_path / "out.txt"
-    files.write_text(target, "old")
-    with pytest.raises(RuntimeError), files.atomic_path(target) as tmp:
+    atomic.write_text(target, "old")
+    with pytest.raises(RuntimeError), atomic.atomic_path(target) as tmp:
         tmp.write_text("half")
         raise RuntimeError("killed")
-    assert target.read_text() == "old" and not files.tmp_path(target).exists()
+    assert target.read_text() == "old" and not atomic.tmp_path(target).exists()
 
 
 def test_a_full_disk_names_the_file_and_the_free_space(tmp_path, monkeypatch):
     import torch
 
-    from pneumothorax import checkpoints
+    from pneumothorax.train import checkpoints
 
     def full_disk(obj, f, *args, **kwargs):
         raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 470")
 
     monkeypatch.setattr(torch, "save", full_disk)
     target = tmp_path / "fold0" / "state.pt"
-    with pytest.raises(files.WriteError, match=r"fold0/state.pt: could not write .* GiB free on the disk holding"):
+    with pytest.raises(atomic.WriteError, match=r"fold0/state.pt: could not write .* GiB free on the disk holding"):
         checkpoints.save_checkpoint(target, {"x": 1})
-    assert not target.exists() and not files.tmp_path(target).exists()
+    assert not target.exists() and not atomic.tmp_path(target).exists()
     (tmp_path / "a-file").write_text("")
-    with pytest.raises(files.WriteError, match="a-file/out.json: could not write"):  # a file where a folder should be
-        files.write_json(tmp_path / "a-file" / "out.json", {})
+    with pytest.raises(atomic.WriteError, match="a-file/out.json: could not write"):  # a file where a folder should be
+        atomic.write_json(tmp_path / "a-file" / "out.json", {})
 
 
 def test_fold_out_of_range_fails_before_training():
-    from pneumothorax import config, trainer
+    from pneumothorax.io import config
+    from pneumothorax.train import trainer
 
     with pytest.raises(config.ConfigError, match="fold 9 is not a fold of tiny, whose data.n_folds is 2"):
         trainer.check_fold(config.load("tiny"), 9)
@@ -92,5 +93,5 @@ def test_fold_out_of_range_fails_before_training():
 
 def test_markdown_table_keeps_integers_blanks_missing_and_rounds_floats():
     frame = pd.DataFrame({"fold": [0, 1], "dice": [0.123456, float("nan")], "note": ["a", None]})
-    text = files.markdown_table(frame.columns, frame.itertuples(index=False), digits=4)
+    text = tables.markdown_table(frame.columns, frame.itertuples(index=False), digits=4)
     assert text.splitlines() == ["| fold | dice | note |", "| --- | --- | --- |", "| 0 | 0.1235 | a |", "| 1 |  |  |"]

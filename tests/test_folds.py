@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pandas as pd
 
-from pneumothorax import folds, paths, prepare
+from pneumothorax.data import folds, prepare
+from pneumothorax.io import paths
 
 
 def test_no_patient_in_two_folds_on_real_map(real_labels):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pneumothorax import tta
+from pneumothorax.models import tta
 
 
 class Ramp(nn.Module):

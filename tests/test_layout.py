@@ -9,7 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pneumothorax import dicom, layout, manifest, prepare, rle
+from pneumothorax.data import prepare
+from pneumothorax.io import dicom, layout, manifest, resize, rle
 
 from .conftest import DCM_301, REAL_TEST_IDS, to_stage2
 
@@ -111,7 +112,7 @@ def test_prepare_on_todays_layout_summarises_the_stage2_names(today, tmp_path):
     real = table.set_index("image_id").loc[REAL_TEST_IDS[0]]
     images = np.load(out / "images_test_32.npy")
     pixels, _ = dicom.read(DCM_301)
-    assert (images[real["index"]] == prepare.scale.downscale(pixels, 32)).all()
+    assert (images[real["index"]] == resize.downscale(pixels, 32)).all()
 
 
 def test_manifest_changes_only_with_the_inputs(today, tmp_path):

@@ -6,9 +6,10 @@ import json
 
 import pandas as pd
 
-from pneumothorax import config, leaderboard
-from pneumothorax.paths import ExperimentDir
-from pneumothorax.postprocess import PostProcess
+from pneumothorax.io import config
+from pneumothorax.io.paths import ExperimentDir
+from pneumothorax.pipeline import leaderboard
+from pneumothorax.post.postprocess import PostProcess
 
 
 def _experiment(models, name, score, encoder, seconds):
@@ -43,7 +44,7 @@ def test_leaderboard_sorts_by_oof_and_reads_every_column(tmp_path):
             {"postprocess": PostProcess().to_dict(), "no_postprocess_score": 0.75, "score_full_resolution": 0.87}
         )
     )
-    (models / "unsearched").mkdir()  # no thresholds.json: left out
+    (models / "unsearched").mkdir()  # no postprocess.json: left out
     table = leaderboard.build(models)
     assert table["name"].tolist() == ["ens", "b", "a"]
     b_row = table.set_index("name").loc["b"]

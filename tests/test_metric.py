@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from pneumothorax import metric
+from pneumothorax.io import metric
 
 
 def test_conventions():

@@ -11,8 +11,9 @@ import pandas as pd
 import pydicom
 import pytest
 
-from pneumothorax import config, dicom, paths, rle, synthetic
-from pneumothorax.paths import ExperimentDir, ProcessedDir
+from pneumothorax.data import synthetic
+from pneumothorax.io import config, dicom, paths, rle
+from pneumothorax.io.paths import ExperimentDir, ProcessedDir
 
 
 def make(*args: str, check: bool = True, dry: bool = False) -> subprocess.CompletedProcess:
@@ -29,7 +30,7 @@ def test_make_plans_exactly_one_fold(tmp_path):
         "EXP=demo",
         "FOLD=2",
         f"MODELS_DIR={tmp_path}",
-        f"PROCESSED={tmp_path}/p",
+        f"PROCESSED_DIR={tmp_path}/p",
         "DATA_DIR=/nonexistent",
         dry=True,
     ).stdout
@@ -37,7 +38,7 @@ def test_make_plans_exactly_one_fold(tmp_path):
     cls = [line for line in plan.splitlines() if "03_train_classifier.py" in line]
     assert len(seg) == 1 and "--fold 2" in seg[0]
     assert len(cls) == 1 and "--fold 2" in cls[0]
-    every = make("train", "EXP=demo", f"MODELS_DIR={tmp_path}", f"PROCESSED={tmp_path}/p", dry=True).stdout
+    every = make("train", "EXP=demo", f"MODELS_DIR={tmp_path}", f"PROCESSED_DIR={tmp_path}/p", dry=True).stdout
     n_folds = config.load("demo").data.n_folds  # 3: FOLD=2 is the last fold
     assert sum("04_train_segmentation.py" in line for line in every.splitlines()) == n_folds == 3
 
@@ -49,7 +50,7 @@ def test_make_help_lists_targets():
 
 
 def test_the_makefile_builds_the_paths_of_the_experiment_folder(tmp_path):
-    out = make("print-paths", "EXP=tiny", f"MODELS_DIR={tmp_path}/m", f"PROCESSED={tmp_path}/p").stdout
+    out = make("print-paths", "EXP=tiny", f"MODELS_DIR={tmp_path}/m", f"PROCESSED_DIR={tmp_path}/p").stdout
     made = dict(line.split(" ", 1) for line in out.splitlines())
     exp, processed = ExperimentDir(tmp_path / "m" / "tiny", 64), ProcessedDir(tmp_path / "p")
     ours = {
@@ -62,9 +63,8 @@ def test_the_makefile_builds_the_paths_of_the_experiment_folder(tmp_path):
         "postprocess": exp.postprocess,
         "score": exp.score,
         "summary": exp.summary,
-        "stamp": exp.stamp("infer"),
-        "prepared": processed.prepared("tiny"),
-        "inputs": processed.inputs("train"),
+        "oof": exp.oof_summary,
+        "prepared": exp.prepared,
         "submission": paths.submission("tiny", paths.ROOT / "submissions"),
     }
     assert {key: str(paths.ROOT / made[key]) if not made[key].startswith("/") else made[key] for key in ours} == {
@@ -77,9 +77,10 @@ SCRIPTS = (
     "02_folds",
     "03_train_classifier",
     "04_train_segmentation",
-    "05_infer",
-    "06_search",
-    "07_submit",
+    "05_predict_oof",
+    "06_infer",
+    "07_search",
+    "08_submit",
 )
 
 
@@ -99,7 +100,7 @@ def test_an_ensemble_of_one_or_of_an_unfinished_experiment_fails_at_once(tmp_pat
     one = make("ensemble", "ENSEMBLE=demo", "NAME=e", models, dry=True, check=False)
     assert one.returncode != 0 and "name two experiments or more" in one.stderr and 'got ENSEMBLE="demo"' in one.stderr
     (tmp_path / "a" / "test").mkdir(parents=True)
-    for path in ("a/thresholds.json", "a/test/ids.csv", "b/thresholds.json"):
+    for path in ("a/postprocess.json", "a/test/ids.csv", "b/postprocess.json"):
         (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / path).write_text("")
     unfinished = make("ensemble", "ENSEMBLE=a b", "NAME=e", models, dry=True, check=False)
@@ -121,13 +122,13 @@ def test_fold_out_of_range_fails_before_any_work(tmp_path):
     assert "FOLD=9 is not a fold of EXP=tiny, whose data.n_folds is 2: use FOLD=0 to FOLD=1" in result.stderr
 
 
-@pytest.mark.slow
+@pytest.mark.make
 def test_todays_download_end_to_end(today, tmp_path):
     """`make prepare folds train infer submit DATA_DIR=<today's layout> EXP=tiny`, then what users change."""
     outputs = [
         f"MODELS_DIR={tmp_path / 'models'}",
         f"SUBMISSIONS_DIR={tmp_path / 'subs'}",
-        f"PROCESSED={tmp_path / 'p'}",
+        f"PROCESSED_DIR={tmp_path / 'p'}",
     ]
     common = ["EXP=tiny", f"DATA_DIR={today}", "QUIET=1", *outputs]
     broken = sorted((today / "stage_2_images").glob("ID_*.dcm"))[1]
@@ -149,16 +150,8 @@ def test_todays_download_end_to_end(today, tmp_path):
         shutil.copy(path, new_test / path.name)
     swapped = [*common, f"TEST_DIR={new_test}", "SAMPLE_SUBMISSION=none"]
     plan = _planned(make("prepare", "folds", "train", "infer", "submit", *swapped, dry=True).stdout)
-    assert plan == {
-        "01_prepare": 1,
-        "02_folds": 0,
-        "03_train_classifier": 0,
-        "04_train_segmentation": 0,
-        "05_infer": 1,
-        "06_search": 0,
-        "07_submit": 1,
-    }
-    # that plan rewrote the shared test manifest at parse time; dropped, it reruns nothing
+    assert plan == _plan(prepare=1, infer=1, submit=1)
+    # that plan wrote nothing; dropped, it reruns nothing
     assert make("-q", "prepare", "folds", "train", "infer", "submit", *common, check=False).returncode == 0
     make("prepare", "infer", "submit", *swapped)
     sub = pd.read_csv(tmp_path / "subs" / "tiny.csv", dtype=str)
@@ -184,7 +177,7 @@ def test_todays_download_end_to_end(today, tmp_path):
     assert make("-q", "prepare", *swapped, check=False).returncode == 0
 
 
-@pytest.mark.slow
+@pytest.mark.make
 def test_pipeline_end_to_end(tmp_path):
     world, models_dir, subs, processed = tmp_path / "world", tmp_path / "models", tmp_path / "subs", tmp_path / "p"
     configs = tmp_path / "configs"
@@ -197,7 +190,7 @@ def test_pipeline_end_to_end(tmp_path):
         f"DATA_DIR={world}",
         f"MODELS_DIR={models_dir}",
         f"SUBMISSIONS_DIR={subs}",
-        f"PROCESSED={processed}",
+        f"PROCESSED_DIR={processed}",
         "QUIET=1",
     ]
     make("synthetic", "SYNTH_TRAIN=60", "SYNTH_TEST=8", "SYNTH_SEED=4", "SYNTH_LAYOUT=stage1", *common)
@@ -229,16 +222,18 @@ def test_pipeline_end_to_end(tmp_path):
     assert plan_after("# only a comment\n") == _plan()
     assert plan_after("postprocess: {r_th: [0, 2048]}\n") == _plan(search=1, submit=1)
     carried = "postprocess: {r_th: [0, 2048]}\ninfer: {tta: [vflip]}\n"
-    assert plan_after(carried) == _plan(infer=1, submit=1)
+    # a TTA edit: the OOF maps are predicted as the test maps are, so they and the search follow; nothing retrains
+    assert plan_after(carried) == _plan(oof=1, infer=1, search=1, submit=1)
     # the edits below are planned only (each retrains, and the replaced image below carries out a retraining)
     edited_stage = "segmentation: {stages: [{size: 32, epochs: 1, batch_size: 16, lr: 0.002, augment: [A1]}, " + (
         "{size: 64, epochs: 1, batch_size: 16, lr: 0.001, swa_epochs: 1, augment: [A1, A2]}]}\n"
     )
-    assert plan_after(carried + edited_stage, False) == _plan(segmentation=2, infer=1, search=1, submit=1)
-    assert plan_after(carried + "classifier: {lr: 0.001}\n", False) == _plan(classifier=2, infer=1, search=1, submit=1)
+    retrained = {"oof": 1, "infer": 1, "search": 1, "submit": 1}
+    assert plan_after(carried + edited_stage, False) == _plan(segmentation=2, **retrained)
+    assert plan_after(carried + "classifier: {lr: 0.001}\n", False) == _plan(classifier=2, **retrained)
     # a changed split, and a seed every training reads
     folds_edit = plan_after(carried + "data: {area_bins: 3}\n", carry_out=False)
-    assert folds_edit == _plan(folds=1, classifier=2, segmentation=2, infer=1, search=1, submit=1)
+    assert folds_edit == _plan(folds=1, classifier=2, segmentation=2, **retrained)
     assert plan_after(carried + "seed: 7\n", carry_out=False) == folds_edit
     steps_edit = "data: {sizes: [32, 48, 64]}\ninfer: {tta: [vflip], batch_size: 3}\npostprocess: {r_th: [0]}\n"
     assert plan_after(steps_edit, carry_out=False) == _plan(prepare=1, infer=1, search=1, submit=1)
@@ -252,7 +247,7 @@ def test_pipeline_end_to_end(tmp_path):
     common = _a_moved_data_folder_retrains_nothing(world, tmp_path / "moved", everything, common)
     # one fold out of date reruns that fold and what depends on it, nothing else
     exp.segmenter(1).model.unlink()
-    assert _planned(make("submit", *common, dry=True).stdout) == _plan(segmentation=1, infer=1, search=1, submit=1)
+    assert _planned(make("submit", *common, dry=True).stdout) == _plan(segmentation=1, oof=1, infer=1, search=1, submit=1)
 
 
 def _a_moved_data_folder_retrains_nothing(world, moved, goals: list[str], common: list[str]) -> list[str]:
@@ -275,7 +270,7 @@ def _a_replaced_training_image_retrains_every_run(train_dir, exp: ExperimentDir,
     tags = {key: str(ds.get(key, "")) for key in ("SOPInstanceUID", "StudyInstanceUID", "PatientID", "PatientAge")}
     synthetic.write_dicom(replaced, 255 - pixels, tags)
     split, trained = exp.folds.read_bytes(), json.loads(exp.segmenter(0).trained_under.read_text())
-    replan = _plan(prepare=1, folds=1, classifier=2, segmentation=2, infer=1, search=1, submit=1)
+    replan = _plan(prepare=1, folds=1, classifier=2, segmentation=2, oof=1, infer=1, search=1, submit=1)
     assert _planned(make(*goals, dry=True).stdout) == replan
     make(*goals)
     retrained = json.loads(exp.segmenter(0).trained_under.read_text())
@@ -285,11 +280,11 @@ def _a_replaced_training_image_retrains_every_run(train_dir, exp: ExperimentDir,
     assert make("-q", *goals, check=False).returncode == 0
 
 
-@pytest.mark.slow
+@pytest.mark.make
 def test_experiments_sharing_a_processed_folder_keep_their_own_folds(tmp_path):
     """`make folds` of a 3-fold experiment leaves a finished 2-fold experiment's split and results alone."""
     world, models_dir, processed = tmp_path / "world", tmp_path / "models", tmp_path / "p"
-    common = [f"DATA_DIR={world}", f"MODELS_DIR={models_dir}", f"PROCESSED={processed}", "QUIET=1"]
+    common = [f"DATA_DIR={world}", f"MODELS_DIR={models_dir}", f"PROCESSED_DIR={processed}", "QUIET=1"]
     make("synthetic", "SYNTH_TRAIN=60", "SYNTH_TEST=4", "SYNTH_SEED=5", *common)
     make("prepare", "folds", "train", "search", "EXP=tiny", *common)
     before = (models_dir / "tiny" / "folds.csv").read_bytes()

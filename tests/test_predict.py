@@ -11,9 +11,10 @@ import pydicom
 import pytest
 import torch
 
-from pneumothorax import config, dicom_seg, predict, rle
-from pneumothorax.paths import ExperimentDir
-from pneumothorax.postprocess import PostProcess
+from pneumothorax.io import config, dicom_seg, rle
+from pneumothorax.io.paths import ExperimentDir
+from pneumothorax.pipeline import predict
+from pneumothorax.post.postprocess import PostProcess
 
 from .conftest import DCM_301
 

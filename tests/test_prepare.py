@@ -12,7 +12,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pneumothorax import dicom, files, layout, prepare, rle, scale
+from pneumothorax.data import prepare
+from pneumothorax.io import atomic, dicom, layout, resize, rle
 
 
 def test_metadata_and_caches(world, processed):
@@ -46,11 +47,11 @@ def test_metadata_and_caches(world, processed):
     assert images.shape == (300, 64, 64) and images.dtype == np.uint8 and masks.shape == (300, 64, 64)
     row = train[train["has_pneumothorax"] == 1].iloc[0]
     pixels, _ = dicom.read(row["path"])
-    assert (images[row["index"]] == scale.downscale(pixels, 64)).all()
+    assert (images[row["index"]] == resize.downscale(pixels, 64)).all()
     direct = cv2.resize(pixels, (64, 64), interpolation=cv2.INTER_AREA)  # the halving chain rounds twice
     assert np.abs(images[row["index"]].astype(int) - direct).max() <= 1
     full = rle.decode_union(labels[row.name])
-    expected = scale.downscale(full * np.uint8(255), 64) >= 128
+    expected = resize.downscale(full * np.uint8(255), 64) >= 128
     assert (masks[row["index"]].astype(bool) == expected).all()
     direct_mask = cv2.resize(full * np.uint8(255), (64, 64), interpolation=cv2.INTER_AREA) >= 128
     assert (masks[row["index"]].astype(bool) != direct_mask).sum() <= 0.02 * direct_mask.sum()
@@ -260,7 +261,7 @@ def test_a_second_prepare_waits_for_the_first(world, tmp_path, capfd):
     data, keep, _ = _small_copy(world, tmp_path)
     out = tmp_path / "processed"
     finished = []
-    with files.locked(out / ".prepare.lock", "test"):
+    with atomic.locked(out / ".prepare.lock", "test"):
         worker = threading.Thread(
             target=lambda: finished.append(
                 prepare.prepare(layout.detect(data), out, sizes=(32,), workers=1, progress=False)

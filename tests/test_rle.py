@@ -7,7 +7,7 @@ import gzip
 import numpy as np
 import pytest
 
-from pneumothorax import rle
+from pneumothorax.io import rle
 
 from .conftest import REAL_CSV
 

@@ -9,9 +9,13 @@ import pandas as pd
 import pytest
 import torch
 
-from pneumothorax import config, data, infer, prepare, report, steps, tta
-from pneumothorax.paths import ExperimentDir, ProcessedDir
-from pneumothorax.postprocess import PostProcess
+from pneumothorax.data import datasets, prepare
+from pneumothorax.io import config
+from pneumothorax.io.paths import ExperimentDir, ProcessedDir
+from pneumothorax.models import tta
+from pneumothorax.pipeline import report, search
+from pneumothorax.post.postprocess import PostProcess
+from pneumothorax.predict import infer
 
 
 @pytest.fixture()
@@ -21,7 +25,7 @@ def no_gate():
 
 def test_search_rescores_the_choice_at_full_resolution_against_the_rle(processed, exp, no_gate, finished_folds):
     finished_folds(no_gate, exp, processed, lambda masks: (masks > 0).astype(np.uint8) * 255)
-    result = steps.search(no_gate, exp, ProcessedDir(processed), progress=False)
+    result = search.search(no_gate, exp, ProcessedDir(processed), progress=False)
     full = result["full_resolution"]
     assert full["n_images"] == result["n_images"] == 300
     assert full["all_empty_score"] == pytest.approx(result["all_empty_score"])
@@ -35,10 +39,10 @@ def test_search_rescores_the_choice_at_full_resolution_against_the_rle(processed
 def test_full_resolution_rescoring_sees_a_transposed_map(processed, exp, no_gate, finished_folds):
     """The search estimate is blind to the RLE's orientation; the re-scoring goes through the RLE, and is not."""
     finished_folds(no_gate, exp, processed, lambda masks: (masks > 0).transpose(0, 2, 1).astype(np.uint8) * 255)
-    parts = list(steps.oof_folds(no_gate, exp))
-    right = steps.rescore_full(parts, PostProcess("b_r", 0.5), prepare.labels_path(processed), progress=False)
-    flipped = [steps.FoldOOF(p.ids, np.ascontiguousarray(np.asarray(p.maps).transpose(0, 2, 1)), None) for p in parts]
-    wrong = steps.rescore_full(flipped, PostProcess("b_r", 0.5), prepare.labels_path(processed), progress=False)
+    parts = list(search.oof_folds(no_gate, exp))
+    right = search.rescore_full(parts, PostProcess("b_r", 0.5), prepare.labels_path(processed), progress=False)
+    flipped = [search.FoldOOF(p.ids, np.ascontiguousarray(np.asarray(p.maps).transpose(0, 2, 1)), None) for p in parts]
+    wrong = search.rescore_full(flipped, PostProcess("b_r", 0.5), prepare.labels_path(processed), progress=False)
     assert wrong["score"] > right["score"] + 0.05  # the transposed maps were the wrong ones
     assert wrong["dice_positive"] > 0.8 > right["dice_positive"]
 
@@ -49,7 +53,7 @@ def test_search_refuses_folds_trained_on_another_split(processed, exp, no_gate, 
     split.loc[split.index[:3], "fold"] = 1 - split.loc[split.index[:3], "fold"]
     split.to_csv(exp.folds, index=False)
     with pytest.raises(ValueError, match="fold0: trained on another split"):
-        steps.search(no_gate, exp, ProcessedDir(processed), progress=False)
+        search.search(no_gate, exp, ProcessedDir(processed), progress=False)
 
 
 def test_report_ranks_cases_by_their_dice(processed, exp, no_gate, finished_folds):
@@ -59,7 +63,7 @@ def test_report_ranks_cases_by_their_dice(processed, exp, no_gate, finished_fold
         return maps
 
     finished_folds(no_gate, exp, processed, half_right)
-    steps.search(no_gate, exp, ProcessedDir(processed), progress=False)
+    search.search(no_gate, exp, ProcessedDir(processed), progress=False)
     cases = report._cases(no_gate, exp, ProcessedDir(processed), PostProcess("b_r", 0.5))
     assert cases[0][0] == 0.0 and cases[-1][0] > 0.8  # the emptied positives first, the right ones last
     assert [c[0] for c in cases] == sorted(c[0] for c in cases)
@@ -105,7 +109,7 @@ def test_test_inference_averages_folds_and_keeps_broken_images(processed, tmp_pa
     assert ids["image_id"].tolist() == test["image_id"].tolist()
     assert ids["row"].tolist() == [0, 1, -1, 2, 3] and ids["error"].iloc[2] == "broken DICOM"
     good = test[test["error"] == ""]["index"].to_numpy()
-    x = data.model_input(torch.from_numpy(images[good]).unsqueeze(1), 1, torch.device("cpu"))
+    x = datasets.model_input(torch.from_numpy(images[good]).unsqueeze(1), 1, torch.device("cpu"))
     expected = tta.predict_batch(list(folds_made.values()), x, ["hflip"])[:, 0]
     maps = np.load(exp.test_maps)
     assert maps.shape == (4, 64, 64)

@@ -10,9 +10,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pneumothorax import postprocess, rle, submission
-from pneumothorax.paths import ExperimentDir, ProcessedDir
-from pneumothorax.postprocess import PostProcess
+from pneumothorax.io import rle
+from pneumothorax.io.paths import ExperimentDir, ProcessedDir
+from pneumothorax.post import postprocess, submission
+from pneumothorax.post.postprocess import PostProcess
 
 
 def _frame(rows):
@@ -82,7 +83,7 @@ def test_empty_rule_predicts_nothing():
 
 def test_postprocess_round_trips_through_json(tmp_path):
     post = PostProcess("triplet", 0.5, 0.0, 0.3, 0, (0.75, 2048.0, 0.4))
-    path = tmp_path / "thresholds.json"
+    path = tmp_path / "postprocess.json"
     path.write_text(json.dumps({"postprocess": post.to_dict(), "score_search": 0.8}))
     loaded, scores = postprocess.load(path)
     assert loaded == post and scores == {"score_search": 0.8}

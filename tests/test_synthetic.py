@@ -6,7 +6,8 @@ import numpy as np
 import pydicom
 import pytest
 
-from pneumothorax import dicom, rle, synthetic
+from pneumothorax.data import synthetic
+from pneumothorax.io import dicom, rle
 
 
 def test_layout_and_labels(world):

@@ -7,8 +7,9 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from pneumothorax import config, metric, postprocess, thresholds
-from pneumothorax.postprocess import PostProcess
+from pneumothorax.io import config, metric
+from pneumothorax.post import exact_search, postprocess
+from pneumothorax.post.postprocess import PostProcess
 
 BASE = config.load("base").postprocess  # the shipped grid; tests replace parts of it
 
@@ -33,8 +34,8 @@ def test_grid_search_equals_brute_force(dtype):
     probs, masks = _inputs(dtype)
     b_th = [0.3, 0.1, 0.5, 0.5, 51 / 255, 0.9, 0.0, 0.999]
     r_th = [0, 500, 1024, 4096, 60_000, 10**7]
-    fast = thresholds.grid_search(probs, masks, b_th, r_th)
-    brute = thresholds.grid_search_brute(probs, masks, b_th, r_th)
+    fast = exact_search.grid_search(probs, masks, b_th, r_th)
+    brute = exact_search.grid_search_brute(probs, masks, b_th, r_th)
     assert fast.shape == (len(b_th), len(r_th))
     np.testing.assert_allclose(fast, brute, rtol=0, atol=1e-12)
     # R-TH beyond any area empties every image: the all-empty score
@@ -43,18 +44,18 @@ def test_grid_search_equals_brute_force(dtype):
 
 def test_chunking_does_not_change_counts():
     probs, masks = _inputs(np.uint8, seed=3, n=21)
-    a = thresholds.threshold_counts(probs, masks, [0.2, 0.6], chunk=4)
-    b = thresholds.threshold_counts(probs, masks, [0.2, 0.6], chunk=256)
+    a = exact_search.threshold_counts(probs, masks, [0.2, 0.6], chunk=4)
+    b = exact_search.threshold_counts(probs, masks, [0.2, 0.6], chunk=256)
     assert (a.pred == b.pred).all() and (a.inter == b.inter).all() and (a.true_area == b.true_area).all()
 
 
 def test_triplet_and_gate_match_apply():
     probs, masks = _inputs(np.uint8, seed=1)
     tops, areas, bottoms = [0.6, 0.8], [0, 2048, 20_000], [0.3, 0.5]
-    counts = thresholds.threshold_counts(probs, masks, sorted({*tops, *bottoms}))
+    counts = exact_search.threshold_counts(probs, masks, sorted({*tops, *bottoms}))
     gate_probs = np.linspace(0, 1, len(probs))
     keep = gate_probs >= 0.4
-    grid = thresholds.triplet_grid(counts, tops, areas, bottoms, keep)
+    grid = exact_search.triplet_grid(counts, tops, areas, bottoms, keep)
     for a, top in enumerate(tops):
         for b, area in enumerate(areas):
             for c, bottom in enumerate(bottoms):
@@ -65,11 +66,11 @@ def test_triplet_and_gate_match_apply():
                     ]
                 )
                 assert grid[a, b, c] == pytest.approx(metric.mean_dice(preds, masks), abs=1e-12)
-    gated = thresholds.gated_grid(thresholds.threshold_counts(probs, masks, [0.5]), gate_probs, [0.0, 0.4], [1024])
+    gated = exact_search.gated_grid(exact_search.threshold_counts(probs, masks, [0.5]), gate_probs, [0.0, 0.4], [1024])
     rule = PostProcess("b_r", 0.5, 1024, 0.4)
     preds = np.stack([rule.decide(p, g) for p, g in zip(probs, gate_probs, strict=True)])
     assert gated[1, 0, 0] == pytest.approx(metric.mean_dice(preds, masks), abs=1e-12)
-    assert gated[0, 0, 0] == pytest.approx(thresholds.grid_search(probs, masks, [0.5], [1024])[0, 0], abs=1e-12)
+    assert gated[0, 0, 0] == pytest.approx(exact_search.grid_search(probs, masks, [0.5], [1024])[0, 0], abs=1e-12)
 
 
 def test_remove_small_components():
@@ -103,11 +104,11 @@ def test_search_returns_the_rule_that_brute_force_finds_best():
     gate[masks.reshape(len(masks), -1).any(axis=1)] += 0.5  # an informative gate
     half = len(probs) // 2
     parts = [
-        thresholds.OOFPart(probs[:half], masks[:half], gate[:half]),
-        thresholds.OOFPart(probs[half:], masks[half:], gate[half:]),
+        exact_search.OOFPart(probs[:half], masks[:half], gate[:half]),
+        exact_search.OOFPart(probs[half:], masks[half:], gate[half:]),
     ]
     pp = replace(BASE, b_th=config_grid(0.2, 0.8, 0.1), r_th=(0, 512, 4096), gate=(0.0, 0.5, 0.9))
-    found = thresholds.search_oof(parts, pp)
+    found = exact_search.search_oof(parts, pp)
     score, rule = _brute_best(parts, pp.b_th.values(), pp.r_th, pp.gate)
     assert found.score == pytest.approx(score, abs=1e-12)
     assert (found.post.b_th, found.post.r_th, found.post.gate) == (rule.b_th, rule.r_th, rule.gate)
@@ -120,12 +121,12 @@ def test_search_says_empty_when_nothing_beats_predicting_nothing():
     noise = np.random.default_rng(2).integers(0, 256, probs.shape).astype(np.uint8)  # maps unrelated to the truth
     masks = masks.copy()
     masks[: len(masks) - 1] = False  # all but one image negative
-    found = thresholds.search_oof([thresholds.OOFPart(noise, masks, None)], replace(BASE, r_th=(0,), gate=(0.0,)))
+    found = exact_search.search_oof([exact_search.OOFPart(noise, masks, None)], replace(BASE, r_th=(0,), gate=(0.0,)))
     assert found.post.rule == "empty" and found.score == pytest.approx(found.all_empty_score)
     assert not found.post.apply(noise[0]).any()
 
 
 def config_grid(start, stop, step):
-    from pneumothorax.config import Grid
+    from pneumothorax.io.config import Grid
 
     return Grid(start, stop, step)

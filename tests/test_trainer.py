@@ -11,9 +11,12 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from pneumothorax import checkpoints, devices, files
-from pneumothorax.paths import RunDir
-from pneumothorax.trainer import Averaging, Interrupted, Phase, Precision, Settings, Trainer
+from pneumothorax.io import atomic
+from pneumothorax.io.config import StageConfig
+from pneumothorax.io.paths import RunDir
+from pneumothorax.models import devices
+from pneumothorax.train import checkpoints
+from pneumothorax.train.trainer import Averaging, Interrupted, Precision, Settings, Trainer
 
 
 class Pairs(Dataset):
@@ -58,7 +61,7 @@ class NoNormTask:
 
     def __init__(self, batch: int, accumulate: int, epochs: int = 2, averaging: Averaging | None = None) -> None:
         self.batch, self.averaging = batch, averaging or Averaging()
-        self.phases = (Phase(epochs=epochs, lr=0.01, batch_size=batch, size=8, accumulate=accumulate),)
+        self.stages = (StageConfig(epochs=epochs, lr=0.01, batch_size=batch, size=8, accumulate=accumulate),)
         self.data = Pairs()
 
     def build_model(self, log) -> nn.Module:
@@ -135,7 +138,7 @@ def test_a_second_trainer_of_the_same_run_waits_then_finds_it_done(tmp_path, cap
     first = Trainer(NoNormTask(8, 1), run, settings, runtime, progress=False)
     second = Trainer(NoNormTask(8, 1), run, settings, runtime, progress=False)
     results = {}
-    with files.locked(run.lock, "the first job"):  # the first job, mid-training
+    with atomic.locked(run.lock, "the first job"):  # the first job, mid-training
         waiting = threading.Thread(target=lambda: results.setdefault("second", second.fit()))
         waiting.start()
         waiting.join(timeout=2.0)
@@ -145,3 +148,87 @@ def test_a_second_trainer_of_the_same_run_waits_then_finds_it_done(tmp_path, cap
     assert not waiting.is_alive()
     assert "waiting: toy" in capfd.readouterr().err
     assert results["second"] == results["first"] and len(pd.read_csv(run.metrics)) == 2  # not trained twice
+
+
+def test_tensorboard_gets_the_rows_of_metrics_csv_the_config_and_the_final_scores(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from pneumothorax.train.tracking import Tracking
+
+    run = RunDir(tmp_path / "fold0")
+    settings = Settings(0, False, False, 1, {"batch": 8}, "toy: tensorboard\n", Tracking("tensorboard"))
+    Trainer(NoNormTask(8, 1, 3), run, settings, devices.Runtime(torch.device("cpu")), progress=False).fit()
+    events = EventAccumulator(str(run.tensorboard), size_guidance={"scalars": 0, "tensors": 0})
+    events.Reload()
+    metrics = pd.read_csv(run.metrics)
+    for tag in ("train_loss", "val_loss", "lr"):
+        logged = events.Scalars(tag)
+        assert [e.step for e in logged] == metrics["epoch"].tolist() == [1, 2, 3]
+        np.testing.assert_allclose([e.value for e in logged], metrics[tag], rtol=1e-6)
+    assert events.Scalars("final/epochs")[0].value == 3
+    assert "toy: tensorboard" in events.Tensors("config/text_summary")[0].tensor_proto.string_val[0].decode()
+
+
+def test_mlflow_gets_the_same_rows_and_a_resumed_run_logs_into_the_same_mlflow_run(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from pneumothorax.train.tracking import Tracking
+
+    uri = (tmp_path / "mlruns").as_uri()
+    run, cpu = RunDir(tmp_path / "fold0"), devices.Runtime(torch.device("cpu"))
+    settings = Settings(0, False, False, 1, {"batch": 8}, "toy: mlflow\n", Tracking("mlflow", uri, "toy-exp"))
+    with pytest.raises(Interrupted):
+        Trainer(NoNormTask(8, 1, 3), run, settings, cpu, progress=False, max_epochs=2).fit()
+    Trainer(NoNormTask(8, 1, 3), run, settings, cpu, progress=False).fit()
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name("toy-exp")
+    runs = client.search_runs([experiment.experiment_id])
+    assert len(runs) == 1 and runs[0].info.run_id == run.mlflow_run_id.read_text().strip()
+    metrics = pd.read_csv(run.metrics)
+    history = client.get_metric_history(runs[0].info.run_id, "train_loss")
+    assert [m.step for m in history] == [1, 2, 3]
+    np.testing.assert_allclose([m.value for m in history], metrics["train_loss"], rtol=1e-6)
+    assert runs[0].data.metrics["final/epochs"] == 3 and runs[0].info.status == "FINISHED"
+    config = client.download_artifacts(runs[0].info.run_id, "config.yaml", str(tmp_path))
+    assert open(config).read() == "toy: mlflow\n"
+
+
+def test_a_backend_that_is_not_installed_fails_before_training(tmp_path, monkeypatch):
+    import sys
+
+    from pneumothorax.train.tracking import Tracking, TrackingError
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if the package were missing
+    run = RunDir(tmp_path / "fold0")
+    settings = Settings(0, False, False, 1, {"batch": 8}, "toy: true\n", Tracking("tensorboard"))
+    with pytest.raises(TrackingError, match=r"pip install 'pneumothorax\[track\]'"):
+        Trainer(NoNormTask(8, 1, 3), run, settings, devices.Runtime(torch.device("cpu")), progress=False).fit()
+    assert not run.state.exists()
+
+
+class EncoderTask(NoNormTask):
+    """The toy task on a net with an ``encoder`` (as smp's models have) and a head."""
+
+    def build_model(self, log) -> nn.Module:
+        torch.manual_seed(0)
+        net = nn.Module()
+        net.encoder = nn.Conv2d(1, 4, 3, padding=1)
+        net.head = nn.Conv2d(4, 1, 3, padding=1)
+        net.forward = lambda x: net.head(torch.relu(net.encoder(x)))
+        return net
+
+
+def test_the_encoder_stays_frozen_for_the_first_epochs_of_a_stage(tmp_path):
+    task = EncoderTask(8, 1, 3)
+    task.stages = (StageConfig(epochs=3, lr=0.01, batch_size=8, size=8, freeze_encoder_epochs=2),)
+    initial = {k: v.clone() for k, v in task.build_model(None).state_dict().items()}
+    run, cpu = RunDir(tmp_path / "fold0"), devices.Runtime(torch.device("cpu"))
+    settings = Settings(0, False, False, 1, {"freeze": 2}, "toy: true\n")
+    with pytest.raises(Interrupted):
+        Trainer(task, run, settings, cpu, progress=False, max_epochs=2).fit()
+    after_two = checkpoints.load_checkpoint(run.state)["model"]
+    assert all(torch.equal(after_two[k], initial[k]) for k in ("encoder.weight", "encoder.bias"))
+    assert not torch.equal(after_two["head.weight"], initial["head.weight"])  # the rest trained meanwhile
+    Trainer(task, run, settings, cpu, progress=False).fit()
+    after_three = checkpoints.load_checkpoint(run.model)["state_dict"]
+    assert not torch.equal(after_three["encoder.weight"], initial["encoder.weight"])  # the third epoch trains it

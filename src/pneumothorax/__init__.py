@@ -1,8 +1,9 @@
 """pneumothorax: a SIIM-ACR pneumothorax segmentation pipeline.
 
-Stages live in short-noun modules (``dicom``, ``rle``, ``metric``, ``folds``, ``data``,
-``models``, ``train``, ``classifier``, ``infer``, ``thresholds``, ``submission``,
-``synthetic``); nothing runs at import.
+One folder per layer, imports pointing down only: ``io`` (paths, config, files, DICOM, RLE, the metric,
+layouts) -> ``data`` (prepare, folds, datasets) -> ``models`` -> ``train`` (the Trainer and its tasks) ->
+``predict`` -> ``post`` (the post-processing decision, its search, the submission) -> ``pipeline`` (steps
+over experiment folders, freshness for Make). Nothing runs at import.
 """
 
 __version__ = "0.1.0"

@@ -1,0 +1,1 @@
+"""Data: prepare (DICOMs -> caches), folds, datasets, augmentations, the synthetic world."""

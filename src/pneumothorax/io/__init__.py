@@ -1,0 +1,1 @@
+"""Format I/O and utilities: paths, config, files, DICOM, RLE, the metric, layouts and manifests."""

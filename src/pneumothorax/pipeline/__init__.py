@@ -1,0 +1,1 @@
+"""Pipeline steps over experiment folders, the Makefile's freshness, and the scripts' plumbing."""

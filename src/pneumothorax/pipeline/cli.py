@@ -1,0 +1,98 @@
+"""Shared command-line plumbing for ``scripts/``: arguments, config loading, one-line errors.
+
+The Makefile's own question at parse time lives in :mod:`pneumothorax.pipeline.make_plan`, which imports
+no torch and starts in a fraction of a second.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from pneumothorax.data import prepare
+from pneumothorax.io import config as config_mod
+from pneumothorax.io import freshness
+from pneumothorax.io import layout as layout_mod
+from pneumothorax.io.errors import PipelineError
+from pneumothorax.io.paths import ExperimentDir
+
+KINDS = {
+    "stage2": "stage 2 (today's download: stage_2_train.csv, stage_2_images/, stage-1 re-uploads for training)",
+    "stage1": "stage 1 (train-rle.csv, dicom-images-train/, dicom-images-test/)",
+    "custom": "custom (label CSV named by TRAIN_CSV)",
+}
+
+
+def parser(description: str, config: bool = True, step: bool = False) -> argparse.ArgumentParser:
+    """An ArgumentParser with ``--config`` and repeatable ``--set key=value`` overrides; a pipeline ``step``
+    also takes its processed folder and experiment folder."""
+    p = argparse.ArgumentParser(description=description)
+    if step:
+        p.add_argument("--processed", required=True, help="the processed folder (data/processed/<data>)")
+        p.add_argument("--exp-dir", required=True, help="the experiment folder (models/<exp>)")
+    if config:
+        p.add_argument("--config", required=True, help="experiment name (configs/NAME.yaml) or YAML path")
+        p.add_argument(
+            "--set",
+            dest="overrides",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="override a config key (dotted; YAML value), repeatable",
+        )
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def experiment(cfg: config_mod.Config, exp_dir: str) -> ExperimentDir:
+    """The experiment folder of ``cfg`` at ``exp_dir`` (``models/<exp>``)."""
+    return ExperimentDir(Path(exp_dir), cfg.final_size)
+
+
+def record(step: str, cfg: config_mod.Config, exp: ExperimentDir, processed: str | Path) -> None:
+    """What step ``step`` just made its output under (its last act: Make then finds it up to date)."""
+    spec = freshness.STEPS[step]
+    reads_inputs = spec.manifests or spec.train_digest
+    freshness.record(exp, step, cfg, freshness.Inputs.of_processed(Path(processed)) if reads_inputs else None)
+
+
+def no_models(cfg: config_mod.Config) -> None:
+    """The check of a step that builds no model (prepare, folds, search, report): nothing to look up, and no
+    torch, timm or smp to import (the step starts in a second instead of several)."""
+
+
+def load_config(args: argparse.Namespace, check: Callable[[config_mod.Config], None]) -> config_mod.Config:
+    """The experiment config from parsed args, passed to ``check`` (``models.check_names``: every model name
+    against its registry, before any work; this module imports no torch, so the caller hands it over)."""
+    cfg = config_mod.load(args.config, args.overrides)
+    check(cfg)
+    return cfg
+
+
+def describe_layout(found: layout_mod.Layout) -> str:
+    """What ``prepare`` is about to read, in a few lines."""
+    rows, images = prepare.label_counts(found.labels)
+    lines = [
+        f"layout: {KINDS[found.kind]}",
+        f"  labels: {found.labels} ({rows:,} rows, {images:,} images)",
+        "  training DICOMs: every labelled .dcm under "
+        + ", ".join(str(d) for d in found.train_dirs)
+        + (f" except {found.test_dir}" if found.test_dir else ""),
+        f"  test DICOMs: {found.test_dir}" if found.test_dir else "  test DICOMs: none (training-only run)",
+    ]
+    if found.sample_submission:
+        lines.append(f"  sample submission: {found.sample_submission}")
+    return "\n".join(lines)
+
+
+def run(main: Any) -> None:
+    """Run a script's main; a :class:`~pneumothorax.io.errors.PipelineError` (bad input, a step not run yet)
+    prints one line naming the problem and exits 2; anything else is a bug and keeps its traceback."""
+    try:
+        main()
+    except PipelineError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)

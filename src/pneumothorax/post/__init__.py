@@ -1,0 +1,1 @@
+"""Post-processing: the PostProcess decision, its exact search, the submission."""

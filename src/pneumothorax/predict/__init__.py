@@ -1,0 +1,1 @@
+"""Prediction: out-of-fold and test maps of a trained experiment."""

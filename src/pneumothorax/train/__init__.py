@@ -1,0 +1,1 @@
+"""Training: the one Trainer engine, checkpoints, and the segmentation and classifier tasks."""
