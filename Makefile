@@ -18,6 +18,7 @@ TRAIN_CSV ?=
 TRAIN_DIR ?=
 TEST_DIR  ?=
 SAMPLE_SUBMISSION ?=
+EXTRA_DIR ?=
 LABELS    ?= $(DATA_DIR)/test-labels.csv
 FOLD      ?=
 # Config overrides for every step, as a config edit: SET="segmentation.stages.0.lr=1e-4 data.workers=8"
@@ -63,7 +64,8 @@ endif
 Q         := $(if $(QUIET),--quiet,)
 OVERRIDES := $(foreach s,$(SET),--set $(s))
 LAYOUT_ARGS := $(if $(TRAIN_CSV),--train-csv $(TRAIN_CSV)) $(if $(TEST_DIR),--test-dir $(TEST_DIR)) \
-  $(if $(SAMPLE_SUBMISSION),--sample-submission $(SAMPLE_SUBMISSION)) --patient-map $(PATIENT_MAP)
+  $(if $(SAMPLE_SUBMISSION),--sample-submission $(SAMPLE_SUBMISSION)) $(if $(EXTRA_DIR),--extra-dir $(EXTRA_DIR)) \
+  --patient-map $(PATIENT_MAP)
 STEP_ARGS  = --config $(CONFIG) $(OVERRIDES) --processed $(PROCESSED_DIR) --exp-dir $(EXP_DIR) $(Q)
 
 # --- the one Python start at parse time, for the goals that run pipeline steps -------------------------
@@ -139,7 +141,7 @@ DATA_OK := $(if $(LAYOUT_ERROR),layout-error)
 
 .PHONY: help install layout-error FORCE demo synthetic prepare folds pretrain train train-seg train-cls oof infer \
         search submit score report test test-fast lint bench bench-data bench-train bench-post clean clean-models \
-        print-paths ensemble predict leaderboard ablation kaggle-submit gpu-check
+        print-paths ensemble predict leaderboard ablation kaggle-submit gpu-check bench-real
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_%/-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | column -t -s $$'\t'
@@ -279,6 +281,11 @@ lint: install ## ruff
 
 gpu-check: install ## every risky CUDA path on a small world, PASS/FAIL/SKIP each, then bench-train (run it first on a GPU box)
 	$(PY) benchmarks/gpu_check.py
+
+REAL_DIR ?=
+bench-real: install ## the real_cpu recipe on the staged real SIIM images (REAL_DIR=<stage.sh folder>), timed -> benchmarks/results/bench_real.json
+	@[ -n "$(REAL_DIR)" ] || { echo 'error: name the staged real images: make bench-real REAL_DIR=<folder stage.sh wrote>' >&2; exit 2; }
+	$(PY) benchmarks/bench_real.py --real-dir $(REAL_DIR)
 
 bench: bench-data bench-train bench-post ## all benchmarks
 bench-data: install ## RLE of the real CSV; prepare on today's layout (real DICOMs) vs a bare decode loop

@@ -1,7 +1,8 @@
 """Write a synthetic world in today's (stage2) or the stage-1 layout (see pneumothorax.data.synthetic).
 
 Difficulty: --difficulty default|hard|harder sets the three knobs; --noise, --contrast and
---lesion-scale override one of them (1.0 = the default world).
+--lesion-scale override one of them (1.0 = the default world). --difficulty real moves the world towards
+the real SIIM images (their grey-level distribution, their rows per image).
 """
 
 from pneumothorax.data import synthetic

@@ -19,12 +19,19 @@ def main() -> None:
     p.add_argument("--test-dir", default=None, help="test DICOMs (default: stage_2_images or dicom-images-test); none")
     p.add_argument("--sample-submission", default=None, help="sample submission CSV (default: found), or none")
     p.add_argument("--patient-map", default=None, help="Kaggle_ID,NIH_ID CSV")
+    p.add_argument("--extra-dir", default=None, help="extra training images and labels.csv (default: found), or none")
     p.add_argument("--skip-bad", action="store_true", help="leave unreadable training files out (reported)")
     p.add_argument("--workers", type=int, default=None)
     args = p.parse_args()
     cfg = cli.load_config(args, cli.no_models)
     found = layout_mod.detect(
-        args.data_dir, args.train_csv, args.train_dir, args.test_dir, args.sample_submission, args.patient_map
+        args.data_dir,
+        args.train_csv,
+        args.train_dir,
+        args.test_dir,
+        args.sample_submission,
+        args.patient_map,
+        args.extra_dir,
     )
     print(cli.describe_layout(found))
     table = prepare.prepare(found, args.processed, cfg.data.sizes, args.workers, args.skip_bad, not args.quiet)

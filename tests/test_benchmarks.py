@@ -6,9 +6,12 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from pneumothorax.io import paths
 
 
+@pytest.mark.trains
 def test_memory_probe_submits_one_row_per_test_map() -> None:
     probe = paths.ROOT / "benchmarks" / "memory_probe.py"
     result = subprocess.run([sys.executable, str(probe), "12"], capture_output=True, text=True, timeout=300)

@@ -37,6 +37,7 @@ def _experiment(processed, root):
     return out
 
 
+@pytest.mark.trains
 def test_classifier_resumes_exactly_and_predicts_its_held_out_images(processed, tmp_path):
     cfg = config.load("demo", [*TINY, "classifier.size=64", "classifier.epochs=3"])
     whole = _experiment(processed, tmp_path / "whole")
@@ -73,6 +74,7 @@ def test_classifier_auc_beats_chance(processed, exp):
     assert summary["auc"] > 0.7  # 0.82 measured; chance is 0.5
 
 
+@pytest.mark.trains
 def test_external_pretraining_initialises_the_encoder(processed, tmp_path):
     meta = pd.read_csv(processed / "metadata.csv", dtype={"image_id": str}, keep_default_na=False)
     train_rows = meta[meta["split"] == "train"].head(24)

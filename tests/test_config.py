@@ -37,6 +37,17 @@ def test_published_recipes():
     first = config.load("1st_place")
     assert [s.size for s in first.segmentation.stages] == [512, 1024] and first.postprocess.triplet
     assert first.segmentation.stages[0].positive_rate > first.segmentation.stages[0].positive_rate_end
+    # their public configs: combo loss (3, 1, 4), clipping 0.1, 3 checkpoints averaged, rate 0.8 -> 0.4, no SWA
+    seg = first.segmentation
+    assert (seg.loss.bce, seg.loss.dice, seg.loss.focal, seg.grad_clip, seg.top_k) == (3.0, 1.0, 4.0, 0.1, 3)
+    assert (seg.stages[0].positive_rate, seg.stages[-1].positive_rate_end) == (0.8, 0.4)
+    assert all(s.swa_epochs == 0 for s in seg.stages) and seg.stages[1].freeze_encoder_epochs > 0
+    assert (0.75, 2000, 0.3) in {
+        (t, a, b)
+        for t in first.postprocess.triplet_top
+        for a in first.postprocess.triplet_area
+        for b in first.postprocess.triplet_bottom
+    }  # their best validation triplet
 
 
 def test_unknown_key_fails_with_its_name(tmp_path):

@@ -177,3 +177,18 @@ def test_smooth_elastic_draws_the_field_albumentations_draws():
         A.Compose([augmentations.SmoothElastic(size / 4, size / 40, p=1.0)]), (1, 0, 0), image=mask * 200, mask=mask
     )
     assert set(np.unique(out["mask"])) == {0, 1} and abs(int(out["mask"].sum()) - 200 * 200) < 0.02 * 200 * 200
+
+
+def test_epoch_images_draws_a_fixed_epoch_in_the_positive_rate():
+    labels = np.array([1] * 700 + [0] * 500)  # extra positives: more positives than negatives
+    sampler = datasets.PositiveRateSampler(labels, 0.5, 0.25, epochs=4, seed=1, epoch_images=200)
+    epochs = []
+    for epoch, want in ((0, 100), (3, 50)):
+        sampler.set_epoch(epoch)
+        drawn = [i for i, _ in sampler]
+        assert len(drawn) == len(sampler) == 200 and len(set(drawn)) == 200  # no image twice in an epoch
+        assert int(labels[drawn].sum()) == want  # the rate, falling from a half to a quarter
+        epochs.append(drawn)
+    assert set(epochs[0]) != set(epochs[1])  # drawn afresh each epoch
+    natural = datasets.PositiveRateSampler(labels, None, epoch_images=120, seed=2)
+    assert int(labels[[i for i, _ in natural]].sum()) == 70  # without a rate: the natural share, 7/12

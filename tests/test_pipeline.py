@@ -13,7 +13,9 @@ import pytest
 
 from pneumothorax.data import synthetic
 from pneumothorax.io import config, dicom, paths, rle
-from pneumothorax.io.paths import ExperimentDir, ProcessedDir
+from pneumothorax.io.paths import ExperimentDir
+
+pytestmark = pytest.mark.make  # every test here runs make (most with -n: planning only)
 
 
 def make(*args: str, check: bool = True, dry: bool = False) -> subprocess.CompletedProcess:
@@ -43,16 +45,26 @@ def test_make_plans_exactly_one_fold(tmp_path):
     assert sum("04_train_segmentation.py" in line for line in every.splitlines()) == n_folds == 3
 
 
-def test_make_help_lists_targets():
-    listed = {line.split()[0] for line in make("help").stdout.splitlines() if line.strip()}
-    targets = ("demo", "prepare", "folds", "train", "infer", "search", "submit", "score", "report", "test")
-    assert set(targets) <= listed
+def test_make_help_lists_targets_and_starts_no_python(tmp_path):
+    listed = {line.split()[0] for line in make("help", f"VENV={tmp_path}/none").stdout.splitlines() if line.strip()}
+    targets = ("demo", "prepare", "folds", "train", "oof", "infer", "search", "submit", "kaggle-submit", "gpu-check")
+    assert set(targets) <= listed  # without a venv at all: help starts no Python
+
+
+def test_make_n_writes_nothing(today, tmp_path):
+    """Planning a whole run of a fresh experiment writes no file anywhere: no stamp, no manifest, no record."""
+    out = tmp_path / "out"
+    args = [f"DATA_DIR={today}", f"MODELS_DIR={out}/m", f"PROCESSED_DIR={out}/p", f"SUBMISSIONS_DIR={out}/s"]
+    before = sorted(p for p in today.rglob("*"))
+    plan = make("submit", "report", "EXP=tiny", *args, dry=True).stdout
+    assert _planned(plan) == _plan(prepare=1, folds=1, classifier=2, segmentation=2, oof=1, infer=1, search=1, submit=1)
+    assert not out.exists() and sorted(p for p in today.rglob("*")) == before
 
 
 def test_the_makefile_builds_the_paths_of_the_experiment_folder(tmp_path):
     out = make("print-paths", "EXP=tiny", f"MODELS_DIR={tmp_path}/m", f"PROCESSED_DIR={tmp_path}/p").stdout
     made = dict(line.split(" ", 1) for line in out.splitlines())
-    exp, processed = ExperimentDir(tmp_path / "m" / "tiny", 64), ProcessedDir(tmp_path / "p")
+    exp = ExperimentDir(tmp_path / "m" / "tiny", 64)
     ours = {
         "models": exp.root,
         "folds": exp.folds,
@@ -122,64 +134,12 @@ def test_fold_out_of_range_fails_before_any_work(tmp_path):
     assert "FOLD=9 is not a fold of EXP=tiny, whose data.n_folds is 2: use FOLD=0 to FOLD=1" in result.stderr
 
 
-@pytest.mark.make
-def test_todays_download_end_to_end(today, tmp_path):
-    """`make prepare folds train infer submit DATA_DIR=<today's layout> EXP=tiny`, then what users change."""
-    outputs = [
-        f"MODELS_DIR={tmp_path / 'models'}",
-        f"SUBMISSIONS_DIR={tmp_path / 'subs'}",
-        f"PROCESSED_DIR={tmp_path / 'p'}",
-    ]
-    common = ["EXP=tiny", f"DATA_DIR={today}", "QUIET=1", *outputs]
-    broken = sorted((today / "stage_2_images").glob("ID_*.dcm"))[1]
-    broken.write_bytes(b"corrupt")  # a broken test image still gets its row
-    make("prepare", "folds", "train", "infer", "submit", *common)
-    sub = pd.read_csv(tmp_path / "subs" / "tiny.csv", dtype=str)
-    sample = pd.read_csv(today / "stage_2_sample_submission.csv", dtype=str)
-    assert list(sub.columns) == ["ImageId", "EncodedPixels"]
-    assert sub["ImageId"].tolist() == sample["ImageId"].tolist()  # exactly the sample's ids, in its order
-    assert sub.set_index("ImageId").loc[broken.stem, "EncodedPixels"] == "-1"
-    for value in sub["EncodedPixels"]:
-        rle.parse(value)
-    assert make("-q", "prepare", "folds", "train", "infer", "submit", *common, check=False).returncode == 0
-
-    # a new test folder: prepare, infer and submit rerun; nothing is retrained
-    new_test = tmp_path / "new-test"
-    new_test.mkdir()
-    for path in sorted((today / "stage_2_images").glob("ID_*.dcm"))[2:6]:
-        shutil.copy(path, new_test / path.name)
-    swapped = [*common, f"TEST_DIR={new_test}", "SAMPLE_SUBMISSION=none"]
-    plan = _planned(make("prepare", "folds", "train", "infer", "submit", *swapped, dry=True).stdout)
-    assert plan == _plan(prepare=1, infer=1, submit=1)
-    # that plan wrote nothing; dropped, it reruns nothing
-    assert make("-q", "prepare", "folds", "train", "infer", "submit", *common, check=False).returncode == 0
-    make("prepare", "infer", "submit", *swapped)
-    sub = pd.read_csv(tmp_path / "subs" / "tiny.csv", dtype=str)
-    assert sorted(sub["ImageId"]) == sorted(p.stem for p in new_test.glob("*.dcm"))
-
-    # a training DICOM broken, then repaired: prepare fails naming it, then reads it again
-    victim = sorted((today / "siim" / "dicom-images-test").rglob("*.dcm"))[3]  # an image with no second copy
-    good = victim.read_bytes()
-    victim.write_bytes(b"truncated")
-    failed = make("prepare", *swapped, check=False)
-    assert failed.returncode != 0 and str(victim) in failed.stderr and "unreadable training file" in failed.stderr
-    victim.write_bytes(good)
-    assert _planned(make("prepare", *swapped, dry=True).stdout)["01_prepare"] == 1
-    make("prepare", *swapped)
-    meta = pd.read_csv(tmp_path / "p" / "metadata.csv", dtype=str, keep_default_na=False)
-    assert (meta["error"] == "").all()
-
-    # a mistyped test folder is an error, not an empty submission; corrected, nothing reruns (the manifests
-    # of the last good layout stay)
-    mistyped = [f"TEST_DIR={today / 'stage_2_imgs'}" if arg.startswith("TEST_DIR=") else arg for arg in swapped]
-    typo = make("prepare", *mistyped, check=False)
-    assert typo.returncode != 0 and "stage_2_imgs: test folder (TEST_DIR) does not exist" in typo.stderr
-    assert make("-q", "prepare", *swapped, check=False).returncode == 0
-
-
-@pytest.mark.make
-def test_pipeline_end_to_end(tmp_path):
-    world, models_dir, subs, processed = tmp_path / "world", tmp_path / "models", tmp_path / "subs", tmp_path / "p"
+def test_the_pipeline_on_todays_download_and_what_users_change(today, tmp_path):
+    """`make prepare train infer submit score report DATA_DIR=<today's layout>`, then everything a user changes:
+    config edits (planned, carried out, reverted), a new test folder, a broken and a repaired training DICOM, a
+    mistyped folder, a replaced training image, the data folder moved, a missing fold, another experiment on the
+    same processed folder. One finished run serves them all (each would otherwise train its own)."""
+    models_dir, subs, processed = tmp_path / "models", tmp_path / "subs", tmp_path / "p"
     configs = tmp_path / "configs"
     configs.mkdir()
     base = "# an experiment of the test's own\ndefaults: [tiny]\n"
@@ -187,23 +147,50 @@ def test_pipeline_end_to_end(tmp_path):
     common = [
         "EXP=mine",
         f"CONFIGS={configs}",
-        f"DATA_DIR={world}",
+        f"DATA_DIR={today}",
         f"MODELS_DIR={models_dir}",
         f"SUBMISSIONS_DIR={subs}",
         f"PROCESSED_DIR={processed}",
+        f"LABELS={today / 'test-labels.csv'}",
         "QUIET=1",
     ]
-    make("synthetic", "SYNTH_TRAIN=60", "SYNTH_TEST=8", "SYNTH_SEED=4", "SYNTH_LAYOUT=stage1", *common)
-    broken = sorted((world / "dicom-images-test").rglob("*.dcm"))[2]
-    broken.write_bytes(b"corrupt")
+    broken = sorted((today / "stage_2_images").glob("ID_*.dcm"))[1]
+    broken.write_bytes(b"corrupt")  # a broken test image still gets its row
     make("prepare", "train", "infer", "submit", "score", "report", *common)
     exp = ExperimentDir(models_dir / "mine", 64)
-    sub = pd.read_csv(subs / "mine.csv", dtype=str)
+    _a_finished_run_is_complete_and_up_to_date(today, exp, subs / "mine.csv", broken, common)
+    everything = ["prepare", "folds", "train", "infer", "search", "submit", "score", "report"]
+    _config_edits_rerun_what_reads_them(configs / "mine.yaml", base, [*everything, *common])
+    swapped = _a_new_test_folder_reruns_prepare_infer_and_submit(today, today / "new-test", common, subs)
+    _a_broken_training_dicom_fails_prepare_then_is_read_again(today, processed, swapped)
+    # a mistyped test folder is an error, not an empty submission; corrected, nothing reruns
+    mistyped = [f"TEST_DIR={today / 'stage_2_imgs'}" if arg.startswith("TEST_DIR=") else arg for arg in swapped]
+    typo = make("prepare", *mistyped, check=False)
+    assert typo.returncode != 0 and "stage_2_imgs: test folder (TEST_DIR) does not exist" in typo.stderr
+    assert make("-q", "prepare", *swapped, check=False).returncode == 0
+    goals = ["prepare", "folds", "train", "infer", "search", "submit"]
+    _a_replaced_training_image_retrains_every_run(today / "siim" / "dicom-images-train", exp, [*goals, *swapped])
+    swapped = _a_moved_data_folder_retrains_nothing(today, tmp_path / "moved", goals, swapped)
+    # one fold out of date reruns that fold and what depends on it, nothing else
+    exp.segmenter(1).model.unlink()
+    assert _planned(make("submit", *swapped, dry=True).stdout) == _plan(
+        segmentation=1, oof=1, infer=1, search=1, submit=1
+    )
+    make("submit", *swapped)
+    _another_experiment_on_the_same_processed_folder_keeps_its_own_folds(configs, exp, swapped)
+
+
+def _a_finished_run_is_complete_and_up_to_date(today, exp: ExperimentDir, csv, broken, common: list[str]) -> None:
+    sub = pd.read_csv(csv, dtype=str)
+    sample = pd.read_csv(today / "stage_2_sample_submission.csv", dtype=str)
     assert list(sub.columns) == ["ImageId", "EncodedPixels"] and len(sub) == 8
+    assert sub["ImageId"].tolist() == sample["ImageId"].tolist()  # exactly the sample's ids, in its order
     assert sub.set_index("ImageId").loc[broken.stem, "EncodedPixels"] == "-1"
-    labels = rle.read_labels(world / "test-labels.csv")
+    for value in sub["EncodedPixels"]:
+        rle.parse(value)
+    labels = rle.read_labels(today / "test-labels.csv")
     score = json.loads(exp.score.read_text())
-    assert score["n_images"] == 8 and score["n_positive"] == sum(bool(rows) for rows in labels.values())
+    assert score["n_images"] == len(labels) and score["n_positive"] == sum(bool(rows) for rows in labels.values())
     post = json.loads(exp.postprocess.read_text())
     assert post["full_resolution"]["n_images"] == post["n_images"] == len(pd.read_csv(exp.folds))
     assert f"{post['score_full_resolution']:.4f}" in exp.summary.read_text()
@@ -212,11 +199,13 @@ def test_pipeline_end_to_end(tmp_path):
     everything = ["prepare", "folds", "train", "infer", "search", "submit", "score", "report"]
     assert make("-q", *everything, *common, check=False).returncode == 0  # a finished run is up to date
 
+
+def _config_edits_rerun_what_reads_them(yaml_file, base: str, args: list[str]) -> None:
     def plan_after(text: str, carry_out: bool = True) -> dict[str, int]:
-        (configs / "mine.yaml").write_text(base + text)
-        planned = _planned(make(*everything, *common, dry=True).stdout)
+        yaml_file.write_text(base + text)
+        planned = _planned(make(*args, dry=True).stdout)
         if carry_out:
-            make(*everything, *common)  # the next edit starts from an up-to-date run
+            make(*args)  # the next edit starts from an up-to-date run
         return planned
 
     assert plan_after("# only a comment\n") == _plan()
@@ -237,17 +226,53 @@ def test_pipeline_end_to_end(tmp_path):
     assert plan_after(carried + "seed: 7\n", carry_out=False) == folds_edit
     steps_edit = "data: {sizes: [32, 48, 64]}\ninfer: {tta: [vflip], batch_size: 3}\npostprocess: {r_th: [0]}\n"
     assert plan_after(steps_edit, carry_out=False) == _plan(prepare=1, infer=1, search=1, submit=1)
+    # the same edit as an override from Make, then dropped: it plans what the YAML edit planned, and back
+    yaml_file.write_text(base + carried)
+    override = "SET=postprocess.r_th=[0] infer.batch_size=3 data.sizes=[32,48,64]"
+    assert _planned(make(*args, override, dry=True).stdout) == _plan(prepare=1, infer=1, search=1, submit=1)
     # those edits reverted: what `make -n` saw leaves nothing to plan or invoke (each step's output, and
-    # each model, records the values it was made under; stamps newer than them used to make every
-    # training script run again as a no-op, and `make -n` list it all)
-    (configs / "mine.yaml").write_text(base + carried)
-    assert _planned(make(*everything, *common, dry=True).stdout) == _plan()
-    assert make("-q", *everything, *common, check=False).returncode == 0
-    _a_replaced_training_image_retrains_every_run(world / "dicom-images-train", exp, [*everything, *common])
-    common = _a_moved_data_folder_retrains_nothing(world, tmp_path / "moved", everything, common)
-    # one fold out of date reruns that fold and what depends on it, nothing else
-    exp.segmenter(1).model.unlink()
-    assert _planned(make("submit", *common, dry=True).stdout) == _plan(segmentation=1, oof=1, infer=1, search=1, submit=1)
+    # each model, records the values it was made under; nothing was written while Make planned)
+    assert _planned(make(*args, dry=True).stdout) == _plan()
+    assert make("-q", *args, check=False).returncode == 0
+
+
+def _a_new_test_folder_reruns_prepare_infer_and_submit(today, new_test, common: list[str], subs) -> list[str]:
+    """Another test folder: prepare, infer and submit rerun, nothing is retrained; one only `make -n` saw
+    reruns nothing once dropped. The arguments that name the new folder."""
+    new_test.mkdir()
+    for path in sorted((today / "stage_2_images").glob("ID_*.dcm"))[2:6]:
+        shutil.copy(path, new_test / path.name)
+    swapped = [*common, f"TEST_DIR={new_test.name}", "SAMPLE_SUBMISSION=none"]  # relative to DATA_DIR
+    plan = _planned(make("prepare", "folds", "train", "infer", "submit", *swapped, dry=True).stdout)
+    assert plan == _plan(prepare=1, infer=1, submit=1)
+    assert make("-q", "prepare", "folds", "train", "infer", "submit", *common, check=False).returncode == 0
+    make("prepare", "infer", "submit", *swapped)
+    sub = pd.read_csv(subs / "mine.csv", dtype=str)
+    assert sorted(sub["ImageId"]) == sorted(p.stem for p in new_test.glob("*.dcm"))
+    return swapped
+
+
+def _a_broken_training_dicom_fails_prepare_then_is_read_again(today, processed, args: list[str]) -> None:
+    victim = sorted((today / "siim" / "dicom-images-test").rglob("*.dcm"))[3]  # an image with no second copy
+    good = victim.read_bytes()
+    victim.write_bytes(b"truncated")
+    failed = make("prepare", *args, check=False)
+    assert failed.returncode != 0 and str(victim) in failed.stderr and "unreadable training file" in failed.stderr
+    victim.write_bytes(good)
+    assert _planned(make("prepare", *args, dry=True).stdout)["01_prepare"] == 1
+    make("prepare", *args)
+    meta = pd.read_csv(processed / "metadata.csv", dtype=str, keep_default_na=False)
+    assert (meta["error"] == "").all()
+
+
+def _another_experiment_on_the_same_processed_folder_keeps_its_own_folds(configs, exp, args: list[str]) -> None:
+    """`make folds` of a 3-fold experiment leaves a finished 2-fold experiment's split and results alone."""
+    before = exp.folds.read_bytes()
+    (configs / "three.yaml").write_text("defaults: [tiny]\ndata: {n_folds: 3}\n")
+    make("folds", *[a for a in args if not a.startswith("EXP=")], "EXP=three")
+    assert exp.folds.read_bytes() == before
+    assert pd.read_csv(exp.root.parent / "three" / "folds.csv")["fold"].nunique() == 3
+    assert make("-q", "folds", "train", "search", *args, check=False).returncode == 0
 
 
 def _a_moved_data_folder_retrains_nothing(world, moved, goals: list[str], common: list[str]) -> list[str]:
@@ -278,20 +303,3 @@ def _a_replaced_training_image_retrains_every_run(train_dir, exp: ExperimentDir,
     assert retrained["train_inputs"] != trained["train_inputs"]
     assert _planned(make(*goals, dry=True).stdout) == _plan()
     assert make("-q", *goals, check=False).returncode == 0
-
-
-@pytest.mark.make
-def test_experiments_sharing_a_processed_folder_keep_their_own_folds(tmp_path):
-    """`make folds` of a 3-fold experiment leaves a finished 2-fold experiment's split and results alone."""
-    world, models_dir, processed = tmp_path / "world", tmp_path / "models", tmp_path / "p"
-    common = [f"DATA_DIR={world}", f"MODELS_DIR={models_dir}", f"PROCESSED_DIR={processed}", "QUIET=1"]
-    make("synthetic", "SYNTH_TRAIN=60", "SYNTH_TEST=4", "SYNTH_SEED=5", *common)
-    make("prepare", "folds", "train", "search", "EXP=tiny", *common)
-    before = (models_dir / "tiny" / "folds.csv").read_bytes()
-    configs = tmp_path / "configs"
-    configs.mkdir()
-    (configs / "three.yaml").write_text("defaults: [tiny]\ndata: {n_folds: 3}\n")
-    make("folds", "EXP=three", f"CONFIGS={configs}", *common)
-    assert (models_dir / "tiny" / "folds.csv").read_bytes() == before
-    assert pd.read_csv(models_dir / "three" / "folds.csv")["fold"].nunique() == 3
-    assert make("-q", "folds", "train", "search", "EXP=tiny", *common, check=False).returncode == 0

@@ -125,12 +125,18 @@ def _make_plan(*args: str) -> str:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=120).stdout
 
 
+@pytest.mark.make
 def test_make_wraps_training_in_the_pool_and_torchrun_over_nodes(tmp_path):
     where = [f"MODELS_DIR={tmp_path}", f"PROCESSED_DIR={tmp_path}/p", "DATA_DIR=/nonexistent", "EXP=tiny"]
-    plan = _make_plan("train", "GPUS=0,1,2,3", *where).splitlines()
+    plan = _make_plan("train", "oof", "infer", "GPUS=0,1,2,3", "NPROC=2", *where).splitlines()
     pooled = [line for line in plan if "03_train" in line or "04_train" in line]
     assert len(pooled) == 4 and all(
-        "-m pneumothorax.pipeline.gpu_pool --gpus 0,1,2,3 --per-job 1" in line for line in pooled
+        "-m pneumothorax.pipeline.gpu_pool --gpus 0,1,2,3 --per-job 2" in line for line in pooled
+    )
+    # every other GPU job takes one GPU of the pool too (test inference used to land on a busy GPU 0)
+    single = [" ".join(line.split()) for line in plan if "05_predict_oof" in line or "06_infer" in line]
+    assert len(single) == 2 and all(
+        "gpu_pool --gpus 0,1,2,3 --per-job 1 -- .venv/bin/python" in line for line in single
     )
     nodes = _make_plan("train-seg", "FOLD=1", "NNODES=2", "NPROC=4", "RDZV_ENDPOINT=node1:29500", "LAUNCH=srun", *where)
     line = next(line for line in nodes.splitlines() if "04_train_segmentation" in line)
@@ -150,7 +156,7 @@ def _torchrun(*launch: str, exp, processed) -> list[str]:
     return [torchrun, *launch, *script, "--processed", str(processed), "--exp-dir", str(exp.root), "--device", "cpu"]
 
 
-@pytest.mark.make
+@pytest.mark.trains
 def test_one_fold_over_two_nodes_equals_two_processes_on_one(processed, exp, tmp_path):
     """Two torchrun launches with --nnodes=2 (c10d rendezvous on localhost, gloo) train one tiny fold."""
     import shutil

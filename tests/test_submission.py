@@ -57,7 +57,7 @@ def test_score_by_hand(tmp_path):
     assert result["score"] == pytest.approx((2 / 3 + 1 + 0) / 3)
     assert result["all_empty_score"] == pytest.approx(2 / 3)
     assert result["dice_positive"] == pytest.approx(2 / 3) and result["dice_negative"] == pytest.approx(0.5)
-    assert result["false_positive_images"] == 1 and result["n_positive"] == 1
+    assert result["false_positive_images"] == 1 and result["n_positive"] == 1 and result["positives_found"] == 1
     sub.write_text("ImageId,EncodedPixels\na,-1\n")
     with pytest.raises(submission.SubmissionError, match="missing"):
         submission.score(sub, labels)

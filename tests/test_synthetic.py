@@ -75,3 +75,20 @@ def test_a_hard_world_has_smaller_fainter_noisier_pneumothoraces(tmp_path):
     assert contrast["hard"] < 0.8 * contrast["easy"] and noise["hard"] > 1.8 * noise["easy"]
     with pytest.raises(ValueError, match=r"holds another synthetic world \(it differs in \['contrast'"):
         synthetic.make_world(worlds["easy"], synthetic.WorldSpec(**{**easy.__dict__, "contrast": 0.5}), progress=False)
+
+
+def test_the_real_preset_has_the_real_images_grey_levels_and_rows_per_image(tmp_path):
+    spec = synthetic.WorldSpec(n_train=24, n_test=0, seed=3, positive_rate=0.5, **synthetic.DIFFICULTIES["real"])
+    world = synthetic.make_world(tmp_path / "w", spec, workers=2, progress=False)
+    pixels = np.stack([dicom.read(p)[0] for p in sorted(world.rglob("*.dcm"))])
+    levels = np.percentile(pixels, [5, 25, 50, 75, 95])
+    real = np.array(synthetic.REAL_QUANTILES)[[1, 5, 10, 15, 19]]  # the same percentiles of the real DICOMs
+    assert np.abs(levels - real).max() <= 3, (levels, real)
+    default = synthetic.render(np.random.default_rng(0), 1, None)
+    assert np.percentile(default, 50) < real[2] - 10  # the default world is darker: what the preset corrects
+    matched = synthetic.match_histogram(default)
+    order = default.ravel().argsort()
+    assert (np.diff(matched.ravel()[order].astype(int)) >= 0).all()  # monotone: the drawing's order of grey kept
+    labels = rle.read_labels(world / "train-rle.csv")
+    rows = [len(r) for r in labels.values() if r]
+    assert np.mean(rows) < 1.4  # no extra row stacked: the real shape sets' 1.31 rows per image

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -16,7 +17,7 @@ from pneumothorax.io import atomic, config, metric, paths
 from pneumothorax.models import devices
 from pneumothorax.post import exact_search
 from pneumothorax.predict import oof
-from pneumothorax.train import checkpoints, segmentation, trainer
+from pneumothorax.train import checkpoints, segmentation
 from pneumothorax.train.trainer import Interrupted
 
 TINY = ["data.sizes=[32, 64]", "data.n_folds=2"]
@@ -43,7 +44,8 @@ def test_short_run_learns_and_beats_all_empty(processed, exp):
     metrics = pd.read_csv(out / "metrics.csv")
     assert len(metrics) == 14
     assert metrics["train_loss"].iloc[-3:].mean() < metrics["train_loss"].iloc[:3].mean() * 0.8
-    predicted = oof.predict_oof(cfg, exp, paths.ProcessedDir(processed), "cpu", progress=False, folds=[0])
+    no_gate = replace(cfg, classifier=replace(cfg.classifier, enabled=False))  # this test trains no classifier
+    predicted = oof.predict_oof(no_gate, exp, paths.ProcessedDir(processed), "cpu", progress=False, folds=[0])
     assert predicted["folds"][0]["weights"] == "last" and predicted["tta"] == ["hflip"]
     ids = pd.read_csv(exp.oof_ids(0), dtype={"image_id": str})
     maps = np.load(exp.oof_maps(0))
@@ -84,7 +86,8 @@ def test_short_run_on_a_hard_world_beats_all_empty_after_the_search(tmp_path, se
     processed, exp = _hard_world(tmp_path, seed, prepare_world)
     cfg = config.load("demo", [f"data.sizes=[{HARD_SIZE}]", "data.n_folds=2", f"seed={seed}", HARD_STAGE])
     segmentation.train_fold(cfg, 0, processed, exp, device="cpu", progress=False)
-    oof.predict_oof(cfg, exp, paths.ProcessedDir(processed), "cpu", progress=False, folds=[0])
+    no_gate = replace(cfg, classifier=replace(cfg.classifier, enabled=False))  # this test trains no classifier
+    oof.predict_oof(no_gate, exp, paths.ProcessedDir(processed), "cpu", progress=False, folds=[0])
     ids = pd.read_csv(exp.oof_ids(0), dtype={"image_id": str})
     masks = prepare.load_cache(processed, "masks", "train", HARD_SIZE)[ids["index"].to_numpy()] > 0
     found = exact_search.search_oof([exact_search.OOFPart(np.load(exp.oof_maps(0)), masks, None)], cfg.postprocess)
@@ -111,6 +114,7 @@ def _weights(run):
     return checkpoints.load_checkpoint(run.model)["state_dict"]
 
 
+@pytest.mark.trains
 def test_resume_after_interruption_matches_uninterrupted(processed, tmp_path):
     cfg = config.load("tiny", ["segmentation.stages.0.epochs=2"])  # 2 + 1 epochs, SWA in stage 2
     whole = _experiment(processed, tmp_path / "whole")
@@ -129,6 +133,7 @@ def test_resume_after_interruption_matches_uninterrupted(processed, tmp_path):
     assert _states_equal(_weights(whole.segmenter(1)), _weights(run))
 
 
+@pytest.mark.trains
 def test_a_changed_config_retrains_and_an_unchanged_one_does_nothing(processed, exp, capfd):
     cfg = config.load("tiny")
     run = exp.segmenter(0)
@@ -151,6 +156,7 @@ def test_a_changed_config_retrains_and_an_unchanged_one_does_nothing(processed, 
     assert len(pd.read_csv(run.metrics)) == 3  # trained from epoch 1, not resumed
 
 
+@pytest.mark.trains
 def test_a_changed_split_is_a_changed_run(processed, exp):
     cfg = config.load("tiny")
     segmentation.train_fold(cfg, 0, processed, exp, device="cpu", progress=False)
@@ -260,6 +266,7 @@ def _gather_in_two_processes(rank: int, port: int, out: str) -> None:
     dist.destroy_process_group()
 
 
+@pytest.mark.trains
 def test_shards_gather_back_in_item_order(tmp_path):
     import socket
 

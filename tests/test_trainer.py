@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -190,7 +191,7 @@ def test_mlflow_gets_the_same_rows_and_a_resumed_run_logs_into_the_same_mlflow_r
     np.testing.assert_allclose([m.value for m in history], metrics["train_loss"], rtol=1e-6)
     assert runs[0].data.metrics["final/epochs"] == 3 and runs[0].info.status == "FINISHED"
     config = client.download_artifacts(runs[0].info.run_id, "config.yaml", str(tmp_path))
-    assert open(config).read() == "toy: mlflow\n"
+    assert Path(config).read_text() == "toy: mlflow\n"
 
 
 def test_a_backend_that_is_not_installed_fails_before_training(tmp_path, monkeypatch):

@@ -98,8 +98,9 @@ class PositiveRateSampler(Sampler[tuple[int, SampleKey]]):
     """The 1st place's sampling: every positive each epoch, plus negatives so positives make ``rate``.
 
     ``rate`` may fall linearly from ``rate`` to ``rate_end`` over ``epochs`` epochs. With
-    ``rate=None`` every image is used once per epoch. The order depends only on
-    ``(seed, epoch)``, so a resumed run sees the same epochs. Under DDP each of
+    ``rate=None`` every image is used once per epoch. With ``epoch_images``, each epoch is that many images
+    drawn afresh in that proportion instead (a fixed epoch cost when extra positives make the set large).
+    The order depends only on ``(seed, epoch)``, so a resumed run sees the same epochs. Under DDP each of
     ``world_size`` ranks takes every ``world_size``-th index of a padded permutation.
     Yields ``(index, key)``: ``key = (seed, epoch, position)`` seeds that sample's augmentation
     (:func:`augment_state`), the same whichever worker or rank loads it.
@@ -114,8 +115,10 @@ class PositiveRateSampler(Sampler[tuple[int, SampleKey]]):
         seed: int = 0,
         rank: int = 0,
         world_size: int = 1,
+        epoch_images: int | None = None,
     ) -> None:
         self.labels = np.asarray(labels).astype(bool)
+        self.epoch_images = epoch_images
         if rate is not None and not 0 < rate <= 1:
             raise ValueError(f"positive_rate must be in (0, 1], got {rate}")
         self.rate, self.rate_end, self.epochs = rate, rate_end, max(1, epochs)
@@ -138,12 +141,26 @@ class PositiveRateSampler(Sampler[tuple[int, SampleKey]]):
     def _epoch_indices(self) -> np.ndarray:
         rng = np.random.default_rng([self.seed, self.epoch])
         rate = self.current_rate()
+        if self.epoch_images is not None:
+            return rng.permutation(self._drawn(rng, rate))
         if rate is None:
             return rng.permutation(len(self.labels))
         pos, neg = np.flatnonzero(self.labels), np.flatnonzero(~self.labels)
         n_neg = min(len(neg), int(round(len(pos) * (1 - rate) / rate))) if len(pos) else len(neg)
         chosen = np.concatenate([pos, rng.choice(neg, size=n_neg, replace=False)])
         return rng.permutation(chosen)
+
+    def _drawn(self, rng: np.random.Generator, rate: float | None) -> np.ndarray:
+        """``epoch_images`` images drawn afresh each epoch: positives making ``rate`` of them (the natural share
+        without a rate), without replacement while a class has enough."""
+        n = int(self.epoch_images)
+        pos, neg = np.flatnonzero(self.labels), np.flatnonzero(~self.labels)
+        share = self.labels.mean() if rate is None else rate
+        n_pos = min(n, int(round(n * share))) if len(pos) else 0
+        n_neg = n - n_pos if len(neg) else 0
+        wanted = ((pos, n_pos), (neg, n_neg))
+        parts = [rng.choice(group, size=k, replace=k > len(group)) for group, k in wanted if k]
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
     def __iter__(self) -> Iterator[tuple[int, SampleKey]]:
         indices = self._epoch_indices()

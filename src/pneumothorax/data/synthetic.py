@@ -64,14 +64,31 @@ class WorldSpec:
     noise: float = 1.0
     contrast: float = 1.0
     lesion_scale: float = 1.0
+    # Realism: each image's grey levels mapped onto the real SIIM images' distribution (REAL_QUANTILES).
+    real_histogram: bool = False
 
 
 DIFFICULTIES = {
     "default": {"noise": 1.0, "contrast": 1.0, "lesion_scale": 1.0},
     "hard": {"noise": 2.5, "contrast": 0.6, "lesion_scale": 0.7},
     "harder": {"noise": 3.5, "contrast": 0.45, "lesion_scale": 0.6},
+    # Moved towards the real images where they differ (docs/results.md): their grey-level distribution, and
+    # their rows per image (the real shape sets already hold the real multi-row images: no extra row stacked).
+    "real": {"noise": 1.0, "contrast": 1.0, "lesion_scale": 1.0, "real_histogram": True, "multi_row_rate": 0.0},
 }
-"""Named settings of the difficulty knobs (``make synthetic SYNTH_DIFFICULTY=hard``)."""
+"""Named settings of the knobs (``make synthetic SYNTH_DIFFICULTY=hard``)."""
+
+REAL_QUANTILES = (0, 5, 25, 50, 67, 81, 93, 103, 113, 122, 130, 139, 147, 156, 166, 175, 185, 196, 207, 220, 255)
+"""Percentiles 0, 5, ..., 100 of the grey levels of the 1,012 real SIIM DICOMs of ../shared/data/siim-real-dev,
+as prepared (128 px). The default world is darker (median 107 against 130) with a darker background."""
+
+
+def match_histogram(pixels: np.ndarray, quantiles: tuple[int, ...] = REAL_QUANTILES) -> np.ndarray:
+    """``pixels`` mapped monotonically so that their percentiles are ``quantiles`` (evenly spaced percentiles)."""
+    levels = np.linspace(0, 100, len(quantiles))
+    own = np.percentile(pixels, levels)
+    own = own + np.arange(len(own)) * 1e-3  # strictly increasing where the image is flat
+    return np.clip(np.rint(np.interp(pixels, own, quantiles)), 0, 255).astype(np.uint8)
 
 
 LAYOUTS = ("stage1", "stage2")
@@ -285,6 +302,8 @@ def _make_one(args: tuple[_Item, str, WorldSpec]) -> None:
     rows = _rows_for(item, _SHAPES, spec.lesion_scale)
     mask = rle.decode_union(rows) if rows else None
     pixels = render(rng, seed * 1_000_003 + item.patient, mask, spec.noise, spec.contrast)
+    if spec.real_histogram:
+        pixels = match_histogram(pixels)
     prng = np.random.default_rng([seed, item.patient, 7])
     tags = {
         "SOPInstanceUID": item.image_id,

@@ -83,6 +83,7 @@ class StageConfig:
     freeze_encoder_epochs: int = 0  # the stage's first N epochs leave the encoder's weights as they are
     positive_rate: float | None = None  # share of positives per epoch (None: natural sampling)
     positive_rate_end: float | None = None  # linearly towards this by the stage's last epoch
+    epoch_images: int | None = None  # each epoch draws this many images (in the positive rate) instead of all
     augment: tuple[AugmentGroup, ...] = ("A1",)
     augment_p: float = 0.5
 
@@ -124,6 +125,7 @@ class ClassifierConfig:
     accumulate: int  # gradient accumulation: an optimiser step every k batches (effective batch x k)
     augment_p: float  # probability of each aggressive augmentation (flip, zoom, CLAHE)
     positive_rate: float | None  # balanced sampling: share of positives per epoch (None: natural)
+    epoch_images: int | None  # each epoch draws this many images (in the positive rate) instead of all
     threshold: float  # for the metrics.json summary; the gate itself is searched
     amp: Literal["none", "bf16", "fp16"]
     channels_last: bool

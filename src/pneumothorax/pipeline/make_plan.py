@@ -45,8 +45,13 @@ def current_inputs(args: argparse.Namespace) -> tuple[freshness.Inputs, str]:
         return freshness.Inputs.of_processed(processed), ""
     try:
         found = layout_mod.detect(
-            args.data_dir, args.train_csv, args.train_dir.split(), args.test_dir, args.sample_submission,
+            args.data_dir,
+            args.train_csv,
+            args.train_dir.split(),
+            args.test_dir,
+            args.sample_submission,
             args.patient_map,
+            args.extra_dir,
         )
         return freshness.Inputs.of_manifests(manifest.build(found)), ""
     except (layout_mod.LayoutError, OSError) as exc:
@@ -97,6 +102,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--test-dir", default=None)
     p.add_argument("--sample-submission", default=None)
     p.add_argument("--patient-map", default=None)
+    p.add_argument("--extra-dir", default=None)
     p.add_argument("--ensemble-dir", default=None, help="models/<NAME> of an ensemble")
     p.add_argument("--members", default="", help="the ensemble's members, space-separated")
     p.add_argument("--weights", default="equal", help="the ensemble's weight mode")

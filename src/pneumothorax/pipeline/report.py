@@ -80,13 +80,15 @@ def _cases(cfg: Config, exp: ExperimentDir, processed: ProcessedDir, post: PostP
 
 
 def build(cfg: Config, exp: ExperimentDir, processed: ProcessedDir, n_cases: int = 8) -> Path:
-    """Write ``report/summary.md``, ``best.png`` and ``worst.png``; return the folder."""
+    """Write ``report/summary.md`` and the panels of positive OOF images, truth in green and prediction in red:
+    ``worst.png`` and ``best.png`` by Dice, ``largest.png`` by the truth's area; return the folder."""
     exp.report.mkdir(parents=True, exist_ok=True)
     post, scores = postprocess.load(exp.postprocess)
     cases = _cases(cfg, exp, processed, post)
     images = prepare.load_cache(processed.root, "images", "train", cfg.final_size)
     masks = prepare.load_cache(processed.root, "masks", "train", cfg.final_size)
-    for name, chosen in (("worst", cases[:n_cases]), ("best", cases[::-1][:n_cases])):
+    largest = sorted(cases, key=lambda c: -int(np.count_nonzero(masks[c[2]])))  # where the truth lies, plainly
+    for name, chosen in (("worst", cases[:n_cases]), ("best", cases[::-1][:n_cases]), ("largest", largest[:n_cases])):
         if chosen:
             _panel(
                 [np.asarray(images[c[2]]) for c in chosen],

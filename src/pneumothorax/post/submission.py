@@ -103,9 +103,10 @@ def make_submission(exp: ExperimentDir, processed: ProcessedDir, out_path: Path,
 
 def score_rows(pred: dict[str, list[str]], truth: dict[str, list[str]]) -> dict[str, Any]:
     """The competition metric of predicted RLE rows against true ones (both: image id -> rows, union), at
-    1024x1024, with a breakdown: score, all_empty_score, dice_positive, dice_negative,
-    false_positive_images, n_images, n_positive. Every image of ``truth`` must be in ``pred``."""
-    dices, positive, fp = [], [], 0
+    1024x1024, with a breakdown: score, all_empty_score, dice_positive, dice_negative, positives_found
+    (positive images with a predicted mask), false_positive_images, n_images, n_positive. Every image of
+    ``truth`` must be in ``pred``."""
+    dices, positive, fp, found = [], [], 0, 0
     for image_id, rows in truth.items():
         t = rle.decode_union(rows) if rows else None
         p = rle.decode_union(pred[image_id]) if pred[image_id] else None
@@ -115,12 +116,14 @@ def score_rows(pred: dict[str, list[str]], truth: dict[str, list[str]]) -> dict[
         dices.append(float(metric.dice_from_counts(inter, p_area, t_area)))
         positive.append(t_area > 0)
         fp += int(t_area == 0 and p_area > 0)
+        found += int(t_area > 0 and p_area > 0)
     dices_a, pos = np.asarray(dices), np.asarray(positive)
     return {
         "score": float(dices_a.mean()),
         "all_empty_score": float((~pos).mean()),
         "dice_positive": float(dices_a[pos].mean()) if pos.any() else float("nan"),
         "dice_negative": float(dices_a[~pos].mean()) if (~pos).any() else float("nan"),
+        "positives_found": found,
         "false_positive_images": fp,
         "n_images": len(dices),
         "n_positive": int(pos.sum()),

@@ -107,6 +107,7 @@ class ClassifierTask:
             self.sampler_seed,
             runtime.rank,
             runtime.world_size,
+            c.epoch_images,
         )
         batch = devices.rank_batch(c.batch_size, runtime, "classifier.batch_size")
         loader = datasets.make_loader(

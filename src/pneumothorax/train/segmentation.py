@@ -92,6 +92,7 @@ class SegmentationTask:
             cfg.seed + 1000 * self.fold + p,
             runtime.rank,
             runtime.world_size,
+            stage.epoch_images,
         )
         batch = devices.rank_batch(stage.batch_size, runtime, f"segmentation.stages[{p}].batch_size")
         loader = datasets.make_loader(

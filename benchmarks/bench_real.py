@@ -1,0 +1,186 @@
+"""make bench-real REAL_DIR=<staged>: the real_cpu recipe on the real SIIM DICOMs of ../shared/data/siim-real-dev,
+timed step by step, with what the pipeline does on real pixels.
+
+From REAL_DIR (what ``stage.sh`` wrote: ``dicom-images-train/``, ``stage_2_train.csv``, ``extra-positives/``)
+it builds a Kaggle-style data folder of symlinks (``data/raw/siim-real-bench``; nothing copied): a
+patient-grouped, label-stratified seventh of the DICOMs is held out as a stage-2 test set
+(``stage_2_images/ID_<9 hex>.dcm``, its sample submission, and ``test-labels.csv`` to score it), the rest
+are the training images (``stage_2_train.csv``, ``dicom-images-train/``), and the extra positives of every
+patient not in that test set are ``extra/``. Then ``make prepare folds train-cls train-seg oof infer search
+submit score report EXP=real_cpu`` runs one step at a time, and ``benchmarks/results/bench_real.json`` gets:
+the OOF score at 1024 after the search against all-empty, per fold the gate's AUC and MCC, the positives
+found, the Dice on positives, the false-positive images, the held-out test score, the time of every step,
+and the prepared intensities of the real images beside a synthetic world's (``bench_real_histogram.png``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import RESULTS, prepared_world, save  # noqa: E402
+
+from pneumothorax.data import folds, prepare  # noqa: E402
+from pneumothorax.io import atomic, paths, rle  # noqa: E402
+from pneumothorax.io.paths import ExperimentDir  # noqa: E402
+
+STEPS = ("prepare", "folds", "train-cls", "train-seg", "oof", "infer", "search", "submit", "score", "report")
+HELD_OUT = 7  # one patient-grouped seventh of the DICOMs is the test set
+
+
+def _labels(path: Path) -> pd.DataFrame:
+    table = pd.read_csv(path, dtype=str, skipinitialspace=True, encoding="utf-8-sig")
+    table.columns = [c.strip() for c in table.columns]
+    return table
+
+
+def _held_out(labels: pd.DataFrame, patients: dict[str, str], seed: int) -> set[str]:
+    """The test images: fold 0 of a patient-grouped split stratified by label and mask area."""
+    runs = {i: [rle.parse(v) for v in rows] for i, rows in labels.groupby("ImageId")["EncodedPixels"]}
+    area = {i: int(sum((ends - starts).sum() for starts, ends in parsed)) for i, parsed in runs.items()}
+    meta = pd.DataFrame({"image_id": list(area), "mask_area": list(area.values())})
+    meta["has_pneumothorax"] = (meta["mask_area"] > 0).astype(int)
+    meta["patient"] = meta["image_id"].map(lambda i: patients.get(i, i))
+    split = folds.make_folds(meta, HELD_OUT, seed)
+    return set(split.loc[split["fold"] == 0, "image_id"])
+
+
+def _link(target: Path, link: Path) -> None:
+    link.parent.mkdir(parents=True, exist_ok=True)
+    if link.is_symlink() or link.exists():
+        link.unlink()
+    link.symlink_to(target.resolve())
+
+
+def build_layout(real: Path, out: Path, seed: int = 0) -> dict[str, int]:
+    """The bench's data folder (symlinks into ``real``); how many images each part has."""
+    labels = _labels(real / "stage_2_train.csv")
+    patients = prepare.read_patient_map(paths.PATIENT_MAP)
+    test = _held_out(labels, patients, seed)
+    test_patients = {patients.get(i, i) for i in test}
+    names = {i: "ID_" + hashlib.sha1(i.encode()).hexdigest()[:9] for i in sorted(test)}
+    for dicom in sorted((real / "dicom-images-train").glob("*.dcm")):
+        image_id = dicom.stem
+        where = (
+            out / "stage_2_images" / f"{names[image_id]}.dcm"
+            if image_id in test
+            else out / "dicom-images-train" / dicom.name
+        )
+        _link(dicom, where)
+    train = labels[~labels["ImageId"].isin(test)]
+    atomic.write_csv(out / "stage_2_train.csv", train)
+    held = labels[labels["ImageId"].isin(test)].assign(ImageId=lambda t: t["ImageId"].map(names))
+    atomic.write_csv(out / "test-labels.csv", held)
+    sample = pd.DataFrame({"ImageId": sorted(names.values()), "EncodedPixels": "-1"})
+    atomic.write_csv(out / "stage_2_sample_submission.csv", sample)
+    extra = _labels(real / "extra-positives" / "labels.csv")
+    extra = extra[~extra["ImageId"].map(lambda i: patients.get(i, i)).isin(test_patients)]
+    kept = set(extra["ImageId"])
+    for image in sorted((real / "extra-positives").rglob("*")):
+        if image.suffix.lower() in (".jpg", ".jpeg", ".png") and image.parent.name != "mask" and image.stem in kept:
+            _link(image, out / "extra" / image.parent.name / image.name)
+    atomic.write_csv(out / "extra" / "labels.csv", extra)
+    return {"train": train["ImageId"].nunique(), "test": len(names), "extra": len(kept)}
+
+
+def run_steps(common: list[str]) -> dict[str, float]:
+    """Each step through make, timed (seconds)."""
+    times = {}
+    for step in STEPS:
+        started = time.time()
+        subprocess.run(["make", "--no-print-directory", "-C", str(paths.ROOT), step, *common], check=True)
+        times[step] = round(time.time() - started, 1)
+        print(f"bench-real: {step} took {times[step]} s", flush=True)
+    return times
+
+
+def histogram(processed: Path, size: int, out: Path) -> dict[str, dict[str, float]]:
+    """The prepared training images' intensities, real beside a synthetic world's: a plot and their percentiles."""
+    real = np.asarray(prepare.load_cache(processed, "images", "train", size))
+    with tempfile.TemporaryDirectory() as tmp:
+        _, synth_processed = prepared_world(Path(tmp), 200, 0, (size,), seed=0)
+        synth = np.asarray(prepare.load_cache(synth_processed, "images", "train", size))
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for name, pixels in (("real SIIM DICOMs", real), ("synthetic world", synth)):
+        ax.hist(pixels.ravel(), bins=64, range=(0, 256), density=True, histtype="step", label=name)
+    ax.set_xlabel(f"prepared pixel value ({size} px cache)")
+    ax.set_ylabel("density")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return {
+        name: {f"p{q}": float(np.percentile(pixels, q)) for q in (1, 5, 25, 50, 75, 95, 99)}
+        | {"mean": float(pixels.mean()), "image_std": float(pixels.reshape(len(pixels), -1).std(1).mean())}
+        for name, pixels in (("real", real), ("synthetic", synth))
+    }
+
+
+def collect(exp: ExperimentDir) -> dict:
+    """What the run scored: OOF at 1024 after the search, per-fold gate metrics, the held-out test."""
+    post = json.loads(exp.postprocess.read_text())
+    full = post["full_resolution"]
+    oof = json.loads(exp.oof_summary.read_text())
+    test = json.loads(exp.score.read_text())
+    gate = [f.get("classifier", {}) for f in oof["folds"]]
+    return {
+        "oof_score_1024": post["score_full_resolution"],
+        "oof_all_empty": post["all_empty_score"],
+        "oof_gain_over_all_empty": post["score_full_resolution"] - post["all_empty_score"],
+        "postprocess": post["postprocess"],
+        "oof_images": full["n_images"],
+        "oof_positives": full["n_positive"],
+        "oof_positives_found": full["positives_found"],
+        "oof_dice_positive": full["dice_positive"],
+        "oof_false_positive_images": full["false_positive_images"],
+        "gate_auc_per_fold": [g.get("auc") for g in gate],
+        "gate_mcc_per_fold": [g.get("mcc") for g in gate],
+        "seg_dice_at_0.5_per_fold": [f["dice_at_0.5"] for f in oof["folds"]],
+        "test": test,
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument(
+        "--real-dir", required=True, help="what stage.sh wrote (dicom-images-train/, stage_2_train.csv, ...)"
+    )
+    p.add_argument("--exp", default="real_cpu")
+    p.add_argument("--data", default=str(paths.RAW / "siim-real-bench"))
+    args = p.parse_args()
+    data = Path(args.data)
+    parts = build_layout(Path(args.real_dir), data)
+    print(f"bench-real: {parts} images in {data}", flush=True)
+    processed = paths.PROCESSED / data.name
+    exp = ExperimentDir(paths.MODELS / args.exp)
+    common = [f"EXP={args.exp}", f"DATA_DIR={data}", f"LABELS={data / 'test-labels.csv'}", "QUIET=1"]
+    started = time.time()
+    times = run_steps(common)
+    results = {
+        "images": parts,
+        "exp": args.exp,
+        "seconds": times,
+        "minutes_total": round((time.time() - started) / 60, 1),
+    }
+    results |= collect(exp)
+    results["intensity"] = histogram(processed, 128, RESULTS / "bench_real_histogram.png")
+    results["report"] = str(exp.summary)
+    save("bench_real", results)
+
+
+if __name__ == "__main__":
+    main()
