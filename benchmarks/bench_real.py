@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import RESULTS, prepared_world, save  # noqa: E402
 
 from pneumothorax.data import folds, prepare  # noqa: E402
-from pneumothorax.io import atomic, paths, rle  # noqa: E402
+from pneumothorax.io import atomic, paths, plots, rle  # noqa: E402
 from pneumothorax.io.paths import ExperimentDir  # noqa: E402
 
 STEPS = ("prepare", "folds", "train-cls", "train-seg", "oof", "infer", "search", "submit", "score", "report")
@@ -120,9 +120,7 @@ def histogram(processed: Path, size: int, out: Path) -> dict[str, dict[str, floa
     ax.set_xlabel(f"prepared pixel value ({size} px cache)")
     ax.set_ylabel("density")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
+    plots.save(fig, out)  # atomic, and makes benchmarks/results/ on a fresh clone
     return {
         name: {f"p{q}": float(np.percentile(pixels, q)) for q in (1, 5, 25, 50, 75, 95, 99)}
         | {"mean": float(pixels.mean()), "image_std": float(pixels.reshape(len(pixels), -1).std(1).mean())}
@@ -139,8 +137,8 @@ def collect(exp: ExperimentDir) -> dict:
     gate = [f.get("classifier", {}) for f in oof["folds"]]
     return {
         "oof_score_1024": post["score_full_resolution"],
-        "oof_all_empty": post["all_empty_score"],
-        "oof_gain_over_all_empty": post["score_full_resolution"] - post["all_empty_score"],
+        "oof_all_empty": full["all_empty_score"],  # at 1024, as the score (tiny masks vanish at the search size)
+        "oof_gain_over_all_empty": post["score_full_resolution"] - full["all_empty_score"],
         "postprocess": post["postprocess"],
         "oof_images": full["n_images"],
         "oof_positives": full["n_positive"],
@@ -179,7 +177,7 @@ def main() -> None:
     results |= collect(exp)
     results["intensity"] = histogram(processed, 128, RESULTS / "bench_real_histogram.png")
     results["report"] = str(exp.summary)
-    save("bench_real", results)
+    save("bench_real" if args.exp == "real_cpu" else f"bench_real_{args.exp}", results)
 
 
 if __name__ == "__main__":
