@@ -1,0 +1,1 @@
+"""Models: the factory over smp/timm, losses, devices and DDP, flip TTA."""
