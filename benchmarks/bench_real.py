@@ -7,7 +7,9 @@ patient-grouped, label-stratified seventh of the DICOMs is held out as a stage-2
 (``stage_2_images/ID_<9 hex>.dcm``, its sample submission, and ``test-labels.csv`` to score it), the rest
 are the training images (``stage_2_train.csv``, ``dicom-images-train/``), and the extra positives of every
 patient not in that test set are ``extra/``. Then ``make prepare folds train-cls train-seg oof infer search
-submit score report EXP=real_cpu`` runs one step at a time, and ``benchmarks/results/bench_real.json`` gets:
+submit score report EXP=real_cpu`` runs one step at a time in the bench's own folders
+(``models/bench-real/``, ``data/processed/bench-real/``, emptied first so that every step is timed from
+scratch), and ``benchmarks/results/bench_real.json`` gets:
 the OOF score at 1024 after the search against all-empty, per fold the gate's AUC and MCC, the positives
 found, the Dice on positives, the false-positive images, the held-out test score, the time of every step,
 and the prepared intensities of the real images beside a synthetic world's (``bench_real_histogram.png``).
@@ -18,6 +20,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -40,6 +43,10 @@ from pneumothorax.io.paths import ExperimentDir  # noqa: E402
 
 STEPS = ("prepare", "folds", "train-cls", "train-seg", "oof", "infer", "search", "submit", "score", "report")
 HELD_OUT = 7  # one patient-grouped seventh of the DICOMs is the test set
+# The bench's own folders, emptied at each run so that every step is timed from scratch (a user's
+# models/real_cpu would otherwise be found up to date, and the bench would time nothing).
+BENCH_MODELS = paths.MODELS / "bench-real"
+BENCH_PROCESSED = paths.PROCESSED / "bench-real"
 
 
 def _labels(path: Path) -> pd.DataFrame:
@@ -110,13 +117,20 @@ def run_steps(common: list[str]) -> dict[str, float]:
 
 def histogram(processed: Path, size: int, out: Path) -> dict[str, dict[str, float]]:
     """The prepared training images' intensities, real beside a synthetic world's: a plot and their percentiles."""
-    real = np.asarray(prepare.load_cache(processed, "images", "train", size))
-    with tempfile.TemporaryDirectory() as tmp:
-        _, synth_processed = prepared_world(Path(tmp), 200, 0, (size,), seed=0)
-        synth = np.asarray(prepare.load_cache(synth_processed, "images", "train", size))
+    kinds = {"real": np.asarray(prepare.load_cache(processed, "images", "train", size))}
+    for difficulty in ("default", "real"):  # the generator's default world, and its preset moved towards real
+        with tempfile.TemporaryDirectory() as tmp:
+            _, synth_processed = prepared_world(Path(tmp), 200, 0, (size,), seed=0, difficulty=difficulty)
+            name = "synthetic" if difficulty == "default" else "synthetic_real_preset"
+            kinds[name] = np.asarray(prepare.load_cache(synth_processed, "images", "train", size))
+    labels = {
+        "real": "real SIIM DICOMs",
+        "synthetic": "synthetic world",
+        "synthetic_real_preset": "synthetic, real preset",
+    }
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    for name, pixels in (("real SIIM DICOMs", real), ("synthetic world", synth)):
-        ax.hist(pixels.ravel(), bins=64, range=(0, 256), density=True, histtype="step", label=name)
+    for name, pixels in kinds.items():
+        ax.hist(pixels.ravel(), bins=64, range=(0, 256), density=True, histtype="step", label=labels[name])
     ax.set_xlabel(f"prepared pixel value ({size} px cache)")
     ax.set_ylabel("density")
     ax.legend()
@@ -124,7 +138,7 @@ def histogram(processed: Path, size: int, out: Path) -> dict[str, dict[str, floa
     return {
         name: {f"p{q}": float(np.percentile(pixels, q)) for q in (1, 5, 25, 50, 75, 95, 99)}
         | {"mean": float(pixels.mean()), "image_std": float(pixels.reshape(len(pixels), -1).std(1).mean())}
-        for name, pixels in (("real", real), ("synthetic", synth))
+        for name, pixels in kinds.items()
     }
 
 
@@ -163,9 +177,13 @@ def main() -> None:
     data = Path(args.data)
     parts = build_layout(Path(args.real_dir), data)
     print(f"bench-real: {parts} images in {data}", flush=True)
-    processed = paths.PROCESSED / data.name
-    exp = ExperimentDir(paths.MODELS / args.exp)
+    processed = BENCH_PROCESSED / data.name
+    exp = ExperimentDir(BENCH_MODELS / args.exp)
+    shutil.rmtree(processed, ignore_errors=True)
+    shutil.rmtree(exp.root, ignore_errors=True)
     common = [f"EXP={args.exp}", f"DATA_DIR={data}", f"LABELS={data / 'test-labels.csv'}", "QUIET=1"]
+    common += [f"MODELS_DIR={BENCH_MODELS}", f"PROCESSED_DIR={processed}"]
+    common += [f"SUBMISSIONS_DIR={BENCH_MODELS / 'submissions'}"]
     started = time.time()
     times = run_steps(common)
     results = {

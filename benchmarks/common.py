@@ -65,11 +65,13 @@ def write_prepare_record(processed: Path, test_ids: list[str], labels: Path | No
     atomic.write_json(paths.ProcessedDir(processed).record, record)
 
 
-def prepared_world(root: Path, n_train: int, n_test: int, sizes: tuple[int, ...], seed: int = 7) -> tuple[Path, Path]:
-    """A synthetic world under ``root`` and its processed caches (with 5 folds)."""
-    world = synthetic.make_world(
-        root / "world", synthetic.WorldSpec(n_train=n_train, n_test=n_test, seed=seed), progress=False
-    )
+def prepared_world(
+    root: Path, n_train: int, n_test: int, sizes: tuple[int, ...], seed: int = 7, difficulty: str = "default"
+) -> tuple[Path, Path]:
+    """A synthetic world under ``root`` (``difficulty``: a setting of ``synthetic.DIFFICULTIES``) and its
+    processed caches (with 5 folds)."""
+    spec = synthetic.WorldSpec(n_train=n_train, n_test=n_test, seed=seed, **synthetic.DIFFICULTIES[difficulty])
+    world = synthetic.make_world(root / "world", spec, progress=False)
     processed = root / "processed"
     meta = prepare.prepare(
         layout.detect(world, test_dir=None if n_test else "none", patient_map=world / "kaggle-to-nih-id.csv"),

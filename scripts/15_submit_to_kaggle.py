@@ -13,7 +13,9 @@ def main() -> None:
     p.add_argument("--kaggle", default="kaggle", help="the kaggle CLI (a name on PATH or a path)")
     args = p.parse_args()
     kaggle.submit(Path(args.submission), args.message, Path(args.processed), args.kaggle)
-    print(f"submitted {args.submission} to {kaggle.COMPETITION}: see https://www.kaggle.com/c/{kaggle.COMPETITION}/submissions")
+    print(
+        f"submitted {args.submission} to {kaggle.COMPETITION}: see https://www.kaggle.com/c/{kaggle.COMPETITION}/submissions"
+    )
 
 
 if __name__ == "__main__":

@@ -98,3 +98,12 @@ def test_scripts_that_build_no_model_import_no_torch(script):
     probe = imports + "\nimport sys\nprint(sorted({'torch', 'timm', 'segmentation_models_pytorch'} & set(sys.modules)))"
     loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
     assert loaded.strip() == "[]", f"{script}.py imports {loaded.strip()}"
+
+
+def test_the_code_passes_ruff():
+    """Undefined names and unused imports fail here, not on the first GPU box (a worker-only code path once
+    called a module it never imported; CPU runs with ``workers: 0`` never reached it)."""
+    targets = [str(paths.ROOT / name) for name in ("src", "scripts", "tests", "benchmarks")]
+    command = [sys.executable, "-m", "ruff", "check", "--quiet", *targets]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout[-3000:]

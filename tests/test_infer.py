@@ -56,3 +56,12 @@ def test_fold_ensemble_is_the_mean():
 
     got = tta.predict_batch([Const(0.0), Const(2.0)], x, [])
     torch.testing.assert_close(got, torch.full_like(got, (0.5 + torch.sigmoid(torch.tensor(2.0)).item()) / 2))
+
+
+def test_the_inference_loader_with_workers_gives_the_batches_of_one_without():
+    """OOF and test maps load with ``data.workers`` processes on a GPU box (``auto``); a worker must not change a
+    batch or its order (and the loader must start at all: a missing import once failed only with workers)."""
+    data = torch.utils.data.TensorDataset(torch.arange(10.0).view(10, 1))
+    batches = {w: [b[0] for b in tta.inference_loader(data, 3, w, torch.device("cpu"))] for w in (0, 2)}
+    assert [b.shape[0] for b in batches[2]] == [3, 3, 3, 1]
+    assert all(torch.equal(a, b) for a, b in zip(batches[0], batches[2], strict=True))

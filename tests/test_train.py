@@ -80,9 +80,20 @@ def _hard_world(root, seed: int, prepare_world):
     return processed, exp
 
 
+@pytest.fixture()
+def two_torch_threads():
+    """The hard-world margins were measured with 2 torch threads: the thread count changes the order of float
+    reductions, and so a short run's path (with 1 thread, seed 21 scored +0.035). Fixed, the test means the
+    same on every machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.mark.trains
 @pytest.mark.parametrize("seed", [21, 22])
-def test_short_run_on_a_hard_world_beats_all_empty_after_the_search(tmp_path, seed, prepare_world):
+def test_short_run_on_a_hard_world_beats_all_empty_after_the_search(tmp_path, seed, prepare_world, two_torch_threads):
     processed, exp = _hard_world(tmp_path, seed, prepare_world)
     cfg = config.load("demo", [f"data.sizes=[{HARD_SIZE}]", "data.n_folds=2", f"seed={seed}", HARD_STAGE])
     segmentation.train_fold(cfg, 0, processed, exp, device="cpu", progress=False)

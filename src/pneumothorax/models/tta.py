@@ -11,8 +11,8 @@ from numpy.lib.format import open_memmap
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from pneumothorax.io import atomic, npy_rows, progress_bars, tables
-from pneumothorax.data import augmentations, datasets
+from pneumothorax.data import datasets
+from pneumothorax.io import atomic, processes, progress_bars
 from pneumothorax.models import devices
 
 FLIPS: dict[str, tuple[int, ...]] = {"hflip": (-1,), "vflip": (-2,), "hvflip": (-2, -1)}

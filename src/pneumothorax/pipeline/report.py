@@ -114,7 +114,9 @@ def _summary(cfg: Config, exp: ExperimentDir, post: PostProcess, scores: dict[st
         "## Out-of-fold score",
         "",
         f"- images: {scores['n_images']}, maps at {scores['size']}x{scores['size']}",
-        f"- all-empty baseline: {scores['all_empty_score']:.4f}",
+        f"- all-empty baseline: {scores['all_empty_score']:.4f} at {scores['size']}, "
+        f"{scores['full_resolution']['all_empty_score']:.4f} at 1024 on the original RLE (a positive whose mask "
+        "vanishes at the search size counts as empty there)",
         f"- B-TH 0.5, no post-processing (search resolution): {scores['no_postprocess_score']:.4f}",
         f"- after post-processing, search estimate at {scores['size']}: {scores['score_search']:.4f}",
         f"- after post-processing, competition metric at 1024 on the original RLE: "
