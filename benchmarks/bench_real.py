@@ -47,6 +47,9 @@ HELD_OUT = 7  # one patient-grouped seventh of the DICOMs is the test set
 # models/real_cpu would otherwise be found up to date, and the bench would time nothing).
 BENCH_MODELS = paths.MODELS / "bench-real"
 BENCH_PROCESSED = paths.PROCESSED / "bench-real"
+# The synthetic worlds plotted beside the real images: the generator's default, and its preset moved towards real.
+SYNTHETIC = {"synthetic": "default", "synthetic_real_preset": "real"}
+LABELS = {"real": "real SIIM DICOMs", "synthetic": "synthetic world", "synthetic_real_preset": "synthetic, real preset"}
 
 
 def _labels(path: Path) -> pd.DataFrame:
@@ -118,19 +121,13 @@ def run_steps(common: list[str]) -> dict[str, float]:
 def histogram(processed: Path, size: int, out: Path) -> dict[str, dict[str, float]]:
     """The prepared training images' intensities, real beside a synthetic world's: a plot and their percentiles."""
     kinds = {"real": np.asarray(prepare.load_cache(processed, "images", "train", size))}
-    for difficulty in ("default", "real"):  # the generator's default world, and its preset moved towards real
+    for name, difficulty in SYNTHETIC.items():
         with tempfile.TemporaryDirectory() as tmp:
             _, synth_processed = prepared_world(Path(tmp), 200, 0, (size,), seed=0, difficulty=difficulty)
-            name = "synthetic" if difficulty == "default" else "synthetic_real_preset"
             kinds[name] = np.asarray(prepare.load_cache(synth_processed, "images", "train", size))
-    labels = {
-        "real": "real SIIM DICOMs",
-        "synthetic": "synthetic world",
-        "synthetic_real_preset": "synthetic, real preset",
-    }
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for name, pixels in kinds.items():
-        ax.hist(pixels.ravel(), bins=64, range=(0, 256), density=True, histtype="step", label=labels[name])
+        ax.hist(pixels.ravel(), bins=64, range=(0, 256), density=True, histtype="step", label=LABELS[name])
     ax.set_xlabel(f"prepared pixel value ({size} px cache)")
     ax.set_ylabel("density")
     ax.legend()
