@@ -37,7 +37,7 @@ import pandas as pd  # noqa: E402
 sys.path.insert(0, str(Path(__file__).parent))
 from common import RESULTS, prepared_world, save  # noqa: E402
 
-from pneumothorax.data import folds, prepare  # noqa: E402
+from pneumothorax.data import prepare, prepared, splitting  # noqa: E402
 from pneumothorax.io import atomic, paths, plots, rle  # noqa: E402
 from pneumothorax.io.paths import ExperimentDir  # noqa: E402
 
@@ -65,7 +65,7 @@ def _held_out(labels: pd.DataFrame, patients: dict[str, str], seed: int) -> set[
     meta = pd.DataFrame({"image_id": list(area), "mask_area": list(area.values())})
     meta["has_pneumothorax"] = (meta["mask_area"] > 0).astype(int)
     meta["patient"] = meta["image_id"].map(lambda i: patients.get(i, i))
-    split = folds.make_folds(meta, HELD_OUT, seed)
+    split = splitting.make_folds(meta, HELD_OUT, seed)
     return set(split.loc[split["fold"] == 0, "image_id"])
 
 
@@ -120,11 +120,11 @@ def run_steps(common: list[str]) -> dict[str, float]:
 
 def histogram(processed: Path, size: int, out: Path) -> dict[str, dict[str, float]]:
     """The prepared training images' intensities, real beside a synthetic world's: a plot and their percentiles."""
-    kinds = {"real": np.asarray(prepare.load_cache(processed, "images", "train", size))}
+    kinds = {"real": np.asarray(prepared.load_cache(processed, "images", "train", size))}
     for name, difficulty in SYNTHETIC.items():
         with tempfile.TemporaryDirectory() as tmp:
             _, synth_processed = prepared_world(Path(tmp), 200, 0, (size,), seed=0, difficulty=difficulty)
-            kinds[name] = np.asarray(prepare.load_cache(synth_processed, "images", "train", size))
+            kinds[name] = np.asarray(prepared.load_cache(synth_processed, "images", "train", size))
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for name, pixels in kinds.items():
         ax.hist(pixels.ravel(), bins=64, range=(0, 256), density=True, histtype="step", label=LABELS[name])

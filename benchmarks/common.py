@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from pneumothorax.data import folds, prepare, synthetic
+from pneumothorax.data import prepare, splitting, synthetic
 from pneumothorax.io import atomic, layout, paths
 
 RESULTS = paths.ROOT / "benchmarks" / "results"
@@ -79,5 +79,5 @@ def prepared_world(
         sizes=sizes,
         progress=False,
     )
-    atomic.write_csv(processed / "folds.csv", folds.make_folds(meta[meta["split"] == "train"], 5, 0))
+    atomic.write_csv(processed / "folds.csv", splitting.make_folds(meta[meta["split"] == "train"], 5, 0))
     return world, processed

@@ -30,7 +30,7 @@ from common import prepared_world  # noqa: E402
 from pneumothorax.data import augmentations, datasets  # noqa: E402
 from pneumothorax.io import config, paths  # noqa: E402
 from pneumothorax.io.paths import ExperimentDir  # noqa: E402
-from pneumothorax.models import devices, tta  # noqa: E402
+from pneumothorax.models import devices, trained, tta  # noqa: E402
 from pneumothorax.train import checkpoints, classifier, segmentation  # noqa: E402
 from pneumothorax.train.trainer import Interrupted  # noqa: E402
 
@@ -235,7 +235,7 @@ def check_gpu_maps_match_cpu(root: Path, processed: Path) -> str:
     dataset = datasets.CacheDataset(processed, "train", 128, rows[rows["fold"] == 0]["index"].to_numpy())
     maps = {}
     for device, amp in (("cpu", "none"), ("cuda", "bf16")):
-        model = segmentation.load_model(cfg, ExperimentDir(exp, 128).segmenter(0), "model", torch.device(device))
+        model = trained.load_segmenter(cfg, ExperimentDir(exp, 128).segmenter(0), "model", torch.device(device))
         out = root / f"maps-{device}.npy"
         tta.predict_to_file([model], dataset, out, ("hflip",), torch.device(device), 1, 8, amp, device == "cuda")
         maps[device] = np.load(out).astype(np.int16)
@@ -248,7 +248,7 @@ def check_inference_memory_is_flat(root: Path, processed: Path) -> str:
     """Peak GPU memory over 10 batches of inference equals that after the first: nothing accumulates."""
     _need_cuda()
     cfg = config.load("tiny", [*TINY, STAGES])
-    model = segmentation.load_model(
+    model = trained.load_segmenter(
         cfg, ExperimentDir(root / "models" / "full", 128).segmenter(0), "model", torch.device("cuda")
     )
     x = torch.zeros(8, 1, 128, 128, device="cuda")

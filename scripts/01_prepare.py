@@ -6,7 +6,7 @@ stage-1 layout); every other option overrides one part of it.
 
 from pathlib import Path
 
-from pneumothorax.data import prepare
+from pneumothorax.data import prepare, prepared
 from pneumothorax.io import layout as layout_mod
 from pneumothorax.pipeline import cli
 
@@ -33,11 +33,11 @@ def main() -> None:
         args.patient_map,
         args.extra_dir,
     )
-    print(cli.describe_layout(found))
+    print(prepare.describe_layout(found))
     table = prepare.prepare(found, args.processed, cfg.data.sizes, args.workers, args.skip_bad, not args.quiet)
     counts = table.groupby("split").size().to_dict()
     print(f"prepared {counts} at sizes {list(cfg.data.sizes)} -> {args.processed}")
-    print(prepare.summarize(Path(args.processed) / "prepare-report.json"))
+    print(prepared.summarize(Path(args.processed) / "prepare-report.json"))
     cli.record("prepare", cfg, cli.experiment(cfg, args.exp_dir), args.processed)
 
 

@@ -4,7 +4,7 @@ The split belongs to the experiment: another experiment's `make folds` never cha
 is rewritten only when its content changes.
 """
 
-from pneumothorax.data import folds
+from pneumothorax.data import folds, splitting
 from pneumothorax.io.paths import ProcessedDir
 from pneumothorax.pipeline import cli
 
@@ -14,7 +14,7 @@ def main() -> None:
     args = p.parse_args()
     cfg = cli.load_config(args, cli.no_models)
     exp = cli.experiment(cfg, args.exp_dir)
-    table = folds.write_folds(cfg, ProcessedDir(args.processed), exp)
+    table = splitting.write_folds(cfg, ProcessedDir(args.processed), exp)
     print(folds.fold_summary(table).to_string())
     cli.record("folds", cfg, exp, args.processed)
 

@@ -57,13 +57,13 @@ def prepare_world():
 @pytest.fixture(scope="session")
 def processed(world, tmp_path_factory) -> Path:
     """The world prepared at 32 and 64 pixels, with 2 folds."""
-    from pneumothorax.data import folds
+    from pneumothorax.data import splitting
     from pneumothorax.io import atomic
 
     out = tmp_path_factory.mktemp("processed")
     meta = _prepare_world(world, out, (32, 64))
     train = meta[meta["split"] == "train"]
-    atomic.write_csv(out / "folds.csv", folds.make_folds(train, n_folds=2, seed=0))
+    atomic.write_csv(out / "folds.csv", splitting.make_folds(train, n_folds=2, seed=0))
     return out
 
 
@@ -87,13 +87,13 @@ def _finished_folds(cfg, exp, processed, maps_of, size=64):
     import numpy as np
     import pandas as pd
 
-    from pneumothorax.data import folds, prepare
+    from pneumothorax.data import folds, prepared
     from pneumothorax.train import checkpoints
 
     split = pd.read_csv(exp.folds, dtype={"image_id": str})
     rows = pd.read_csv(processed / "metadata.csv", dtype={"image_id": str}, keep_default_na=False)
     rows = rows[rows["split"] == "train"].merge(split[["image_id", "fold"]], on="image_id")
-    masks = prepare.load_cache(processed, "masks", "train", size)
+    masks = prepared.load_cache(processed, "masks", "train", size)
     exp.oof.mkdir(parents=True, exist_ok=True)
     for k in range(cfg.data.n_folds):
         run = exp.segmenter(k)

@@ -4,12 +4,16 @@ between them, none hides inside a function, and no function grows past the size 
 from __future__ import annotations
 
 import ast
+import gc
+import json
 import subprocess
 import sys
 
 import pytest
 
 from pneumothorax.io import paths
+from pneumothorax.io.errors import PipelineError
+from pneumothorax.pipeline import cli
 
 PACKAGE = paths.ROOT / "src" / "pneumothorax"
 LAYERS = ["io", "data", "models", "train", "predict", "post", "pipeline"]
@@ -78,26 +82,74 @@ def test_functions_stay_short():
     assert not long
 
 
-@pytest.mark.parametrize(
-    "script",
-    [
-        "01_prepare",
-        "02_folds",
-        "07_search_postprocess",
-        "08_submit",
-        "09_score",
-        "10_report",
-        "13_leaderboard",
-        "15_submit_to_kaggle",
-    ],
-)
-def test_scripts_that_build_no_model_import_no_torch(script):
+NO_MODEL_SCRIPTS = [
+    "01_prepare",
+    "02_folds",
+    "07_search_postprocess",
+    "08_submit",
+    "09_score",
+    "10_report",
+    "13_leaderboard",
+    "15_submit_to_kaggle",
+]
+MODEL_SCRIPTS = ["03_train_classifier", "04_train_segmentation", "05_predict_oof", "06_infer", "12_predict"]
+
+
+def _first_loads(scripts: list[str], modules: set[str]) -> dict[str, list[str]]:
+    """Which of ``modules`` each script's imports load first: one Python imports the scripts' imports in turn
+    (a module loaded once stays loaded, so a script is charged with what it adds; none is the same as none in
+    one process each, at a fraction of the starts)."""
+    probe = ["import json, sys", "found = {}"]
+    for script in scripts:
+        source = (paths.ROOT / "scripts" / f"{script}.py").read_text()
+        probe += [line for line in source.splitlines() if line.startswith(("from pneumothorax", "import "))]
+        probe.append(
+            f"found[{script!r}] = sorted(set({sorted(modules)!r}) & set(sys.modules) - {{*sum(found.values(), [])}})"
+        )
+    probe.append("print(json.dumps({k: v for k, v in found.items() if v}))")
+    result = subprocess.run([sys.executable, "-c", "\n".join(probe)], capture_output=True, text=True, check=True)
+    return json.loads(result.stdout)
+
+
+def test_scripts_that_build_no_model_import_no_torch():
     """Submit, score and the leaderboard start in about a second: torch, timm and smp take three or four."""
-    source = (paths.ROOT / "scripts" / f"{script}.py").read_text()
-    imports = "\n".join(line for line in source.splitlines() if line.startswith(("from pneumothorax", "import ")))
-    probe = imports + "\nimport sys\nprint(sorted({'torch', 'timm', 'segmentation_models_pytorch'} & set(sys.modules)))"
-    loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
-    assert loaded.strip() == "[]", f"{script}.py imports {loaded.strip()}"
+    assert _first_loads(NO_MODEL_SCRIPTS, {"torch", "timm", "segmentation_models_pytorch"}) == {}
+
+
+def test_training_and_inference_load_no_scikit_learn():
+    """scikit-learn (with scipy.stats) costs a second of every process that imports it; only ``make folds``
+    needs it (``data.splitting``), and the gate's metrics are counted (``classifier.gate_metrics``)."""
+    assert _first_loads([*MODEL_SCRIPTS, "07_search_postprocess"], {"sklearn", "scipy.stats"}) == {}
+
+
+def test_inference_loads_no_augmentation_library():
+    """Only training augments: the processes that only predict load the trained folds through
+    ``models.trained`` and the datasets without albumentations (about 0.6 s of each start)."""
+    assert _first_loads(["05_predict_oof", "06_infer", "12_predict"], {"albumentations"}) == {}
+
+
+def test_the_probe_charges_each_script_with_what_it_loads():
+    """The probe above can fail: ``02_folds`` makes the split with scikit-learn."""
+    assert _first_loads(["01_prepare", "02_folds", "08_submit"], {"sklearn"}) == {"02_folds": ["sklearn"]}
+
+
+def test_a_script_freezes_its_objects_before_the_interpreter_exits():
+    """The interpreter's last collection walks every object torch, timm and sympy made (2-3 s a script on
+    2 cores); ``cli.run`` freezes them first, on success and on a one-line error alike."""
+    gc.unfreeze()
+    try:
+        cli.run(lambda: None)
+        assert gc.get_freeze_count() > 0
+        gc.unfreeze()
+
+        def fails() -> None:
+            raise PipelineError("bad input")
+
+        with pytest.raises(SystemExit):
+            cli.run(fails)
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
 
 
 def test_the_code_passes_ruff():

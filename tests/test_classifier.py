@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
-from pneumothorax.data import prepare
+from pneumothorax.data import prepared
 from pneumothorax.io import config, paths
 from pneumothorax.models import factory
 from pneumothorax.predict import oof
@@ -18,14 +18,6 @@ from pneumothorax.train import checkpoints, classifier, segmentation
 from pneumothorax.train.trainer import Interrupted
 
 TINY = ["data.sizes=[32, 64]", "data.n_folds=2"]
-
-
-def test_gate_metrics_by_hand():
-    labels = np.array([1, 1, 0, 0, 0])
-    probs = np.array([0.9, 0.4, 0.6, 0.1, 0.2])
-    m = classifier.gate_metrics(labels, probs, 0.5)
-    assert m["precision"] == 0.5 and m["recall"] == 0.5 and m["accuracy"] == 0.6
-    assert m["auc"] == pytest.approx(5 / 6)
 
 
 def _experiment(processed, root):
@@ -78,7 +70,7 @@ def test_classifier_auc_beats_chance(processed, exp):
 def test_external_pretraining_initialises_the_encoder(processed, tmp_path):
     meta = pd.read_csv(processed / "metadata.csv", dtype={"image_id": str}, keep_default_na=False)
     train_rows = meta[meta["split"] == "train"].head(24)
-    images = prepare.load_cache(processed, "images", "train", 64)
+    images = prepared.load_cache(processed, "images", "train", 64)
     folder = tmp_path / "external"
     folder.mkdir()
     for i, row in enumerate(train_rows.itertuples()):

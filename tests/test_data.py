@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from pneumothorax.data import augmentations, datasets, prepare
+from pneumothorax.data import augmentations, datasets, prepared, sample_augment
 from pneumothorax.io import config
 
 
@@ -65,7 +65,7 @@ def test_cache_dataset(processed):
     ds = datasets.CacheDataset(processed, "train", 64, rows["index"].to_numpy()[:4])
     x, y = ds[0]  # what workers ship: uint8, one channel
     assert x.shape == y.shape == (1, 64, 64) and x.dtype == y.dtype == torch.uint8 and y.max() <= 1
-    images = prepare.load_cache(processed, "images", "train", 64)
+    images = prepared.load_cache(processed, "images", "train", 64)
     assert torch.equal(x[0], torch.from_numpy(np.array(images[rows["index"].iloc[0]])))
     batch = datasets.model_input(torch.stack([x, x]), 3, torch.device("cpu"))  # normalised and expanded on the device
     assert batch.shape == (2, 3, 64, 64) and batch.dtype == torch.float32
@@ -100,7 +100,7 @@ def test_augmentation_groups_are_applied_independently():
     image = (np.random.default_rng(0).random((32, 32)) * 255).astype(np.uint8)
     applied = np.zeros((600, 3))
     for n in range(len(applied)):
-        out = augmentations.apply_augment(aug, (7, 0, n), image=image)
+        out = sample_augment.apply_augment(aug, (7, 0, n), image=image)
         groups = {GROUP_OF[name] for name, _ in out["applied_transforms"]}
         applied[n] = [g in groups for g in ("A1", "A2", "A3")]
     rates = applied.mean(axis=0)
@@ -173,7 +173,7 @@ def test_smooth_elastic_draws_the_field_albumentations_draws():
     assert corr(ours) == pytest.approx(corr(theirs), abs=0.05)
     mask = np.zeros((size, size), np.uint8)
     mask[100:300, 100:300] = 1
-    out = augmentations.apply_augment(
+    out = sample_augment.apply_augment(
         A.Compose([augmentations.SmoothElastic(size / 4, size / 40, p=1.0)]), (1, 0, 0), image=mask * 200, mask=mask
     )
     assert set(np.unique(out["mask"])) == {0, 1} and abs(int(out["mask"].sum()) - 200 * 200) < 0.02 * 200 * 200

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pneumothorax.data import prepare
+from pneumothorax.data import prepared
 from pneumothorax.io import config, freshness
 from pneumothorax.io.paths import ExperimentDir, ProcessedDir
 from pneumothorax.pipeline import ensemble
@@ -65,7 +65,7 @@ def test_an_ensemble_blends_at_one_size_and_searches_its_weights(processed, tmp_
     saved = json.loads(out.postprocess.read_text())
     assert saved["full_resolution"]["n_images"] == 300 and saved["score_full_resolution"] > 0.8
     test_ids = pd.read_csv(out.test_ids, dtype={"image_id": str}, keep_default_na=False)
-    expected, _ = prepare.expected_test_ids(processed)
+    expected, _ = prepared.expected_test_ids(processed)
     assert sorted(test_ids["image_id"]) == sorted(expected) and np.load(out.test_maps).shape == (len(test_ids), 64, 64)
     frame = submission.make_submission(out, ProcessedDir(processed), tmp_path / "ens.csv", progress=False)
     assert len(frame) == len(expected)

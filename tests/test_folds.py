@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from pneumothorax.data import folds, prepare
+from pneumothorax.data import folds, prepare, splitting
 from pneumothorax.io import paths
 
 
@@ -15,13 +15,13 @@ def test_no_patient_in_two_folds_on_real_map(real_labels):
     meta["has_pneumothorax"] = [int(bool(v)) for v in real_labels.values()]
     meta["mask_area"] = [len(" ".join(v)) for v in real_labels.values()]  # any monotone proxy will do
     meta["patient"] = meta["image_id"].map(patients)
-    table = folds.make_folds(meta, n_folds=5, seed=42)
+    table = splitting.make_folds(meta, n_folds=5, seed=42)
     assert (table.groupby("patient")["fold"].nunique() == 1).all()
     assert len(table) == 12_047 and set(table["fold"]) == set(range(5))
     summary = folds.fold_summary(table)
     assert summary["positive_rate"].max() - summary["positive_rate"].min() < 0.01
     assert summary["images"].max() - summary["images"].min() < 60
-    again = folds.make_folds(meta, n_folds=5, seed=42)
+    again = splitting.make_folds(meta, n_folds=5, seed=42)
     assert (again["fold"] == table["fold"]).all()
 
 
@@ -34,5 +34,5 @@ def test_unmapped_image_is_its_own_group():
             "patient": [f"i{k}" for k in range(20)],
         }
     )
-    table = folds.make_folds(meta, n_folds=4, seed=0)
+    table = splitting.make_folds(meta, n_folds=4, seed=0)
     assert table["fold"].value_counts().tolist() == [5, 5, 5, 5]

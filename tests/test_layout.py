@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pneumothorax.data import prepare
+from pneumothorax.data import prepare, prepared
 from pneumothorax.io import dicom, layout, manifest, resize, rle
 
 from .conftest import DCM_301, REAL_TEST_IDS, to_stage2
@@ -104,10 +104,10 @@ def test_prepare_on_todays_layout_summarises_the_stage2_names(today, tmp_path):
     out = tmp_path / "processed"
     table = prepare.prepare(layout.detect(today), out, sizes=(32,), workers=2, progress=False)
     assert (table["split"] == "train").sum() == 60 and (table["split"] == "test").sum() == 8
-    summary = prepare.summarize(out / "prepare-report.json")
+    summary = prepared.summarize(out / "prepare-report.json")
     assert "8 files have a non-UID SOPInstanceUID (stage-2 names like ID_0011fe81e): fine" in summary
     assert "5 extra copies of an image" in summary
-    ids, sample = prepare.expected_test_ids(out)
+    ids, sample = prepared.expected_test_ids(out)
     assert sample == today / "stage_2_sample_submission.csv" and ids[-2:] == list(REAL_TEST_IDS)
     real = table.set_index("image_id").loc[REAL_TEST_IDS[0]]
     images = np.load(out / "images_test_32.npy")

@@ -19,7 +19,8 @@ pytestmark = pytest.mark.make  # every test here runs make (most with -n: planni
 
 
 def make(*args: str, check: bool = True, dry: bool = False) -> subprocess.CompletedProcess:
-    cmd = ["make", "--no-print-directory", "-C", str(paths.ROOT), *(["-n"] if dry else []), *args]
+    # -j2: what runs, runs as under a user's `make -j` (the folds side by side); a plan (-n) is the same either way
+    cmd = ["make", "--no-print-directory", "-C", str(paths.ROOT), *(["-n"] if dry else ["-j2"]), *args]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pneumothorax.data import prepare
+from pneumothorax.data import prepare, prepared
 from pneumothorax.io import atomic, dicom, layout, resize, rle
 
 
@@ -42,8 +42,8 @@ def test_metadata_and_caches(world, processed):
     patients = pd.read_csv(world / "kaggle-to-nih-id.csv")
     assert train["patient"].nunique() < 300  # several images per patient, from the map
     assert set(train["patient"]) <= {n.split("_")[0] for n in patients["NIH_ID"]}
-    images = prepare.load_cache(processed, "images", "train", 64)
-    masks = prepare.load_cache(processed, "masks", "train", 64)
+    images = prepared.load_cache(processed, "images", "train", 64)
+    masks = prepared.load_cache(processed, "masks", "train", 64)
     assert images.shape == (300, 64, 64) and images.dtype == np.uint8 and masks.shape == (300, 64, 64)
     row = train[train["has_pneumothorax"] == 1].iloc[0]
     pixels, _ = dicom.read(row["path"])
@@ -55,7 +55,7 @@ def test_metadata_and_caches(world, processed):
     assert (masks[row["index"]].astype(bool) == expected).all()
     direct_mask = cv2.resize(full * np.uint8(255), (64, 64), interpolation=cv2.INTER_AREA) >= 128
     assert (masks[row["index"]].astype(bool) != direct_mask).sum() <= 0.02 * direct_mask.sum()
-    assert prepare.load_cache(processed, "images", "test", 32).shape == (30, 32, 32)
+    assert prepared.load_cache(processed, "images", "test", 32).shape == (30, 32, 32)
     assert not list(processed.glob("*.tmp"))
 
 
@@ -153,8 +153,8 @@ def test_killed_run_resumes_where_it_stopped(world, tmp_path, monkeypatch):
     assert sorted(test_done) == [0, 1, 2, 3]
     assert not list(out.glob(".prepare-*")) and not list(out.glob("*.tmp"))
     for kind, split, size in (("images", "train", 64), ("masks", "train", 32), ("images", "test", 32)):
-        again = prepare.load_cache(out, kind, split, size)
-        assert (again == prepare.load_cache(tmp_path / "clean", kind, split, size)).all()
+        again = prepared.load_cache(out, kind, split, size)
+        assert (again == prepared.load_cache(tmp_path / "clean", kind, split, size)).all()
     columns = ["image_id", "split", "index", "has_pneumothorax", "mask_area", "sex", "age", "view", "error"]
     pd.testing.assert_frame_equal(table[columns], reference[columns])
 

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 
+import pandas as pd
 import pytest
 import torch
 
@@ -158,7 +159,8 @@ def _torchrun(*launch: str, exp, processed) -> list[str]:
 
 @pytest.mark.trains
 def test_one_fold_over_two_nodes_equals_two_processes_on_one(processed, exp, tmp_path):
-    """Two torchrun launches with --nnodes=2 (c10d rendezvous on localhost, gloo) train one tiny fold."""
+    """Two torchrun launches with --nnodes=2 (c10d rendezvous on localhost, gloo) train one tiny fold; so does
+    one launch of two processes (gloo DDP), which writes its outputs once (rank 0) and the same weights."""
     import shutil
 
     from pneumothorax.io.paths import ExperimentDir
@@ -187,6 +189,10 @@ def test_one_fold_over_two_nodes_equals_two_processes_on_one(processed, exp, tmp
         timeout=900,
     )
     assert one.returncode == 0, one.stderr[-2000:]
+    out = single.segmenter(0).root
+    assert len(pd.read_csv(out / "metrics.csv")) == 3  # 2 epochs + SWA, written once (rank 0 only)
+    assert (out / "model.pt").exists() and len(list(out.glob("*.tmp"))) == 0
+    assert (out / "train.log").read_text().count("done:") == 1
     a = checkpoints.load_checkpoint(exp.segmenter(0).model)["state_dict"]
     b = checkpoints.load_checkpoint(single.segmenter(0).model)["state_dict"]
     for key in a:

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import torch
 
-from pneumothorax.data import datasets, prepare
+from pneumothorax.data import datasets, prepared
 from pneumothorax.io import config
 from pneumothorax.io.paths import ExperimentDir, ProcessedDir
 from pneumothorax.models import tta
@@ -40,9 +40,9 @@ def test_full_resolution_rescoring_sees_a_transposed_map(processed, exp, no_gate
     """The search estimate is blind to the RLE's orientation; the re-scoring goes through the RLE, and is not."""
     finished_folds(no_gate, exp, processed, lambda masks: (masks > 0).transpose(0, 2, 1).astype(np.uint8) * 255)
     parts = list(search.oof_folds(no_gate, exp))
-    right = search.rescore_full(parts, PostProcess("b_r", 0.5), prepare.labels_path(processed), progress=False)
+    right = search.rescore_full(parts, PostProcess("b_r", 0.5), prepared.labels_path(processed), progress=False)
     flipped = [search.FoldOOF(p.ids, np.ascontiguousarray(np.asarray(p.maps).transpose(0, 2, 1)), None) for p in parts]
-    wrong = search.rescore_full(flipped, PostProcess("b_r", 0.5), prepare.labels_path(processed), progress=False)
+    wrong = search.rescore_full(flipped, PostProcess("b_r", 0.5), prepared.labels_path(processed), progress=False)
     assert wrong["score"] > right["score"] + 0.05  # the transposed maps were the wrong ones
     assert wrong["dice_positive"] > 0.8 > right["dice_positive"]
 
@@ -97,7 +97,7 @@ def test_test_inference_averages_folds_and_keeps_broken_images(processed, tmp_pa
     test = meta[meta["split"] == "test"].sort_values("index").head(5).copy()
     test.loc[test.index[2], "error"] = "broken DICOM"
     test.to_csv(proc / "metadata.csv", index=False)
-    images = np.asarray(prepare.load_cache(processed, "images", "test", 64))
+    images = np.asarray(prepared.load_cache(processed, "images", "test", 64))
     np.save(proc / "images_test_64.npy", images)
     folds_made = {k: Ramp(float(k)) for k in range(2)}
     monkeypatch.setattr(

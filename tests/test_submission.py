@@ -105,7 +105,7 @@ def test_make_submission_writes_the_sample_order_and_minus_one_for_broken_images
     )
     pd.DataFrame({"image_id": ["b", "a"], "prob": [0.9, 0.1]}).to_csv(exp.test_gate, index=False)
     exp.postprocess.write_text(json.dumps({"postprocess": PostProcess("b_r", 0.5, 0, 0.5).to_dict()}))
-    monkeypatch.setattr(submission.prepare, "expected_test_ids", lambda _: (["a", "b", "c"], Path("sample.csv")))
+    monkeypatch.setattr(submission.prepared, "expected_test_ids", lambda _: (["a", "b", "c"], Path("sample.csv")))
     frame = submission.make_submission(exp, ProcessedDir(tmp_path), tmp_path / "sub.csv", progress=False)
     assert list(frame["ImageId"]) == ["a", "b", "c"]  # the sample's order
     assert frame["EncodedPixels"].tolist()[0] == "-1" and frame["EncodedPixels"].tolist()[2] == "-1"

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import torch
 
-from pneumothorax.data import folds, prepare, synthetic
+from pneumothorax.data import prepared, splitting, synthetic
 from pneumothorax.io import atomic, config, metric, paths
 from pneumothorax.models import devices
 from pneumothorax.post import exact_search
@@ -50,7 +50,7 @@ def test_short_run_learns_and_beats_all_empty(processed, exp):
     ids = pd.read_csv(exp.oof_ids(0), dtype={"image_id": str})
     maps = np.load(exp.oof_maps(0))
     assert maps.shape == (len(ids), 64, 64) and maps.dtype == np.uint8
-    masks = prepare.load_cache(processed, "masks", "train", 64)[ids["index"].to_numpy()]
+    masks = prepared.load_cache(processed, "masks", "train", 64)[ids["index"].to_numpy()]
     folds = pd.read_csv(exp.folds, dtype={"image_id": str})
     assert sorted(ids["image_id"].astype(str)) == sorted(folds.loc[folds["fold"] == 0, "image_id"])  # held out only
     # What the pipeline uses is the searched B-TH/R-TH, not 0.5: a model this short is often
@@ -76,7 +76,7 @@ def _hard_world(root, seed: int, prepare_world):
     meta = prepare_world(world, processed, (HARD_SIZE,))
     exp = paths.ExperimentDir(root / "models" / "hard", HARD_SIZE)
     exp.root.mkdir(parents=True)
-    atomic.write_csv(exp.folds, folds.make_folds(meta[meta["split"] == "train"], n_folds=2, seed=0))
+    atomic.write_csv(exp.folds, splitting.make_folds(meta[meta["split"] == "train"], n_folds=2, seed=0))
     return processed, exp
 
 
@@ -100,7 +100,7 @@ def test_short_run_on_a_hard_world_beats_all_empty_after_the_search(tmp_path, se
     no_gate = replace(cfg, classifier=replace(cfg.classifier, enabled=False))  # this test trains no classifier
     oof.predict_oof(no_gate, exp, paths.ProcessedDir(processed), "cpu", progress=False, folds=[0])
     ids = pd.read_csv(exp.oof_ids(0), dtype={"image_id": str})
-    masks = prepare.load_cache(processed, "masks", "train", HARD_SIZE)[ids["index"].to_numpy()] > 0
+    masks = prepared.load_cache(processed, "masks", "train", HARD_SIZE)[ids["index"].to_numpy()] > 0
     found = exact_search.search_oof([exact_search.OOFPart(np.load(exp.oof_maps(0)), masks, None)], cfg.postprocess)
     all_empty = float((~masks.reshape(len(masks), -1).any(axis=1)).mean())
     # Measured: +0.049 (seed 21) and +0.060 (seed 22). Runs that never left the all-empty minimum scored
@@ -135,8 +135,11 @@ def test_resume_after_interruption_matches_uninterrupted(processed, tmp_path):
     with pytest.raises(Interrupted):
         segmentation.train_fold(cfg, 1, processed, parts, device="cpu", progress=False, max_epochs=1)
     assert not run.model.exists() and run.state.exists()
+    # mid-stage: the resume point, metrics and curves of the epoch done; last.pt waits for the stage's end
+    assert len(pd.read_csv(run.metrics)) == 1 and run.curves.exists() and not run.weights("last").exists()
     with pytest.raises(Interrupted):  # resumes at epoch 2, stops again after the stage boundary
         segmentation.train_fold(cfg, 1, processed, parts, device="cpu", progress=False, max_epochs=1)
+    assert run.weights("last").exists()  # stage 0 ended
     segmentation.train_fold(cfg, 1, processed, parts, device="cpu", progress=False)
     a, b = pd.read_csv(whole.segmenter(1).metrics), pd.read_csv(run.metrics)
     assert len(a) == len(b) == 4  # 3 epochs + one SWA evaluation
@@ -182,42 +185,6 @@ def test_a_changed_split_is_a_changed_run(processed, exp):
     segmentation.train_fold(cfg, 0, processed, exp, device="cpu", progress=False)  # retrains on the new split
     folds_mod.check_split(exp.segmenter(0), folds, 0)
     assert len(list(exp.root.glob("fold0.stale-*"))) == 1
-
-
-@pytest.mark.trains
-def test_ddp_gloo_two_processes(processed, exp):
-    out = exp.segmenter(0).root
-    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(
-        [
-            torchrun,
-            "--standalone",
-            "--nproc_per_node=2",
-            str(paths.ROOT / "scripts" / "04_train_segmentation.py"),
-            "--config",
-            "tiny",
-            "--fold",
-            "0",
-            "--processed",
-            str(processed),
-            "--exp-dir",
-            str(exp.root),
-            "--device",
-            "cpu",
-            "--quiet",
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    metrics = pd.read_csv(out / "metrics.csv")
-    assert len(metrics) == 3  # 2 epochs + SWA, written once (rank 0 only)
-    assert (out / "model.pt").exists() and len(list(out.glob("*.tmp"))) == 0
-    log = (out / "train.log").read_text()
-    assert log.count("done:") == 1
 
 
 @pytest.mark.trains

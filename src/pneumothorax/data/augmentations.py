@@ -1,10 +1,9 @@
-"""Augmentation pipelines (the 2ST-UNet groups A1-A4, CLAHE; the classifier's) and the per-sample random state
-that makes them the same whichever worker or rank loads a sample."""
+"""Augmentation pipelines (the 2ST-UNet groups A1-A4, CLAHE; the classifier's). The per-sample random state
+that makes them the same whichever worker or rank loads a sample is :mod:`pneumothorax.data.sample_augment`."""
 
 from __future__ import annotations
 
 import math
-import random
 from collections.abc import Sequence
 
 import albumentations as A
@@ -121,23 +120,3 @@ def classifier_augment(size: int, p: float) -> A.Compose:
             A.RandomBrightnessContrast(p=p),
         ]
     )
-
-
-SampleKey = tuple[int, int, int]  # (sampler seed, epoch, position in the epoch's global order)
-
-
-def augment_state(key: SampleKey) -> tuple[np.random.Generator, random.Random]:
-    """The random state of one sample's augmentation: one NumPy stream, and a Python one drawn from it.
-
-    Every transform of a pipeline draws from these same two streams in turn, so the groups are
-    applied independently of each other; the key depends neither on the DataLoader worker nor
-    on the DDP rank that loads the sample, so a resumed or distributed run sees the same stream.
-    """
-    rng = np.random.default_rng([int(k) for k in key])
-    return rng, random.Random(int(rng.integers(2**63)))
-
-
-def apply_augment(transform: A.Compose, key: SampleKey, **arrays: np.ndarray) -> dict[str, np.ndarray]:
-    """Run ``transform`` on ``arrays`` with the random state of sample ``key``."""
-    transform.set_random_state(*augment_state(key))
-    return transform(**arrays)

@@ -6,16 +6,19 @@ import math
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import albumentations as A
 import numpy as np
 import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from pneumothorax.data import prepare
-from pneumothorax.data.augmentations import SampleKey, apply_augment
+from pneumothorax.data import prepared
+from pneumothorax.data.sample_augment import SampleKey, apply_augment
 from pneumothorax.io import images, paths, processes, resize
+
+if TYPE_CHECKING:  # annotations only: inference processes load no albumentations
+    import albumentations as A
 
 MEAN, STD = 0.449, 0.226  # ImageNet's mean and std averaged over channels (gray input)
 
@@ -68,9 +71,9 @@ class CacheDataset(Dataset):
     def _open(self) -> None:  # opened lazily, so each DataLoader worker maps its own view
         if not self._images:
             for split in dict.fromkeys(self.splits.tolist()):
-                self._images[split] = prepare.load_cache(self.processed, "images", split, self.size)
+                self._images[split] = prepared.load_cache(self.processed, "images", split, self.size)
                 if self.target == "mask":
-                    self._masks[split] = prepare.load_cache(self.processed, "masks", split, self.size)
+                    self._masks[split] = prepared.load_cache(self.processed, "masks", split, self.size)
 
     def __len__(self) -> int:
         return len(self.rows)

@@ -31,11 +31,10 @@ import cv2
 import numpy as np
 import pandas as pd
 
+from pneumothorax.data.prepared import RECORD_VERSION, PrepareError, read_record
 from pneumothorax.io import atomic, dicom, images, manifest, npy_rows, paths, processes, progress_bars, resize, rle
 from pneumothorax.io import layout as layout_mod
-from pneumothorax.io.errors import MissingFileError, PipelineError
 
-RECORD_VERSION = 2
 COLUMNS = [
     "image_id",
     "split",
@@ -52,8 +51,11 @@ COLUMNS = [
 ]
 
 
-class PrepareError(PipelineError, RuntimeError):
-    """Unreadable training files (all of them listed), missing or inconsistent inputs, or a dead worker."""
+KINDS = {
+    "stage2": "stage 2 (today's download: stage_2_train.csv, stage_2_images/, stage-1 re-uploads for training)",
+    "stage1": "stage 1 (train-rle.csv, dicom-images-train/, dicom-images-test/)",
+    "custom": "custom (label CSV named by TRAIN_CSV)",
+}
 
 
 @dataclass
@@ -133,7 +135,7 @@ def _scan_extra(found: layout_mod.Layout, inputs: Inputs) -> None:
     """The extra training images that have a label row (those also among the competition's labelled images
     are left out: an image is never both validated on and trained on in every fold)."""
     labels = rle.read_labels(found.extra_labels)
-    files = layout_mod.index_dicoms(images.walk([found.extra_dir], skip=manifest.MASK_FOLDERS)).files
+    files = layout_mod.index_dicoms(layout_mod.walk_images([found.extra_dir], skip=manifest.MASK_FOLDERS)).files
     inputs.report.extra_without_label = sorted(set(files) - set(labels))
     inputs.report.extra_also_labelled = sorted(set(files) & set(inputs.labels))
     keep = sorted(set(files) & set(labels) - set(inputs.labels))
@@ -161,6 +163,22 @@ def label_counts(path: Path) -> tuple[int, int]:
     """(rows, distinct images) of a label CSV, for the layout summary."""
     rows = rle.read_label_rows(path, validate=False)
     return len(rows), len({r.image_id for r in rows})
+
+
+def describe_layout(found: layout_mod.Layout) -> str:
+    """What ``prepare`` is about to read, in a few lines."""
+    rows, images = label_counts(found.labels)
+    lines = [
+        f"layout: {KINDS[found.kind]}",
+        f"  labels: {found.labels} ({rows:,} rows, {images:,} images)",
+        "  training DICOMs: every labelled .dcm under "
+        + ", ".join(str(d) for d in found.train_dirs)
+        + (f" except {found.test_dir}" if found.test_dir else ""),
+        f"  test DICOMs: {found.test_dir}" if found.test_dir else "  test DICOMs: none (training-only run)",
+    ]
+    if found.sample_submission:
+        lines.append(f"  sample submission: {found.sample_submission}")
+    return "\n".join(lines)
 
 
 def read_patient_map(path: Path | None) -> dict[str, str]:
@@ -286,21 +304,6 @@ class SplitPlan:
     renames: list[tuple[Path, Path]]  # (tmp, final) when complete
     log_signature: str
     in_place_ids: list[str]  # images whose rows are rewritten in the existing caches
-
-
-def _empty_record() -> dict[str, Any]:
-    return {"version": RECORD_VERSION, "sizes": [], "splits": {}}
-
-
-def _read_record(out_dir: Path) -> dict[str, Any]:
-    path = paths.ProcessedDir(out_dir).record
-    if not path.exists():
-        return _empty_record()
-    try:
-        record = json.loads(path.read_text())
-    except json.JSONDecodeError:
-        return _empty_record()
-    return record if record.get("version") == RECORD_VERSION else _empty_record()
 
 
 def _target(out_dir: Path, split: str, size: int, with_masks: bool, n: int, in_place: bool, fresh: bool) -> Target:
@@ -546,7 +549,7 @@ def _prepare(
     found: layout_mod.Layout, out_dir: Path, sizes: Sequence[int], workers: int, skip_bad: bool, progress: bool
 ) -> pd.DataFrame:
     inputs = scan(found)
-    record = _read_record(out_dir)
+    record = read_record(out_dir)
     all_sizes = sorted({int(s) for s in sizes} | set(record.get("sizes", [])))
     splits = {"train": inputs.train, "extra": inputs.extra, "test": inputs.test}
     plans = {
@@ -643,60 +646,3 @@ def _table(
 
 def _write_report(out_dir: Path, report: Report) -> None:
     atomic.write_json(paths.ProcessedDir(out_dir).report, report.__dict__)
-
-
-NOTES = {
-    "bad_train": "unreadable training files",
-    "bad_test": "unreadable test files (each gets a -1 row)",
-    "labels_without_image": "label rows whose image has no DICOM",
-    "unlabelled_images": "training-side DICOMs without a label row (not used)",
-    "duplicate_files": "extra copies of an image (the first in path order is used)",
-    "conflicting_duplicates": "copies of one image with different file sizes (check them)",
-    "train_test_overlap": "images both labelled and in the test folder",
-    "sop_mismatch": "files whose name differs from their SOPInstanceUID",
-    "extra_without_label": "extra training images without a row in their labels.csv (not used)",
-    "extra_also_labelled": "extra training images that are also competition training images (used once, as those)",
-    "non_uid_sop": "files have a non-UID SOPInstanceUID (stage-2 names like ID_0011fe81e): fine",
-}
-
-
-def summarize(report_path: Path) -> str:
-    """One line per kind of finding in ``prepare-report.json``, with a count and an example."""
-    report = json.loads(Path(report_path).read_text())
-    lines = []
-    for key, note in NOTES.items():
-        value = report.get(key) or []
-        if value:
-            example = value[0]["path"] if isinstance(value[0], dict) else value[0]
-            lines.append(f"{len(value):,} {note} (e.g. {example})")
-    return "\n".join(lines) if lines else "no problems found"
-
-
-def expected_test_ids(out_dir: str | Path) -> tuple[list[str], Path | None]:
-    """The ids a submission must hold: the sample submission's (in its order) when the layout has one,
-    else the prepared test images'; and the sample's path (or None)."""
-    out_dir = Path(out_dir)
-    record = _read_record(out_dir)
-    sample = record.get("layout", {}).get("sample_submission", layout_mod.NONE)
-    if sample != layout_mod.NONE:
-        if not Path(sample).exists():
-            raise PrepareError(f"{sample}: the sample submission that prepare read is gone; rerun `make prepare`")
-        return layout_mod.read_sample_ids(Path(sample)), Path(sample)
-    return list(record.get("splits", {}).get("test", {}).get("ids", [])), None
-
-
-def labels_path(out_dir: str | Path) -> Path:
-    """The label CSV that prepare read (the original RLE rows: full-resolution scoring reads them)."""
-    record = _read_record(Path(out_dir))
-    labels = record.get("layout", {}).get("labels")
-    if not labels or not Path(labels).exists():
-        raise PrepareError(f"{out_dir}: the label CSV that prepare read ({labels}) is gone; rerun `make prepare`")
-    return Path(labels)
-
-
-def load_cache(out_dir: str | Path, kind: str, split: str, size: int) -> np.ndarray:
-    """Memory-map one cache read-only."""
-    path = cache_path(Path(out_dir), kind, split, size)
-    if not path.exists():
-        raise MissingFileError(f"{path}: cache missing; run `make prepare` with size {size} in the config")
-    return np.load(path, mmap_mode="r")

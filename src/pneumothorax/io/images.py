@@ -7,8 +7,6 @@ The image id of a file is its stem, as for the competition's DICOMs.
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +15,6 @@ import numpy as np
 
 from pneumothorax.io import dicom
 from pneumothorax.io.errors import PipelineError
-
-SUFFIXES = (".dcm", ".png", ".jpg", ".jpeg")
 
 
 class ImageError(PipelineError, ValueError):
@@ -50,14 +46,3 @@ def read(path: str | Path) -> tuple[np.ndarray, dict[str, Any]]:
         raise ImageError(f"{path}: not a readable image")
     pixels = to_uint8(raw)
     return pixels, {"image_id": path.stem, "rows": pixels.shape[0], "columns": pixels.shape[1]}
-
-
-def walk(folders: Iterable[Path], skip: tuple[str, ...] = ()) -> list[Path]:
-    """Every DICOM, PNG and JPEG file below ``folders`` (hidden files and folders, and folders named in
-    ``skip``, left out), in path order."""
-    found = []
-    for folder in folders:
-        for root, dirs, names in os.walk(folder):
-            dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d.lower() not in skip)
-            found += [Path(root) / n for n in names if n.lower().endswith(SUFFIXES) and not n.startswith(".")]
-    return sorted(found, key=lambda p: p.parts)

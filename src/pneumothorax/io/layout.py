@@ -29,6 +29,8 @@ from pathlib import Path
 
 from pneumothorax.io.errors import PipelineError
 
+IMAGE_SUFFIXES = (".dcm", ".png", ".jpg", ".jpeg")
+
 STAGE2_LABELS = "stage_2_train.csv"
 STAGE1_LABELS = "train-rle.csv"
 STAGE2_TEST = "stage_2_images"
@@ -208,6 +210,17 @@ def _find_extra(data_dir: Path, extra_dir: str | Path | None) -> tuple[Path | No
             "set EXTRA_DIR=none to leave it out"
         )
     return folder, labels
+
+
+def walk_images(folders: Iterable[Path], skip: tuple[str, ...] = ()) -> list[Path]:
+    """Every DICOM, PNG and JPEG file below ``folders`` (hidden files and folders, and folders named in
+    ``skip``, left out), in path order."""
+    found = []
+    for folder in folders:
+        for root, dirs, names in os.walk(folder):
+            dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d.lower() not in skip)
+            found += [Path(root) / n for n in names if n.lower().endswith(IMAGE_SUFFIXES) and not n.startswith(".")]
+    return sorted(found, key=lambda p: p.parts)
 
 
 def walk_dicoms(folders: Iterable[Path], exclude: Iterable[Path] = ()) -> list[Path]:

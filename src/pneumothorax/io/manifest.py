@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from pneumothorax.io import atomic, images, paths
+from pneumothorax.io import atomic, paths
 from pneumothorax.io import layout as layout_mod
 
 SPLITS = ("train", "test")
@@ -58,7 +58,7 @@ def build(found: layout_mod.Layout) -> dict[str, dict[str, Any]]:
     }
     if found.extra_dir is not None:  # extra training images: the training inputs too
         train["extra_labels_sha1"] = file_hash(found.extra_labels)
-        train["extra_files"] = file_entries(images.walk([found.extra_dir], skip=MASK_FOLDERS))
+        train["extra_files"] = file_entries(layout_mod.walk_images([found.extra_dir], skip=MASK_FOLDERS))
     return {
         "train": train,
         "test": {

@@ -1,4 +1,4 @@
-"""The competition metric: mean over images of the Dice coefficient.
+"""The competition metric (mean over images of the Dice coefficient), and the gate's metrics.
 
 An image where truth and prediction are both empty scores 1; a non-empty prediction on an
 empty truth scores 0 (and so does an empty prediction on a non-empty truth).
@@ -61,3 +61,35 @@ def dice_table(image_ids: Sequence[str], pred: np.ndarray, truth: np.ndarray) ->
             "intersection": inter,
         }
     )
+
+
+def gate_metrics(labels: np.ndarray, probs: np.ndarray, threshold: float) -> dict[str, float]:
+    """AUC, MCC, precision, recall and accuracy of ``probs >= threshold`` against 0/1 ``labels``.
+
+    From counts and ranks rather than scikit-learn's metrics, whose import (about a second) every training
+    process would pay; ``test_metric.py::test_gate_metrics_equal_scikit_learns`` holds them equal.
+    """
+    labels = np.asarray(labels).astype(int)
+    pred = (np.asarray(probs) >= threshold).astype(int)
+    tp, fp = int(((pred == 1) & (labels == 1)).sum()), int(((pred == 1) & (labels == 0)).sum())
+    fn, tn = int(((pred == 0) & (labels == 1)).sum()), int(((pred == 0) & (labels == 0)).sum())
+    denominator = float(tp + fp) * (tp + fn) * (tn + fp) * (tn + fn)
+    return {
+        "auc": roc_auc(labels, probs),
+        "mcc": (tp * tn - fp * fn) / denominator**0.5 if denominator > 0 else 0.0,
+        "precision": tp / (tp + fp) if tp + fp else 0.0,
+        "recall": tp / (tp + fn) if tp + fn else 0.0,
+        "accuracy": (tp + tn) / len(labels) if len(labels) else float("nan"),
+        "threshold": float(threshold),
+    }
+
+
+def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:
+    """The area under the ROC curve (the Mann-Whitney U of the positives' ranks, ties averaged); NaN unless
+    both classes are present."""
+    labels = np.asarray(labels).astype(int)
+    positives, negatives = int((labels == 1).sum()), int((labels == 0).sum())
+    if positives == 0 or negatives == 0:
+        return float("nan")
+    ranks = pd.Series(np.asarray(scores, dtype=np.float64)).rank(method="average").to_numpy()
+    return float((ranks[labels == 1].sum() - positives * (positives + 1) / 2) / (positives * negatives))

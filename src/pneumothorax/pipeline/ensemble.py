@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 from numpy.lib.format import open_memmap
 
-from pneumothorax.data import prepare
+from pneumothorax.data import prepared
 from pneumothorax.io import atomic, progress_bars, tables
 from pneumothorax.io.config import Config
 from pneumothorax.io.paths import ExperimentDir, ProcessedDir
@@ -164,7 +164,7 @@ def ensemble_oof(
     image_ids = ids["image_id"].tolist()
     sources, gate = [maps for maps, _ in loaded], mean_gate([t for _, t in loaded], image_ids)
     truth = search.CacheRows(
-        prepare.load_cache(processed.root, "masks", "train", out.final_size), ids["index"].to_numpy()
+        prepared.load_cache(processed.root, "masks", "train", out.final_size), ids["index"].to_numpy()
     )
     out.root.mkdir(parents=True, exist_ok=True)
     maps_path, cfg = out.blended_oof, members[0].cfg
@@ -176,7 +176,7 @@ def ensemble_oof(
     maps = np.load(maps_path, mmap_mode="r")
     found = exact_search.search_oof([exact_search.OOFPart(maps, truth, gate)], cfg.postprocess)
     part = search.FoldOOF(ids, maps, gate)
-    full = search.rescore_full([part], found.post, prepare.labels_path(processed.root), progress)
+    full = search.rescore_full([part], found.post, prepared.labels_path(processed.root), progress)
     return {"weights": weights.tolist(), "weights_tried": tried, "found": found, "full": full}
 
 

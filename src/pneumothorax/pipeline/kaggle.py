@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from pneumothorax.data import prepare
+from pneumothorax.data import prepared
 from pneumothorax.io.errors import PipelineError
 from pneumothorax.post import submission
 
@@ -57,7 +57,7 @@ def submit(csv: Path, message: str, processed: Path, cli: str = "kaggle", env: M
     env = dict(os.environ if env is None else env)
     if not message.strip():
         raise KaggleError("say what this submission is: make kaggle-submit EXP=<exp> MSG='<message>'")
-    expected, sample = prepare.expected_test_ids(processed)
+    expected, sample = prepared.expected_test_ids(processed)
     frame = pd.read_csv(csv, dtype=str, keep_default_na=False)
     submission.validate(frame, expected, f"the sample submission {sample}" if sample else "the prepared test set")
     found = shutil.which(cli, path=env.get("PATH"))

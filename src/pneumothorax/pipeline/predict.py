@@ -33,12 +33,12 @@ from pneumothorax import __version__
 from pneumothorax.data import datasets
 from pneumothorax.io import atomic, dicom, dicom_seg, images, progress_bars, resize, rle
 from pneumothorax.io import config as config_mod
+from pneumothorax.io import layout as layout_mod
 from pneumothorax.io.config import Config
 from pneumothorax.io.errors import MissingFileError
 from pneumothorax.io.paths import ExperimentDir, PredictionDir
-from pneumothorax.models import devices, tta
+from pneumothorax.models import devices, trained, tta
 from pneumothorax.post import postprocess
-from pneumothorax.train import classifier, segmentation
 
 
 @dataclass
@@ -64,7 +64,7 @@ def inputs(folder: Path) -> list[Path]:
     """Every DICOM, PNG and JPEG file below ``folder`` (hidden files skipped), in path order."""
     if not folder.is_dir():
         raise MissingFileError(f"{folder}: INPUT is not a folder")
-    found = images.walk([folder])
+    found = layout_mod.walk_images([folder])
     if not found:
         raise MissingFileError(f"{folder}: no DICOM, PNG or JPEG file in it")
     return found
@@ -100,9 +100,9 @@ def load_members(exp: ExperimentDir, device: torch.device) -> tuple[list[Member]
     for member_exp, weight in parts:
         cfg = _trained_config(member_exp)
         folds = range(cfg.data.n_folds)
-        seg = [segmentation.load_model(cfg, member_exp.segmenter(k), cfg.infer.weights, device) for k in folds]
+        seg = [trained.load_segmenter(cfg, member_exp.segmenter(k), cfg.infer.weights, device) for k in folds]
         gates = (
-            [classifier.load_model(cfg, member_exp.classifier(k), device) for k in folds]
+            [trained.load_classifier(cfg, member_exp.classifier(k), device) for k in folds]
             if cfg.classifier.enabled
             else []
         )

@@ -10,7 +10,7 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from pneumothorax.data import prepare
+from pneumothorax.data import prepared
 from pneumothorax.io import atomic, metric, tables
 from pneumothorax.io.config import Config
 from pneumothorax.io.paths import ExperimentDir, ProcessedDir
@@ -66,7 +66,7 @@ def _panel(
 
 def _cases(cfg: Config, exp: ExperimentDir, processed: ProcessedDir, post: PostProcess) -> list[tuple]:
     """(Dice, image id, cache row, predicted mask) of every positive OOF image, worst first."""
-    masks = prepare.load_cache(processed.root, "masks", "train", cfg.final_size)
+    masks = prepared.load_cache(processed.root, "masks", "train", cfg.final_size)
     cases = []
     for part in search.oof_folds(cfg, exp):
         for i, index in enumerate(part.ids["index"]):
@@ -85,8 +85,8 @@ def build(cfg: Config, exp: ExperimentDir, processed: ProcessedDir, n_cases: int
     exp.report.mkdir(parents=True, exist_ok=True)
     post, scores = postprocess.load(exp.postprocess)
     cases = _cases(cfg, exp, processed, post)
-    images = prepare.load_cache(processed.root, "images", "train", cfg.final_size)
-    masks = prepare.load_cache(processed.root, "masks", "train", cfg.final_size)
+    images = prepared.load_cache(processed.root, "images", "train", cfg.final_size)
+    masks = prepared.load_cache(processed.root, "masks", "train", cfg.final_size)
     largest = sorted(cases, key=lambda c: -int(np.count_nonzero(masks[c[2]])))  # where the truth lies, plainly
     for name, chosen in (("worst", cases[:n_cases]), ("best", cases[::-1][:n_cases]), ("largest", largest[:n_cases])):
         if chosen:

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pneumothorax.data import folds, prepare
+from pneumothorax.data import folds, prepared
 from pneumothorax.io import atomic, plots, rle
 from pneumothorax.io.config import Config
 from pneumothorax.io.paths import ExperimentDir, ProcessedDir
@@ -83,10 +83,10 @@ def search(cfg: Config, exp: ExperimentDir, processed: ProcessedDir, progress: b
     """Search post-processing on the experiment's OOF maps, re-score the choice at full resolution, and write
     ``postprocess.json`` (decision and scores), ``grid.csv``, ``gate_scores.csv`` and ``heatmap.png``."""
     parts = list(oof_folds(cfg, exp))
-    masks = prepare.load_cache(processed.root, "masks", "train", cfg.final_size)
+    masks = prepared.load_cache(processed.root, "masks", "train", cfg.final_size)
     oof = [exact_search.OOFPart(p.maps, CacheRows(masks, p.ids["index"].to_numpy()), p.gate) for p in parts]
     found = exact_search.search_oof(oof, cfg.postprocess)
-    full = rescore_full(parts, found.post, prepare.labels_path(processed.root), progress)
+    full = rescore_full(parts, found.post, prepared.labels_path(processed.root), progress)
     return write_decision(exp, found, full, list(cfg.postprocess.r_th), cfg.final_size)
 
 

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pneumothorax.data import prepare
+from pneumothorax.data import prepared
 from pneumothorax.io import atomic, metric, progress_bars, rle
 from pneumothorax.io.errors import PipelineError
 from pneumothorax.io.paths import ExperimentDir, ProcessedDir
@@ -92,7 +92,7 @@ def make_submission(exp: ExperimentDir, processed: ProcessedDir, out_path: Path,
     gates = [gate_of.get(image_id) for image_id in ids["image_id"]]
     encoded = encode(maps, ids["row"].to_numpy(), gates, post, "submission", progress)
     frame = pd.DataFrame({HEADER[0]: ids["image_id"], HEADER[1]: encoded})
-    expected, sample = prepare.expected_test_ids(processed.root)
+    expected, sample = prepared.expected_test_ids(processed.root)
     if sample is not None:  # the sample's order; an id it lacks stays, for validate() to name
         order = {image_id: k for k, image_id in enumerate(expected)}
         frame = frame.sort_values("ImageId", key=lambda ids: ids.map(order).fillna(len(order)), kind="stable")

@@ -12,8 +12,7 @@ from pneumothorax.data import datasets
 from pneumothorax.io import atomic
 from pneumothorax.io.config import Config
 from pneumothorax.io.paths import ExperimentDir, ProcessedDir
-from pneumothorax.models import devices, tta
-from pneumothorax.train import classifier, segmentation
+from pneumothorax.models import devices, trained, tta
 
 
 def test_rows(processed: ProcessedDir) -> pd.DataFrame:
@@ -37,7 +36,7 @@ def infer_test(
     good = test[test["error"] == ""]
     folds = range(cfg.data.n_folds)
     if len(good):
-        fold_models = [segmentation.load_model(cfg, exp.segmenter(k), cfg.infer.weights, runtime.device) for k in folds]
+        fold_models = [trained.load_segmenter(cfg, exp.segmenter(k), cfg.infer.weights, runtime.device) for k in folds]
         # test images have no masks: the "label" target with no labels yields zeros
         dataset = datasets.CacheDataset(
             processed.root, "test", cfg.final_size, good["index"].to_numpy(), target="label"
@@ -75,7 +74,7 @@ def _gate(
     cfg: Config, exp: ExperimentDir, processed: ProcessedDir, good: pd.DataFrame, device: torch.device, progress: bool
 ) -> np.ndarray:
     """Mean gate probability of the classifier folds (with the TTA of ``infer.tta``)."""
-    models = [classifier.load_model(cfg, exp.classifier(k), device) for k in range(cfg.data.n_folds)]
+    models = [trained.load_classifier(cfg, exp.classifier(k), device) for k in range(cfg.data.n_folds)]
     dataset = datasets.CacheDataset(
         processed.root, "test", cfg.classifier.size, good["index"].to_numpy(), target="label"
     )

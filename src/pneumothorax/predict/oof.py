@@ -17,13 +17,12 @@ import numpy as np
 import pandas as pd
 import torch
 
-from pneumothorax.data import datasets, prepare
+from pneumothorax.data import datasets, prepared
 from pneumothorax.data import folds as folds_mod
 from pneumothorax.io import atomic, metric
 from pneumothorax.io.config import Config
 from pneumothorax.io.paths import ExperimentDir, ProcessedDir
-from pneumothorax.models import devices, tta
-from pneumothorax.train import classifier, segmentation
+from pneumothorax.models import devices, trained, tta
 
 
 def predict_oof(
@@ -43,7 +42,7 @@ def predict_oof(
     """
     runtime = devices.setup_runtime(device)
     devices.fast_kernels(runtime.device, cfg.deterministic)
-    masks = prepare.load_cache(processed.root, "masks", "train", cfg.final_size)
+    masks = prepared.load_cache(processed.root, "masks", "train", cfg.final_size)
     summary: dict[str, Any] = {"tta": list(cfg.infer.tta), "weights": cfg.segmentation.oof_weights, "folds": []}
     for k in range(cfg.data.n_folds) if folds is None else folds:
         valid = held_out(exp, processed, k)
@@ -74,8 +73,8 @@ def segmentation_oof(
     seg, run = cfg.segmentation, exp.segmenter(k)
     _check_split(exp, run, k)
     valid = held_out(exp, processed, k)
-    weights = segmentation.weights_path(run, seg.oof_weights).stem
-    model = segmentation.load_model(cfg, run, weights, runtime.device)
+    weights = trained.segmenter_weights(run, seg.oof_weights).stem
+    model = trained.load_segmenter(cfg, run, weights, runtime.device)
     dataset = datasets.CacheDataset(processed.root, "train", cfg.final_size, valid["index"].to_numpy())
     exp.oof.mkdir(parents=True, exist_ok=True)
     tta.predict_to_file(
@@ -103,7 +102,7 @@ def classifier_oof(
     c, run = cfg.classifier, exp.classifier(k)
     _check_split(exp, run, k)
     valid = held_out(exp, processed, k)
-    model = classifier.load_model(cfg, run, device)
+    model = trained.load_classifier(cfg, run, device)
     labels = valid["has_pneumothorax"].to_numpy()
     dataset = datasets.CacheDataset(
         processed.root, "train", c.size, valid["index"].to_numpy(), target="label", labels=labels
@@ -123,7 +122,7 @@ def classifier_oof(
     exp.oof.mkdir(parents=True, exist_ok=True)
     table = pd.DataFrame({"image_id": valid["image_id"].to_numpy(), "label": labels, "prob": probs})
     atomic.write_csv(exp.oof_gate(k), table)
-    return classifier.gate_metrics(labels, probs, c.threshold)
+    return metric.gate_metrics(labels, probs, c.threshold)
 
 
 def oof_scores(maps_path: Any, masks: np.ndarray, valid: pd.DataFrame, chunk: int = 64) -> tuple[float, float]:

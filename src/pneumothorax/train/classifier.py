@@ -14,7 +14,7 @@ of image paths and labels, e.g. ChestX-ray14 or CheXpert downloads) into
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,41 +22,16 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from sklearn import metrics as skm
 from torch import nn
 
 from pneumothorax.data import augmentations, datasets
 from pneumothorax.io import config as config_mod
+from pneumothorax.io import metric
 from pneumothorax.io.config import Config, StageConfig
 from pneumothorax.io.paths import RunDir
-from pneumothorax.models import devices, factory, tta
+from pneumothorax.models import devices, factory, trained, tta
 from pneumothorax.models.devices import Runtime
 from pneumothorax.train.trainer import Averaging, FoldJob, Precision, Trainer, fit_fold, settings_for
-
-
-def gate_metrics(labels: np.ndarray, probs: np.ndarray, threshold: float) -> dict[str, float]:
-    """AUC, MCC, precision, recall and accuracy of ``probs >= threshold`` against 0/1 ``labels``."""
-    labels = np.asarray(labels).astype(int)
-    pred = (np.asarray(probs) >= threshold).astype(int)
-    auc = float(skm.roc_auc_score(labels, probs)) if len(set(labels)) == 2 else float("nan")
-    return {
-        "auc": auc,
-        "mcc": float(skm.matthews_corrcoef(labels, pred)),
-        "precision": float(skm.precision_score(labels, pred, zero_division=0)),
-        "recall": float(skm.recall_score(labels, pred, zero_division=0)),
-        "accuracy": float(skm.accuracy_score(labels, pred)),
-        "threshold": float(threshold),
-    }
-
-
-def load_model(cfg: Config, run: RunDir, device: torch.device, which: str = "model") -> nn.Module:
-    """Build the classifier (no download) and load a run's weights."""
-    model = factory.create_classifier(replace(cfg.classifier, pretrained="none"), cfg.data.channels)
-    model.load_state_dict(factory.load_state_dict_file(run.weights(which)))
-    model.to(device).eval()
-    if cfg.classifier.channels_last and device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    return model
 
 
 @dataclass(frozen=True)
@@ -132,7 +107,7 @@ class ClassifierTask:
         shard = torch.utils.data.Subset(valid, range(runtime.rank, len(valid), runtime.world_size))
         probs = devices.gather_shards(self.predict(model, shard, runtime.device), len(valid), runtime)
         labels = self.images.valid_labels
-        scores = {f"val_{k}": v for k, v in gate_metrics(labels, probs, self.cfg.classifier.threshold).items()}
+        scores = {f"val_{k}": v for k, v in metric.gate_metrics(labels, probs, self.cfg.classifier.threshold).items()}
         scores.pop("val_threshold")
         clipped = torch.tensor(probs, dtype=torch.float64).clamp(1e-6, 1 - 1e-6)
         scores["val_loss"] = float(F.binary_cross_entropy(clipped, torch.tensor(labels, dtype=torch.float64)))
@@ -148,9 +123,9 @@ class ClassifierTask:
     def finish(self, run: RunDir, runtime: Runtime, progress: bool) -> tuple[dict[str, Any], str]:
         """The gate's metrics of the best weights on the validation images (rank 0 alone: no collective);
         ``make oof`` predicts them again with ``infer.tta`` for the search."""
-        model = load_model(self.cfg, run, runtime.device, "best")
+        model = trained.load_classifier(self.cfg, run, runtime.device, "best")
         probs = self.predict(model, self.images.valid, runtime.device)
-        return gate_metrics(self.images.valid_labels, probs, self.cfg.classifier.threshold), "best"
+        return metric.gate_metrics(self.images.valid_labels, probs, self.cfg.classifier.threshold), "best"
 
 
 def train_classifier_fold(cfg: Config, fold: int, processed: Any, exp: Any, **options: Any) -> dict[str, Any]:

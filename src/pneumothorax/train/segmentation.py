@@ -8,7 +8,6 @@ weights ``segmentation.oof_weights`` chooses, with which ``make oof`` predicts t
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +18,8 @@ from torch import nn
 from pneumothorax.data import augmentations, datasets
 from pneumothorax.io import config as config_mod
 from pneumothorax.io.config import Config
-from pneumothorax.io.errors import MissingFileError
 from pneumothorax.io.paths import ExperimentDir, ProcessedDir, RunDir
-from pneumothorax.models import devices, factory, losses
+from pneumothorax.models import devices, factory, losses, trained
 from pneumothorax.models.devices import Runtime
 from pneumothorax.train.trainer import Averaging, FoldJob, Precision, fit_fold
 
@@ -158,7 +156,7 @@ class SegmentationTask:
     def finish(self, run: RunDir, runtime: Runtime, progress: bool) -> tuple[dict[str, Any], str]:
         """The weights ``segmentation.oof_weights`` names go into ``model.pt`` (``make oof`` predicts the
         held-out images with them, as ``make infer`` the test set)."""
-        return {"fold": self.fold}, weights_path(run, self.cfg.segmentation.oof_weights).stem
+        return {"fold": self.fold}, trained.segmenter_weights(run, self.cfg.segmentation.oof_weights).stem
 
 
 def train_fold(cfg: Config, fold: int, processed: Any, exp: Any, **options: Any) -> dict[str, Any]:
@@ -179,26 +177,3 @@ def encoder_init_source(value: str, exp: ExperimentDir, fold: int) -> Path:
     if value == "pretrain":
         return exp.pretrain.model
     return Path(value)
-
-
-def weights_path(run: RunDir, which: str) -> Path:
-    """``best``/``last``/``swa``/``topk``/``ema``/``model`` weights of a fold; ``swa`` falls back to ``last``
-    when the final stage had no SWA."""
-    path = run.weights(which)
-    if which == "swa" and not path.exists():
-        path = run.weights("last")
-    if not path.exists():
-        hint = {"topk": " (segmentation.top_k is 0?)", "ema": " (segmentation.ema_decay is 0?)"}.get(which, "")
-        raise MissingFileError(f"{path}: no {which} weights{hint}; is the fold trained?")
-    return path
-
-
-def load_model(cfg: Config, run: RunDir, which: str, device: torch.device) -> nn.Module:
-    """Build a fold's segmenter (no download) and load its ``which`` weights, ready for inference."""
-    seg = cfg.segmentation
-    model = factory.create_segmenter(replace(seg, encoder_weights="none"), cfg.data.channels)
-    model.load_state_dict(factory.load_state_dict_file(weights_path(run, which)))
-    model.to(device).eval()
-    if seg.channels_last and device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    return model

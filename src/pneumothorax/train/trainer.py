@@ -51,6 +51,8 @@ from pneumothorax.train import checkpoints
 from pneumothorax.train import tracking as tracking_mod
 from pneumothorax.train.ema import Ema
 
+CURVES_EVERY_S = 30.0  # curves.png is redrawn at most this often before the last epoch
+
 
 class Interrupted(RuntimeError):
     """Raised by ``max_epochs`` to simulate a killed run (tests)."""
@@ -204,6 +206,7 @@ class Trainer:
         self.state: dict[str, Any] | None = None
         self.frozen: list[nn.Parameter] = []  # parameters the optimiser leaves alone this epoch
         self.stage_index = -1
+        self.curves_drawn = float("-inf")  # when curves.png was last drawn (time.monotonic)
 
     @property
     def meta(self) -> dict[str, Any]:
@@ -226,8 +229,9 @@ class Trainer:
             return read_meta(self.run.model).get("summary", {})
         self._start()
         for ran, step in enumerate(range(self.done, len(self.plan)), 1):
-            self._epoch(step)
-            if self.max_epochs is not None and ran >= self.max_epochs and step + 1 < len(self.plan):
+            stops = self.max_epochs is not None and ran >= self.max_epochs and step + 1 < len(self.plan)
+            self._epoch(step, stops)
+            if stops:
                 raise Interrupted(f"stopped after {ran} epoch(s) as asked")
         return self._finish()
 
@@ -299,7 +303,8 @@ class Trainer:
         self.loader, self.sampler = self.task.loaders(p, self.runtime)
         self.stage_index = p
 
-    def _epoch(self, step: int) -> None:
+    def _epoch(self, step: int, stops: bool = False) -> None:
+        """One epoch of the plan; ``stops``: the last this call runs (``max_epochs``), so its curves are drawn."""
         p, e = self.plan[step]
         if p != self.stage_index:
             self._start_stage(p, step)
@@ -322,10 +327,11 @@ class Trainer:
             self.sched.step()
         row = {"epoch": step + 1, "stage": p, "size": stage.size, "kind": "epoch", "lr": lr}
         self._record({**row, "train_loss": train_loss, **scores, "seconds": round(time.time() - started, 2)})
-        self._save_weights(p, scores)
-        if e == stage.epochs - 1 and self.swa is not None:
+        stage_ends = e == stage.epochs - 1
+        self._save_weights(p, scores, stage_ends)
+        if stage_ends and self.swa is not None:
             self._finish_swa(p, row)
-        self._save_state(step, p)
+        self._save_state(step, p, draw=stops or step + 1 == len(self.plan))
 
     def _train_epoch(self, desc: str, accumulate: int) -> float:
         """One pass over the training loader, an optimiser step every ``accumulate`` batches (the last group
@@ -405,16 +411,20 @@ class Trainer:
             row["lr"],
         )
 
-    def _save_weights(self, p: int, scores: dict[str, float]) -> None:
-        """``last.pt`` every epoch; ``best.pt`` when the task's selection score improves."""
+    def _save_weights(self, p: int, scores: dict[str, float], stage_ends: bool) -> None:
+        """``best.pt`` when the task's selection score improves; ``last.pt`` (and ``ema.pt``) at each stage's end.
+
+        Not ``last.pt`` every epoch: ``state.pt`` already holds those weights for a resume, and on small epochs
+        (the demo, the tests) the extra writes were a tenth of the training time."""
         if not self.runtime.is_main:
             return
         score = self.task.monitor(scores)
         if p >= self.task.select_from and score > self.best:
             self.best = score
             checkpoints.save_checkpoint(self.run.weights("best"), checkpoints.cpu_state(self.model))
-        checkpoints.save_checkpoint(self.run.weights("last"), checkpoints.cpu_state(self.model))
-        if self.ema is not None:
+        if stage_ends:
+            checkpoints.save_checkpoint(self.run.weights("last"), checkpoints.cpu_state(self.model))
+        if stage_ends and self.ema is not None:
             checkpoints.save_checkpoint(self.run.weights("ema"), checkpoints.cpu_state(self.ema.module))
         if p >= self.task.select_from and self.task.averaging.top_k:
             self._keep_top(score, len(self.history))
@@ -458,8 +468,10 @@ class Trainer:
             checkpoints.save_checkpoint(self.run.weights(name), checkpoints.cpu_state(self.swa.module))
         self.model.load_state_dict(self.swa.module.state_dict())
 
-    def _save_state(self, step: int, p: int) -> None:
-        """The resume point, metrics and curves after every epoch (rank 0); every rank waits for it."""
+    def _save_state(self, step: int, p: int, draw: bool) -> None:
+        """The resume point and metrics after every epoch (rank 0); every rank waits for it. ``curves.png`` is
+        drawn when ``draw`` (the last epoch, or the last of a stopped call) or when the last drawing is
+        ``CURVES_EVERY_S`` old: matplotlib takes about half a second a drawing, as long as a small epoch."""
         if self.runtime.is_main:
             state = {
                 "done": step + 1,
@@ -479,7 +491,9 @@ class Trainer:
             checkpoints.save_checkpoint(self.run.state, state)
             metrics = pd.DataFrame(self.history)
             atomic.write_csv(self.run.metrics, metrics)
-            plots.plot_curves(metrics, self.run.curves, self.task.curves)
+            if draw or time.monotonic() - self.curves_drawn >= CURVES_EVERY_S:
+                plots.plot_curves(metrics, self.run.curves, self.task.curves)
+                self.curves_drawn = time.monotonic()
         devices.barrier(self.runtime)
 
     def _finish(self) -> dict[str, Any]:
