@@ -101,7 +101,7 @@ def test_test_inference_averages_folds_and_keeps_broken_images(processed, tmp_pa
     np.save(proc / "images_test_64.npy", images)
     folds_made = {k: Ramp(float(k)) for k in range(2)}
     monkeypatch.setattr(
-        infer.segmentation, "load_model", lambda cfg, run, which, device: folds_made[int(run.root.name[-1])]
+        infer.trained, "load_segmenter", lambda cfg, run, which, device: folds_made[int(run.root.name[-1])]
     )
     exp = ExperimentDir(tmp_path / "exp", 64)
     infer.infer_test(cfg, exp, ProcessedDir(proc), device="cpu", progress=False)
