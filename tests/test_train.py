@@ -24,7 +24,7 @@ TINY = ["data.sizes=[32, 64]", "data.n_folds=2"]
 HARD_SIZE = 64
 HARD_STAGE = (
     f"segmentation.stages=[{{size: {HARD_SIZE}, epochs: 40, batch_size: 8, lr: 0.002, positive_rate: 0.5, "
-    "positive_rate_end: 0.25, augment: [A1]}]"
+    "positive_rate_end: 0.25, augment: [A1], validate_every: 8}]"  # validation (5 of 40 epochs) picks nothing here
 )
 
 
@@ -145,6 +145,24 @@ def test_resume_after_interruption_matches_uninterrupted(processed, tmp_path):
     assert len(a) == len(b) == 4  # 3 epochs + one SWA evaluation
     np.testing.assert_allclose(a["train_loss"], b["train_loss"], rtol=1e-5)
     assert _states_equal(_weights(whole.segmenter(1)), _weights(run))
+
+
+@pytest.mark.trains
+def test_validating_every_other_epoch_trains_the_same_weights(processed, tmp_path):
+    """Validation draws no random number that training uses: skipping it changes the rows, not the model."""
+    stage = ["segmentation.stages.0.epochs=3"]
+    every = _experiment(processed, tmp_path / "every")
+    segmentation.train_fold(config.load("tiny", stage), 0, processed, every, device="cpu", progress=False)
+    other = _experiment(processed, tmp_path / "other")
+    cfg = config.load("tiny", [*stage, "segmentation.stages.0.validate_every=2"])
+    segmentation.train_fold(cfg, 0, processed, other, device="cpu", progress=False)
+    assert _states_equal(_weights(every.segmenter(0)), _weights(other.segmenter(0)))
+    rows = pd.read_csv(other.segmenter(0).metrics)
+    # epoch 1 skipped; epoch 2, epoch 3 (the stage's end), epoch 4 (stage 1) and the SWA row validated
+    assert rows["val_dice"].isna().tolist() == [True, False, False, False, False]
+    np.testing.assert_allclose(rows["train_loss"], pd.read_csv(every.segmenter(0).metrics)["train_loss"], rtol=0)
+    with pytest.raises(config.ConfigError, match=r"stages\[0\]\.validate_every"):
+        config.load("tiny", ["segmentation.stages.0.validate_every=2", "segmentation.stages.0.scheduler=plateau"])
 
 
 @pytest.mark.trains

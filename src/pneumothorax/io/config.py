@@ -86,6 +86,9 @@ class StageConfig:
     epoch_images: int | None = None  # each epoch draws this many images (in the positive rate) instead of all
     augment: tuple[AugmentGroup, ...] = ("A1",)
     augment_p: float = 0.5
+    # validate after every Nth epoch and the stage's last (1: every epoch). Training is the same either way
+    # (validation draws no random number the training uses); best/top-k pick among the validated epochs.
+    validate_every: int = 1
 
 
 @dataclass(frozen=True)
@@ -373,6 +376,12 @@ def check(cfg: Config) -> Config:
             "compile: true with segmentation.sync_bn: true is unsupported upstream (torch.compile does not trace "
             "SyncBatchNorm's collectives): turn one of them off"
         )
+    for i, stage in enumerate(seg.stages):
+        if stage.validate_every < 1 or (stage.validate_every > 1 and stage.scheduler == "plateau"):
+            raise ConfigError(
+                f"segmentation.stages[{i}].validate_every: {stage.validate_every} (a plateau schedule steps on every "
+                "epoch's validation: use 1; otherwise 1 or more)"
+            )
     for key, weights in (("segmentation.oof_weights", seg.oof_weights), ("infer.weights", cfg.infer.weights)):
         if weights == "topk" and seg.top_k < 1:
             raise ConfigError(f"{key}: topk needs segmentation.top_k of 1 or more (it is {seg.top_k})")

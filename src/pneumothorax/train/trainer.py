@@ -320,14 +320,15 @@ class Trainer:
         train_loss = self._train_epoch(f"{self.task.label} stage {p} epoch {e + 1}/{stage.epochs}", stage.accumulate)
         if in_swa:
             self.swa.update_parameters(self.model)
-        scores = self.task.validate(self.model, p, self.runtime)  # the same on every rank
+        stage_ends = e == stage.epochs - 1
+        validates = stage_ends or (e + 1) % stage.validate_every == 0
+        scores = self.task.validate(self.model, p, self.runtime) if validates else {}  # the same on every rank
         if stage.scheduler == "plateau":
             self.sched.step(self.task.monitor(scores))
         elif not (in_swa and stage.swa_lr is not None):
             self.sched.step()
         row = {"epoch": step + 1, "stage": p, "size": stage.size, "kind": "epoch", "lr": lr}
         self._record({**row, "train_loss": train_loss, **scores, "seconds": round(time.time() - started, 2)})
-        stage_ends = e == stage.epochs - 1
         self._save_weights(p, scores, stage_ends)
         if stage_ends and self.swa is not None:
             self._finish_swa(p, row)
@@ -418,7 +419,7 @@ class Trainer:
         (the demo, the tests) the extra writes were a tenth of the training time."""
         if not self.runtime.is_main:
             return
-        score = self.task.monitor(scores)
+        score = self.task.monitor(scores) if scores else float("-inf")  # an epoch without validation
         if p >= self.task.select_from and score > self.best:
             self.best = score
             checkpoints.save_checkpoint(self.run.weights("best"), checkpoints.cpu_state(self.model))
@@ -426,7 +427,7 @@ class Trainer:
             checkpoints.save_checkpoint(self.run.weights("last"), checkpoints.cpu_state(self.model))
         if stage_ends and self.ema is not None:
             checkpoints.save_checkpoint(self.run.weights("ema"), checkpoints.cpu_state(self.ema.module))
-        if p >= self.task.select_from and self.task.averaging.top_k:
+        if p >= self.task.select_from and self.task.averaging.top_k and scores:
             self._keep_top(score, len(self.history))
 
     def _keep_top(self, score: float, epoch: int) -> None:
