@@ -167,10 +167,10 @@ def label_counts(path: Path) -> tuple[int, int]:
 
 def describe_layout(found: layout_mod.Layout) -> str:
     """What ``prepare`` is about to read, in a few lines."""
-    rows, images = label_counts(found.labels)
+    rows, image_count = label_counts(found.labels)
     lines = [
         f"layout: {KINDS[found.kind]}",
-        f"  labels: {found.labels} ({rows:,} rows, {images:,} images)",
+        f"  labels: {found.labels} ({rows:,} rows, {image_count:,} images)",
         "  training DICOMs: every labelled .dcm under "
         + ", ".join(str(d) for d in found.train_dirs)
         + (f" except {found.test_dir}" if found.test_dir else ""),
