@@ -5,6 +5,10 @@ Difficulty: --difficulty default|hard|harder sets the three knobs; --noise, --co
 the real SIIM images (their grey-level distribution, their rows per image).
 """
 
+import gc
+
+gc.disable()  # during the imports below (they make millions of objects); cli.run freezes them and resumes
+
 from pneumothorax.data import synthetic
 from pneumothorax.pipeline import cli
 

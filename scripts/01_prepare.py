@@ -4,6 +4,10 @@ The layout is found from --data-dir alone (today's download with stage-1 re-uplo
 stage-1 layout); every other option overrides one part of it.
 """
 
+import gc
+
+gc.disable()  # during the imports below (they make millions of objects); cli.run freezes them and resumes
+
 from pathlib import Path
 
 from pneumothorax.data import prepare, prepared

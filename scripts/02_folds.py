@@ -4,6 +4,10 @@ The split belongs to the experiment: another experiment's `make folds` never cha
 is rewritten only when its content changes.
 """
 
+import gc
+
+gc.disable()  # during the imports below (they make millions of objects); cli.run freezes them and resumes
+
 from pneumothorax.data import folds, splitting
 from pneumothorax.io.paths import ProcessedDir
 from pneumothorax.pipeline import cli

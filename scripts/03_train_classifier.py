@@ -1,5 +1,9 @@
 """Train one classifier (gate) fold, or pre-train on classifier.external_csv; resumes; DDP under torchrun."""
 
+import gc
+
+gc.disable()  # during the imports below (they make millions of objects); cli.run freezes them and resumes
+
 from pneumothorax.models import factory
 from pneumothorax.pipeline import cli
 from pneumothorax.train import classifier

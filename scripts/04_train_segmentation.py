@@ -4,6 +4,10 @@ A fold trained under other settings (its config section, its split or its inputs
 trained from scratch; a finished fold with the same settings is left as it is.
 """
 
+import gc
+
+gc.disable()  # during the imports below (they make millions of objects); cli.run freezes them and resumes
+
 from pneumothorax.models import factory
 from pneumothorax.pipeline import cli
 from pneumothorax.train import segmentation

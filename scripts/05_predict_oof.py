@@ -1,5 +1,9 @@
 """Out-of-fold predictions: each fold's held-out images with its models and the TTA of infer.tta (what search reads)."""
 
+import gc
+
+gc.disable()  # during the imports below (they make millions of objects); cli.run freezes them and resumes
+
 from pneumothorax.io.paths import ProcessedDir
 from pneumothorax.models import factory
 from pneumothorax.pipeline import cli

@@ -1,5 +1,9 @@
 """Test-set probabilities: every fold with the TTA of infer.tta, averaged; classifier gate probabilities."""
 
+import gc
+
+gc.disable()  # during the imports below (they make millions of objects); cli.run freezes them and resumes
+
 from pneumothorax.io.paths import ProcessedDir
 from pneumothorax.models import factory
 from pneumothorax.pipeline import cli

@@ -1,6 +1,10 @@
 """Exact grid search of B-TH, R-TH, gate (and triplet / min component) on out-of-fold predictions, then
 the choice re-scored at 1024x1024 with the competition metric against the original RLE rows."""
 
+import gc
+
+gc.disable()  # during the imports below (they make millions of objects); cli.run freezes them and resumes
+
 from pneumothorax.io.paths import ProcessedDir
 from pneumothorax.pipeline import cli, search
 from pneumothorax.post import postprocess

@@ -4,6 +4,10 @@ The RLE is the competition's relative, column-major format: stage 2 used it too 
 5th and 8th places' stage-2 code encodes with the official relative ``mask2rle``).
 """
 
+import gc
+
+gc.disable()  # during the imports below (they make millions of objects); cli.run freezes them and resumes
+
 from pathlib import Path
 
 from pneumothorax.io.paths import ExperimentDir, ProcessedDir

@@ -1,5 +1,9 @@
 """Score a submission against a labels CSV with the competition metric."""
 
+import gc
+
+gc.disable()  # during the imports below (they make millions of objects); cli.run freezes them and resumes
+
 from pathlib import Path
 
 from pneumothorax.io import atomic

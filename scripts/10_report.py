@@ -1,5 +1,9 @@
 """models/<exp>/report/: summary.md and PNG panels of the best and worst out-of-fold cases."""
 
+import gc
+
+gc.disable()  # during the imports below (they make millions of objects); cli.run freezes them and resumes
+
 from pneumothorax.io.paths import ProcessedDir
 from pneumothorax.pipeline import cli, report
 

@@ -3,6 +3,10 @@
 make ensemble ENSEMBLE="demo demo_r18" NAME=ens1 [WEIGHTS=search]
 """
 
+import gc
+
+gc.disable()  # during the imports below (they make millions of objects); cli.run freezes them and resumes
+
 from pathlib import Path
 
 from pneumothorax.io import atomic

@@ -4,6 +4,10 @@ make predict INPUT=/path/to/folder EXP=demo      -> predictions/demo-folder/
 make predict INPUT=... EXP=demo DICOM_SEG=1      -> also a DICOM Segmentation object per DICOM input
 """
 
+import gc
+
+gc.disable()  # during the imports below (they make millions of objects); cli.run freezes them and resumes
+
 from pathlib import Path
 
 from pneumothorax.io.paths import ExperimentDir

@@ -1,5 +1,9 @@
 """models/leaderboard.md and .csv: every experiment and ensemble, best out-of-fold score first."""
 
+import gc
+
+gc.disable()  # during the imports below (they make millions of objects); cli.run freezes them and resumes
+
 from pathlib import Path
 
 from pneumothorax.pipeline import cli, leaderboard

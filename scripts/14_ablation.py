@@ -3,6 +3,10 @@
 make ablation EXP=demo ABLATION_WORLDS="0" ABLATION_SEEDS="0 1" ABLATION_JOBS=2
 """
 
+import gc
+
+gc.disable()  # during the imports below (they make millions of objects); cli.run freezes them and resumes
+
 import time
 from pathlib import Path
 

@@ -1,5 +1,9 @@
 """Validate submissions/<exp>.csv once more, then send it to the competition with the official kaggle CLI."""
 
+import gc
+
+gc.disable()  # during the imports below (they make millions of objects); cli.run freezes them and resumes
+
 from pathlib import Path
 
 from pneumothorax.pipeline import cli, kaggle

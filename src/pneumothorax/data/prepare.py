@@ -193,11 +193,6 @@ def read_patient_map(path: Path | None) -> dict[str, str]:
     return dict(zip(table["Kaggle_ID"].str.strip(), nih, strict=True))
 
 
-def cache_path(out_dir: Path, kind: str, split: str, size: int) -> Path:
-    """``images_<split>_<size>.npy`` or ``masks_<split>_<size>.npy`` under ``out_dir``."""
-    return paths.ProcessedDir(out_dir).cache(kind, split, size)
-
-
 def signature(path: Path, rows: list[str] | None) -> str:
     """What makes an image's cache rows valid: its file's size and time, and its label rows."""
     stat = path.stat()
@@ -308,9 +303,8 @@ class SplitPlan:
 
 def _target(out_dir: Path, split: str, size: int, with_masks: bool, n: int, in_place: bool, fresh: bool) -> Target:
     """A size's cache files to write: the finished ones (in place), or ``.tmp`` ones (created unless resumed)."""
-    caches = [cache_path(out_dir, "images", split, size)] + (
-        [cache_path(out_dir, "masks", split, size)] if with_masks else []
-    )
+    kinds = ("images", "masks") if with_masks else ("images",)
+    caches = [paths.ProcessedDir(out_dir).cache(kind, split, size) for kind in kinds]
     if not in_place:
         caches = [atomic.tmp_path(p) for p in caches]
     offsets = []
@@ -324,8 +318,9 @@ def _target(out_dir: Path, split: str, size: int, with_masks: bool, n: int, in_p
 
 
 def _source(out_dir: Path, split: str, size: int, with_masks: bool) -> Source:
-    image = cache_path(out_dir, "images", split, size)
-    mask = cache_path(out_dir, "masks", split, size) if with_masks else None
+    processed = paths.ProcessedDir(out_dir)
+    image = processed.cache("images", split, size)
+    mask = processed.cache("masks", split, size) if with_masks else None
     return Source(
         str(image),
         npy_rows.npy_data_offset(image),
@@ -379,16 +374,13 @@ def _finished(
 ) -> tuple[dict[int, bool], bool]:
     """Per size, whether its finished caches exist; and whether a previous run's progress can resume
     (only if every partial cache it wrote into is still there)."""
-    kinds = ("images", "masks") if with_masks else ("images",)
+    kinds, processed = ("images", "masks") if with_masks else ("images",), paths.ProcessedDir(out_dir)
     finished = {
-        size: size in old.get("sizes", []) and all(cache_path(out_dir, k, split, size).exists() for k in kinds)
+        size: size in old.get("sizes", []) and all(processed.cache(k, split, size).exists() for k in kinds)
         for size in sizes
     }
     partial = [
-        atomic.tmp_path(cache_path(out_dir, k, split, s))
-        for s in sizes
-        if not (finished[s] and same_list)
-        for k in kinds
+        atomic.tmp_path(processed.cache(k, split, s)) for s in sizes if not (finished[s] and same_list) for k in kinds
     ]
     return finished, all(p.exists() for p in partial)
 

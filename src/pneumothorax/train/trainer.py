@@ -206,7 +206,8 @@ class Trainer:
         self.state: dict[str, Any] | None = None
         self.frozen: list[nn.Parameter] = []  # parameters the optimiser leaves alone this epoch
         self.stage_index = -1
-        self.curves_drawn = float("-inf")  # when curves.png was last drawn (time.monotonic)
+        # when curves.png was last drawn: a call shorter than CURVES_EVERY_S draws it once, at its end
+        self.curves_drawn = time.monotonic()
 
     @property
     def meta(self) -> dict[str, Any]:
