@@ -158,6 +158,7 @@ def collect(exp: ExperimentDir) -> dict:
         "oof_false_positive_images": full["false_positive_images"],
         "gate_auc_per_fold": [g.get("auc") for g in gate],
         "gate_mcc_per_fold": [g.get("mcc") for g in gate],
+        "gate_score_auc_per_fold": post.get("gate_auc", []),  # of the searched gate score (postprocess.gate_blend)
         "seg_dice_at_0.5_per_fold": [f["dice_at_0.5"] for f in oof["folds"]],
         "test": test,
     }

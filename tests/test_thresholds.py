@@ -81,13 +81,13 @@ def test_remove_small_components():
     assert out.sum() == 36 and not out[1, 1]
 
 
-def _brute_best(parts, b_values, r_values, gates):
+def _brute_best(parts, b_values, r_values, gates, blends=(0.0,)):
     """The best mean Dice over the grid by thresholding every map with PostProcess.decide (slow, exact)."""
     best = (-1.0, None)
-    for gate in gates:
+    for blend, gate in ((w, g) for w in blends for g in gates):
         for b in b_values:
             for r in r_values:
-                rule = PostProcess("b_r", b, r, gate)
+                rule = PostProcess("b_r", b, r, gate, gate_blend=blend)
                 dices = [
                     metric.dice_per_image(rule.decide(p, g)[None], m[None])[0]
                     for part in parts
@@ -114,6 +114,56 @@ def test_search_returns_the_rule_that_brute_force_finds_best():
     assert (found.post.b_th, found.post.r_th, found.post.gate) == (rule.b_th, rule.r_th, rule.gate)
     assert found.all_empty_score == pytest.approx((~masks.reshape(len(masks), -1).any(axis=1)).mean())
     assert found.grid.shape == (7, 3)
+
+
+def _peaked_maps(seed=3, n=40, size=24):
+    """Maps with a bright patch on every image: on the truth for positives, elsewhere and dimmer for negatives
+    (B-TH and R-TH cannot tell them apart; the map's peak can), and a classifier probability that is right on
+    only half of the positives: the segmenter's confidence has something to add to the gate."""
+    rng = np.random.default_rng(seed)
+    masks, probs = np.zeros((n, size, size), dtype=bool), (rng.random((n, size, size)) * 100).astype(np.uint8)
+    positive = np.arange(n) % 3 == 0
+    for i in range(n):
+        r, c = rng.integers(2, size - 8, 2)
+        low, high = (235, 256) if positive[i] else (150, 221)
+        probs[i, r : r + 6, c : c + 6] = rng.integers(low, high, (6, 6))
+        masks[i, r : r + 6, c : c + 6] = positive[i]
+    gate = rng.random(n) * 0.6
+    gate[np.flatnonzero(positive)[::2]] += 0.4
+    return probs, masks, gate
+
+
+def test_a_blended_gate_is_searched_exactly_and_decide_replays_it():
+    probs, masks, gate = _peaked_maps()
+    half = len(probs) // 2
+    parts = [exact_search.OOFPart(probs[s], masks[s], gate[s]) for s in (slice(0, half), slice(half, None))]
+    pp = replace(BASE, b_th=config_grid(0.5, 0.7, 0.1), r_th=(0, 4096), gate=(0.0, 0.5, 0.7), gate_blend=(0.0, 0.5))
+    found = exact_search.search_oof(parts, pp)
+    score, rule = _brute_best(parts, pp.b_th.values(), pp.r_th, pp.gate, pp.gate_blend)
+    assert found.score == pytest.approx(score, abs=1e-12) and found.post == rule
+    assert found.post.gate_blend == 0.5 and found.post.gate > 0  # the blend beats the classifier alone here
+    alone = exact_search.search_oof(parts, replace(pp, gate_blend=(0.0,)))
+    assert alone.post.gate_blend == 0.0 and alone.score < found.score
+    for part, auc in zip(parts, found.gate_auc, strict=True):  # each fold's AUC of the chosen gate score
+        score_of = postprocess.gate_score(part.gate, postprocess.peak(part.probs), 0.5)
+        assert auc == pytest.approx(metric.roc_auc(part.masks.reshape(len(part.masks), -1).any(axis=1), score_of))
+    # an image the classifier alone would empty is kept by the blend when its peak is high, exactly at the line
+    image = np.zeros((8, 8), np.uint8)
+    image[2:5, 2:5] = 255  # peak 1.0
+    blended = PostProcess("b_r", 0.5, 0.0, gate=0.6, gate_blend=0.5)
+    assert blended.decide(image, 0.2).sum() == 9 and not blended.decide(image, 0.19).any()  # 0.5*0.2 + 0.5 = 0.6
+    assert not replace(blended, gate_blend=0.0).decide(image, 0.2).any()
+
+
+def test_a_saved_decision_keeps_its_gate_blend_and_an_older_one_reads_as_the_classifier_alone():
+    rule = PostProcess("b_r", 0.4, 1024.0, 0.5, gate_blend=0.25)
+    assert PostProcess.from_dict(rule.to_dict()) == rule
+    older = {k: v for k, v in rule.to_dict().items() if k != "gate_blend"}
+    assert PostProcess.from_dict(older).gate_blend == 0.0
+    with pytest.raises(postprocess.PostProcessError, match="gate_blend 1.5"):
+        PostProcess(gate_blend=1.5)
+    with pytest.raises(config.ConfigError, match=r"postprocess.gate_blend: \[0.5, 1.2\]"):
+        config.load("tiny", ["postprocess.gate_blend=[0.5, 1.2]"])
 
 
 def test_search_says_empty_when_nothing_beats_predicting_nothing():

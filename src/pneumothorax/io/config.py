@@ -173,6 +173,7 @@ class PostprocessConfig:
     b_th: Grid
     r_th: tuple[int, ...]
     gate: tuple[float, ...]
+    gate_blend: tuple[float, ...]  # weights of the map's peak probability in the gate score (0: the classifier's)
     min_component: tuple[int, ...]  # remove components smaller than this (1024x1024 pixels)
     triplet: bool
     triplet_top: tuple[float, ...]
@@ -382,6 +383,8 @@ def check(cfg: Config) -> Config:
                 f"segmentation.stages[{i}].validate_every: {stage.validate_every} (a plateau schedule steps on every "
                 "epoch's validation: use 1; otherwise 1 or more)"
             )
+    if not all(0.0 <= w <= 1.0 for w in cfg.postprocess.gate_blend) or not cfg.postprocess.gate_blend:
+        raise ConfigError(f"postprocess.gate_blend: {list(cfg.postprocess.gate_blend)} (weights between 0 and 1)")
     for key, weights in (("segmentation.oof_weights", seg.oof_weights), ("infer.weights", cfg.infer.weights)):
         if weights == "topk" and seg.top_k < 1:
             raise ConfigError(f"{key}: topk needs segmentation.top_k of 1 or more (it is {seg.top_k})")

@@ -105,6 +105,7 @@ def write_decision(
         "n_images": full["n_images"],
         "size": size,
         "min_component_scores": found.min_component_scores,
+        "gate_auc": found.gate_auc,  # per fold, of the chosen gate score (postprocess.gate_blend); [] without a gate
     }
     frame = pd.DataFrame(
         found.grid, index=pd.Index(found.b_values, name="b_th"), columns=[f"r_th={int(x)}" for x in r_values]

@@ -15,14 +15,14 @@ dtype, as ``probs > b`` does in NumPy.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numba
 import numpy as np
 
 from pneumothorax.io.config import PostprocessConfig
-from pneumothorax.io.metric import dice_from_counts
-from pneumothorax.post.postprocess import FULL, PostProcess
+from pneumothorax.io.metric import dice_from_counts, roc_auc
+from pneumothorax.post.postprocess import FULL, PostProcess, gate_score, peak
 
 
 @numba.njit(cache=True, parallel=True, nogil=True)
@@ -212,6 +212,14 @@ class OOFPart:
 
 
 @dataclass(frozen=True)
+class GateInputs:
+    """Per OOF image, pooled over the folds: the classifier's probability and the map's peak probability."""
+
+    classifier: np.ndarray  # (N,)
+    peaks: np.ndarray  # (N,) max p of each map (postprocess.peak)
+
+
+@dataclass(frozen=True)
 class SearchResult:
     """The chosen decision, its low-resolution OOF score, and what it was compared with."""
 
@@ -224,6 +232,7 @@ class SearchResult:
     gates: list[float]
     gate_best: np.ndarray  # (G,) best score at each gate
     min_component_scores: dict[int, float] = field(default_factory=dict)
+    gate_auc: list[float] = field(default_factory=list)  # per fold: the AUC of the chosen gate score (gate on)
 
 
 def _pooled_counts(parts: Sequence[OOFPart], thresholds: list[float]) -> Counts:
@@ -247,6 +256,18 @@ def _best_b_r(counts: Counts, n_b: int, gate_probs: np.ndarray | None, gates: li
     return post, float(grid[g, b, r]), grid
 
 
+def _best_blend(counts: Counts, n_b: int, gated: GateInputs | None, gates: list[float], pp: PostprocessConfig):
+    """The best (gate blend, gate, B-TH, R-TH): :func:`_best_b_r` at each of ``postprocess.gate_blend``'s weights
+    (the smallest weight wins a tie); with no gate, the blend is 0."""
+    best = None
+    for blend in pp.gate_blend if gated is not None else (0.0,):
+        scores = None if gated is None else gate_score(gated.classifier, gated.peaks, blend)
+        post, score, grid = _best_b_r(counts, n_b, scores, gates, pp)
+        if best is None or score > best[1]:
+            best = (replace(post, gate_blend=float(blend)), score, grid, scores)
+    return best
+
+
 def _refine_components(
     parts: Sequence[OOFPart], post: PostProcess, candidates: Sequence[int], n_images: int
 ) -> dict[int, float]:
@@ -254,7 +275,7 @@ def _refine_components(
     histogram-friendly)."""
     scores = {}
     for size in candidates:
-        rule = PostProcess(post.rule, post.b_th, post.r_th, post.gate, int(size))
+        rule = replace(post, min_component=int(size))
         total = 0.0
         for part in parts:
             for i in range(len(part.probs)):
@@ -265,34 +286,50 @@ def _refine_components(
     return scores
 
 
+def _gate_inputs(parts: Sequence[OOFPart]) -> GateInputs | None:
+    """The classifier's probabilities and the maps' peaks of every part (None when the gate is off)."""
+    if parts[0].gate is None:
+        return None
+    return GateInputs(np.concatenate([p.gate for p in parts]), np.concatenate([peak(p.probs) for p in parts]))
+
+
+def _fold_aucs(parts: Sequence[OOFPart], true_area: np.ndarray, scores: np.ndarray | None) -> list[float]:
+    """Per part (fold), the ROC AUC of ``scores`` (the chosen gate score) against image-level truth."""
+    if scores is None:
+        return []
+    ends = np.cumsum([len(p.probs) for p in parts])[:-1]
+    return [roc_auc(t > 0, s) for t, s in zip(np.split(true_area, ends), np.split(scores, ends), strict=True)]
+
+
 def search_oof(parts: Sequence[OOFPart], pp: PostprocessConfig) -> SearchResult:
-    """Search B-TH x R-TH x gate (and the triplet and minimum components when configured) on OOF maps."""
+    """Search gate blend x gate x B-TH x R-TH (and the triplet and minimum components when configured) on OOF maps."""
     b_values = list(pp.b_th.values())
     wanted = {0.5, *pp.triplet_top, *pp.triplet_bottom} if pp.triplet else {0.5}
     all_th = b_values + sorted(wanted - set(b_values))
     counts = _pooled_counts(parts, all_th)
-    gated = parts[0].gate is not None
-    gate_probs = np.concatenate([p.gate for p in parts]) if gated else None
-    gates = list(pp.gate) if gated else [0.0]
-    post, score, grid = _best_b_r(counts, len(b_values), gate_probs, gates, pp)
+    gated = _gate_inputs(parts)
+    gates = list(pp.gate) if gated is not None else [0.0]
+    post, score, grid, gate_scores = _best_blend(counts, len(b_values), gated, gates, pp)
     if pp.triplet:
-        keep = None if gate_probs is None or post.gate <= 0 else gate_probs >= post.gate
+        keep = None if gate_scores is None or post.gate <= 0 else gate_scores >= post.gate
         tgrid = triplet_grid(counts, pp.triplet_top, pp.triplet_area, pp.triplet_bottom, keep)
         t, a, c = np.unravel_index(int(np.argmax(tgrid)), tgrid.shape)
         if tgrid[t, a, c] > score:
             triplet = (float(pp.triplet_top[t]), float(pp.triplet_area[a]), float(pp.triplet_bottom[c]))
-            post, score = PostProcess("triplet", post.b_th, 0.0, post.gate, 0, triplet), float(tgrid[t, a, c])
+            post = replace(post, rule="triplet", r_th=0.0, min_component=0, triplet=triplet)
+            score = float(tgrid[t, a, c])
     component_scores = {}
     if any(c > 0 for c in pp.min_component) and post.rule == "b_r":
         component_scores = _refine_components(parts, post, pp.min_component, len(counts.true_area))
         size = max(component_scores, key=component_scores.get)
         if component_scores[size] > score:
-            post, score = PostProcess("b_r", post.b_th, post.r_th, post.gate, size), component_scores[size]
+            post, score = replace(post, min_component=size), component_scores[size]
     all_empty = float((counts.true_area == 0).mean())
     if all_empty > score:  # no candidate beats predicting nothing: say so and predict nothing
-        post, score = PostProcess("empty", post.b_th, post.r_th, post.gate), all_empty
+        post, score = replace(post, rule="empty", min_component=0, triplet=None), all_empty
     j = all_th.index(0.5)
     plain = float(dice_from_counts(counts.inter[:, j], counts.pred[:, j], counts.true_area).mean())
     g = gates.index(post.gate) if post.gate in gates else 0
     gate_best = grid.reshape(len(gates), -1).max(axis=1)
-    return SearchResult(post, score, all_empty, plain, grid[g], b_values, gates, gate_best, component_scores)
+    aucs = _fold_aucs(parts, counts.true_area, gate_scores)
+    return SearchResult(post, score, all_empty, plain, grid[g], b_values, gates, gate_best, component_scores, aucs)

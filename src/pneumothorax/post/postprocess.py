@@ -1,7 +1,8 @@
 """The post-processing decision as a value: what search returns, JSON saves, and ``apply`` replays.
 
-A pixel is predicted where ``p > b_th``. An image is emptied when its classifier probability is
-below ``gate``, or when its predicted area, counted in 1024x1024 pixels, is below ``r_th``
+A pixel is predicted where ``p > b_th``. An image is emptied when its gate score is below ``gate``
+(the classifier's probability; with ``gate_blend`` w, ``(1 - w) * probability + w * max p``: the
+segmenter's own confidence joins the gate), or when its predicted area, counted in 1024x1024 pixels, is below ``r_th``
 (R-TH). The 1st place's triplet rule (``rule="triplet"``) empties an image unless
 ``count(p > top)`` reaches ``area``, and then predicts ``p > bottom``. ``min_component`` drops
 connected components smaller than that many 1024x1024 pixels. ``rule="empty"``: nothing beat
@@ -23,6 +24,7 @@ from typing import Any, Literal
 
 import cv2
 import numpy as np
+from numpy.typing import ArrayLike
 
 from pneumothorax.io.errors import PipelineError
 from pneumothorax.io.paths import ExperimentDir
@@ -45,10 +47,13 @@ class PostProcess:
     gate: float = 0.0
     min_component: int = 0
     triplet: tuple[float, float, float] | None = None  # (top, area, bottom) when rule == "triplet"
+    gate_blend: float = 0.0  # the weight of the map's peak probability in the gate score (0: the classifier's alone)
 
     def __post_init__(self) -> None:
         if self.rule not in ("b_r", "triplet", "empty"):
             raise PostProcessError(f"rule {self.rule!r} is not b_r, triplet or empty")
+        if not 0.0 <= self.gate_blend <= 1.0:
+            raise PostProcessError(f"gate_blend {self.gate_blend!r} is not between 0 and 1")
         if (self.rule == "triplet") != (self.triplet is not None):
             raise PostProcessError("a triplet rule needs triplet = [top, area, bottom], and only it")
 
@@ -73,7 +78,9 @@ class PostProcess:
         h, w = values.shape
         scale = (FULL / h) * (FULL / w)
         empty = np.zeros((h, w), dtype=bool)
-        if self.rule == "empty" or (gate_prob is not None and self.gate > 0 and gate_prob < self.gate):
+        if self.rule == "empty" or (
+            gate_prob is not None and self.gate > 0 and gate_score(gate_prob, values.max(), self.gate_blend) < self.gate
+        ):
             return empty
         if self.triplet is not None:
             top, area, bottom = self.triplet
@@ -111,7 +118,22 @@ class PostProcess:
         if self.rule == "empty":
             return "predict nothing (no rule beat all-empty)"
         shape = f"triplet {self.triplet}" if self.triplet is not None else f"B-TH {self.b_th:g}, R-TH {self.r_th:g}"
-        return f"{shape}, gate {self.gate:g}, min component {self.min_component}"
+        blend = f" on {1 - self.gate_blend:g} classifier + {self.gate_blend:g} peak" if self.gate_blend else ""
+        return f"{shape}, gate {self.gate:g}{blend}, min component {self.min_component}"
+
+
+def peak(probs: np.ndarray) -> np.ndarray:
+    """Each map's highest probability, as :meth:`PostProcess.decide` reads it: (N, H, W) -> (N,) float64."""
+    top = np.asarray(probs).reshape(len(probs), -1).max(axis=1)
+    return top.astype(np.float64) / 255.0 if top.dtype == np.uint8 else top.astype(np.float64)
+
+
+def gate_score(gate_prob: ArrayLike, peak_prob: ArrayLike, blend: float) -> np.ndarray:
+    """What the gate threshold compares: ``(1 - blend) * classifier probability + blend * the map's peak``.
+    The search and :meth:`PostProcess.decide` both call it, so their float sums are the same."""
+    if blend == 0.0:
+        return np.asarray(gate_prob, dtype=np.float64)
+    return (1.0 - blend) * np.asarray(gate_prob, dtype=np.float64) + blend * np.asarray(peak_prob, dtype=np.float64)
 
 
 def remove_small(mask: np.ndarray, min_pixels: float) -> np.ndarray:
