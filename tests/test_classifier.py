@@ -60,6 +60,28 @@ def test_classifier_resumes_exactly_and_predicts_its_held_out_images(processed, 
 
 
 @pytest.mark.trains
+def test_the_gate_can_be_its_best_epochs_averaged_or_its_ema(processed, exp):
+    sets = [*TINY, "classifier.size=64", "classifier.epochs=3", "classifier.top_k=2", "classifier.ema_decay=0.9"]
+    cfg = config.load("demo", [*sets, "classifier.weights=topk"])
+    summary = classifier.train_classifier_fold(cfg, 0, processed, exp, device="cpu", progress=False)
+    run = exp.classifier(0)
+    model, topk, ema = (checkpoints.load_checkpoint(run.weights(w)) for w in ("model", "topk", "ema"))
+    assert summary["weights"] == "topk" and all(torch.equal(model["state_dict"][k], topk[k]) for k in topk)
+    assert any(not torch.equal(topk[k], ema[k]) for k in topk if topk[k].is_floating_point())
+    # what the summary scored is what make oof predicts with model.pt (no TTA: the same views)
+    plain = replace(cfg, infer=replace(cfg.infer, tta=()))
+    metrics = oof.classifier_oof(plain, exp, paths.ProcessedDir(processed), 0, torch.device("cpu"))
+    assert summary["auc"] == pytest.approx(metrics["auc"])
+    # another choice of weights is another run: retrained, and model.pt is then the EMA
+    again = classifier.train_classifier_fold(
+        config.load("demo", [*sets, "classifier.weights=ema"]), 0, processed, exp, device="cpu", progress=False
+    )
+    model = checkpoints.load_checkpoint(run.model)["state_dict"]
+    ema = checkpoints.load_checkpoint(run.weights("ema"))
+    assert again["weights"] == "ema" and all(torch.equal(model[k], ema[k]) for k in ema)
+
+
+@pytest.mark.trains
 def test_classifier_auc_beats_chance(processed, exp):
     cfg = config.load("demo", [*TINY, "classifier.size=64", "classifier.epochs=20"])
     summary = classifier.train_classifier_fold(cfg, 1, processed, exp, device="cpu", progress=False)

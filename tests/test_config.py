@@ -102,6 +102,12 @@ def test_weights_that_training_will_not_write_fail_at_load():
         config.load("demo", ["infer.weights=topk"])
     with pytest.raises(config.ConfigError, match="segmentation.oof_weights: ema needs segmentation.ema_decay"):
         config.load("demo", ["segmentation.oof_weights=ema"])
+    with pytest.raises(config.ConfigError, match="classifier.weights: topk needs classifier.top_k"):
+        config.load("demo", ["classifier.weights=topk", "segmentation.top_k=3"])  # the segmenter's top_k is not its
+    with pytest.raises(config.ConfigError, match="classifier.weights: ema needs classifier.ema_decay"):
+        config.load("demo", ["classifier.weights=ema", "segmentation.ema_decay=0.9"])
+    with pytest.raises(config.ConfigError, match="classifier.weights.*valid names"):
+        config.load("demo", ["classifier.weights=swa"])  # the classifier has no SWA stage
     first = config.load("1st_place")
     assert (first.segmentation.top_k, first.segmentation.oof_weights, first.infer.weights) == (3, "topk", "topk")
 

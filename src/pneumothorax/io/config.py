@@ -40,6 +40,7 @@ Arch = Literal["unet", "unetplusplus", "fpn", "deeplabv3plus", "linknet"]
 AugmentGroup = Literal["A1", "A2", "A3", "A4", "CLAHE", "SSR"]
 TTAView = Literal["hflip", "vflip", "hvflip"]
 Weights = Literal["best", "last", "swa", "topk", "ema"]
+GateWeights = Literal["best", "last", "topk", "ema"]  # the classifier has no SWA
 
 
 @dataclass(frozen=True)
@@ -130,6 +131,9 @@ class ClassifierConfig:
     positive_rate: float | None  # balanced sampling: share of positives per epoch (None: natural)
     epoch_images: int | None  # each epoch draws this many images (in the positive rate) instead of all
     threshold: float  # for the metrics.json summary; the gate itself is searched
+    top_k: int  # keep the k best epochs (by validation AUC); weights "topk" averages them
+    ema_decay: float  # an exponential moving average of the weights at every step (0: off); weights "ema"
+    weights: GateWeights  # the weights that become model.pt: the gate of the OOF and test predictions
     amp: Literal["none", "bf16", "fp16"]
     channels_last: bool
     external_csv: str  # CSV (path,label) of an external weakly-labelled set for `make pretrain`
@@ -385,12 +389,21 @@ def check(cfg: Config) -> Config:
             )
     if not all(0.0 <= w <= 1.0 for w in cfg.postprocess.gate_blend) or not cfg.postprocess.gate_blend:
         raise ConfigError(f"postprocess.gate_blend: {list(cfg.postprocess.gate_blend)} (weights between 0 and 1)")
-    for key, weights in (("segmentation.oof_weights", seg.oof_weights), ("infer.weights", cfg.infer.weights)):
-        if weights == "topk" and seg.top_k < 1:
-            raise ConfigError(f"{key}: topk needs segmentation.top_k of 1 or more (it is {seg.top_k})")
-        if weights == "ema" and not 0 < seg.ema_decay < 1:
-            raise ConfigError(f"{key}: ema needs segmentation.ema_decay between 0 and 1 (it is {seg.ema_decay})")
+    _check_weights("segmentation", seg.top_k, seg.ema_decay, ("oof_weights", seg.oof_weights))
+    _check_weights("segmentation", seg.top_k, seg.ema_decay, ("infer.weights", cfg.infer.weights))
+    c = cfg.classifier
+    _check_weights("classifier", c.top_k, c.ema_decay, ("weights", c.weights))
     return cfg
+
+
+def _check_weights(section: str, top_k: int, ema_decay: float, named: tuple[str, str]) -> None:
+    """Weights ``topk`` or ``ema`` need the section's ``top_k`` or ``ema_decay`` to make them."""
+    key, weights = named
+    key = key if "." in key else f"{section}.{key}"
+    if weights == "topk" and top_k < 1:
+        raise ConfigError(f"{key}: topk needs {section}.top_k of 1 or more (it is {top_k})")
+    if weights == "ema" and not 0 < ema_decay < 1:
+        raise ConfigError(f"{key}: ema needs {section}.ema_decay between 0 and 1 (it is {ema_decay})")
 
 
 def dump(config: Config) -> str:

@@ -67,7 +67,7 @@ class ClassifierTask:
             ),
         )
         self.precision = Precision(c.amp, c.channels_last)
-        self.averaging = Averaging()
+        self.averaging = Averaging(c.top_k, c.ema_decay)
 
     def build_model(self, log: Any) -> nn.Module:
         return factory.create_classifier(self.cfg.classifier, self.cfg.data.channels)
@@ -121,11 +121,13 @@ class ClassifierTask:
         raise NotImplementedError("the classifier's stage has no SWA")
 
     def finish(self, run: RunDir, runtime: Runtime, progress: bool) -> tuple[dict[str, Any], str]:
-        """The gate's metrics of the best weights on the validation images (rank 0 alone: no collective);
-        ``make oof`` predicts them again with ``infer.tta`` for the search."""
-        model = trained.load_classifier(self.cfg, run, runtime.device, "best")
+        """The gate's metrics of the weights ``classifier.weights`` names on the validation images (rank 0
+        alone: no collective); they become ``model.pt``, and ``make oof`` predicts the validation images
+        again with ``infer.tta`` for the search."""
+        which = self.cfg.classifier.weights
+        model = trained.load_classifier(self.cfg, run, runtime.device, which)
         probs = self.predict(model, self.images.valid, runtime.device)
-        return metric.gate_metrics(self.images.valid_labels, probs, self.cfg.classifier.threshold), "best"
+        return metric.gate_metrics(self.images.valid_labels, probs, self.cfg.classifier.threshold), which
 
 
 def train_classifier_fold(cfg: Config, fold: int, processed: Any, exp: Any, **options: Any) -> dict[str, Any]:
