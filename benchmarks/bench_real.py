@@ -139,13 +139,9 @@ def histogram(processed: Path, size: int, out: Path) -> dict[str, dict[str, floa
     }
 
 
-def collect(exp: ExperimentDir) -> dict:
-    """What the run scored: OOF at 1024 after the search, per-fold gate metrics, the held-out test."""
-    post = json.loads(exp.postprocess.read_text())
+def scores(post: dict) -> dict:
+    """What a searched ``postprocess.json`` says: the OOF score at 1024 against all-empty, and how it got there."""
     full = post["full_resolution"]
-    oof = json.loads(exp.oof_summary.read_text())
-    test = json.loads(exp.score.read_text())
-    gate = [f.get("classifier", {}) for f in oof["folds"]]
     return {
         "oof_score_1024": post["score_full_resolution"],
         "oof_all_empty": full["all_empty_score"],  # at 1024, as the score (tiny masks vanish at the search size)
@@ -156,11 +152,64 @@ def collect(exp: ExperimentDir) -> dict:
         "oof_positives_found": full["positives_found"],
         "oof_dice_positive": full["dice_positive"],
         "oof_false_positive_images": full["false_positive_images"],
+    }
+
+
+def collect(exp: ExperimentDir) -> dict:
+    """What the run scored: OOF at 1024 after the search, per-fold gate metrics, the held-out test."""
+    post = json.loads(exp.postprocess.read_text())
+    oof = json.loads(exp.oof_summary.read_text())
+    gate = [f.get("classifier", {}) for f in oof["folds"]]
+    return scores(post) | {
         "gate_auc_per_fold": [g.get("auc") for g in gate],
         "gate_mcc_per_fold": [g.get("mcc") for g in gate],
         "gate_score_auc_per_fold": post.get("gate_auc", []),  # of the searched gate score (postprocess.gate_blend)
         "seg_dice_at_0.5_per_fold": [f["dice_at_0.5"] for f in oof["folds"]],
-        "test": test,
+        "test": json.loads(exp.score.read_text()),
+    }
+
+
+def bench_experiment(name: str, data: Path, processed: Path) -> dict:
+    """One experiment's steps from scratch in the bench's folders: their times and what the run scored."""
+    exp = ExperimentDir(BENCH_MODELS / name)
+    shutil.rmtree(exp.root, ignore_errors=True)
+    started = time.time()
+    times = run_steps(common_args(name, data, processed))
+    return {"exp": name, "seconds": times, "minutes_total": round((time.time() - started) / 60, 1)} | collect(exp)
+
+
+def common_args(name: str, data: Path, processed: Path) -> list[str]:
+    """The make variables every step of the bench runs with: its data, its own folders, quiet."""
+    return [
+        f"EXP={name}",
+        f"DATA_DIR={data}",
+        f"LABELS={data / 'test-labels.csv'}",
+        "QUIET=1",
+        f"MODELS_DIR={BENCH_MODELS}",
+        f"PROCESSED_DIR={processed}",
+        f"SUBMISSIONS_DIR={BENCH_MODELS / 'submissions'}",
+    ]
+
+
+def bench_ensemble(members: list[str], name: str, data: Path, processed: Path) -> dict:
+    """Every member from scratch, then ``make ensemble`` (equal weights) scored on the held-out test."""
+    runs = [bench_experiment(m, data, processed) for m in members]
+    exp = ExperimentDir(BENCH_MODELS / name)
+    shutil.rmtree(exp.root, ignore_errors=True)
+    started = time.time()
+    command = ["make", "--no-print-directory", "-C", str(paths.ROOT), "ensemble", f"ENSEMBLE={' '.join(members)}"]
+    subprocess.run([*command, f"NAME={name}", *common_args(members[0], data, processed)[1:]], check=True)
+    seconds = round(time.time() - started, 1)
+    print(f"bench-real: ensemble took {seconds} s", flush=True)
+    post = json.loads(exp.postprocess.read_text())
+    return {
+        "exp": name,
+        "members": runs,
+        "seconds": {"ensemble": seconds},  # each member's steps are in its own entry
+        "minutes_total": round(sum(r["minutes_total"] for r in runs) + seconds / 60, 1),
+        **scores(post),
+        "gate_score_auc": post.get("gate_auc", []),
+        "test": json.loads(exp.score.read_text()),
     }
 
 
@@ -170,29 +219,22 @@ def main() -> None:
         "--real-dir", required=True, help="what stage.sh wrote (dicom-images-train/, stage_2_train.csv, ...)"
     )
     p.add_argument("--exp", default="real_cpu")
+    p.add_argument("--ensemble", nargs="*", default=[], help="members: train each, then blend them (make ensemble)")
+    p.add_argument("--name", default="real_ensemble", help="the ensemble's name (models/bench-real/<name>)")
     p.add_argument("--data", default=str(paths.RAW / "siim-real-bench"))
     args = p.parse_args()
     data = Path(args.data)
     parts = build_layout(Path(args.real_dir), data)
     print(f"bench-real: {parts} images in {data}", flush=True)
     processed = BENCH_PROCESSED / data.name
-    exp = ExperimentDir(BENCH_MODELS / args.exp)
     shutil.rmtree(processed, ignore_errors=True)
-    shutil.rmtree(exp.root, ignore_errors=True)
-    common = [f"EXP={args.exp}", f"DATA_DIR={data}", f"LABELS={data / 'test-labels.csv'}", "QUIET=1"]
-    common += [f"MODELS_DIR={BENCH_MODELS}", f"PROCESSED_DIR={processed}"]
-    common += [f"SUBMISSIONS_DIR={BENCH_MODELS / 'submissions'}"]
-    started = time.time()
-    times = run_steps(common)
-    results = {
-        "images": parts,
-        "exp": args.exp,
-        "seconds": times,
-        "minutes_total": round((time.time() - started) / 60, 1),
-    }
-    results |= collect(exp)
+    if args.ensemble:
+        results = {"images": parts} | bench_ensemble(args.ensemble, args.name, data, processed)
+        save(f"bench_real_{args.name}", results)
+        return
+    results = {"images": parts} | bench_experiment(args.exp, data, processed)
     results["intensity"] = histogram(processed, 128, RESULTS / "bench_real_histogram.png")
-    results["report"] = str(exp.summary)
+    results["report"] = str(ExperimentDir(BENCH_MODELS / args.exp).summary)
     save("bench_real" if args.exp == "real_cpu" else f"bench_real_{args.exp}", results)
 
 
