@@ -107,15 +107,18 @@ def build_layout(real: Path, out: Path, seed: int = 0) -> dict[str, int]:
     return {"train": train["ImageId"].nunique(), "test": len(names), "extra": len(kept)}
 
 
-def run_steps(common: list[str]) -> dict[str, float]:
+def make(goal: str, variables: list[str]) -> float:
+    """``make goal`` in the repository with these variables, timed (seconds)."""
+    started = time.time()
+    subprocess.run(["make", "--no-print-directory", "-C", str(paths.ROOT), goal, *variables], check=True)
+    seconds = round(time.time() - started, 1)
+    print(f"bench-real: {goal} took {seconds} s", flush=True)
+    return seconds
+
+
+def run_steps(variables: list[str]) -> dict[str, float]:
     """Each step through make, timed (seconds)."""
-    times = {}
-    for step in STEPS:
-        started = time.time()
-        subprocess.run(["make", "--no-print-directory", "-C", str(paths.ROOT), step, *common], check=True)
-        times[step] = round(time.time() - started, 1)
-        print(f"bench-real: {step} took {times[step]} s", flush=True)
-    return times
+    return {step: make(step, variables) for step in STEPS}
 
 
 def histogram(processed: Path, size: int, out: Path) -> dict[str, dict[str, float]]:
@@ -174,14 +177,13 @@ def bench_experiment(name: str, data: Path, processed: Path) -> dict:
     exp = ExperimentDir(BENCH_MODELS / name)
     shutil.rmtree(exp.root, ignore_errors=True)
     started = time.time()
-    times = run_steps(common_args(name, data, processed))
+    times = run_steps([f"EXP={name}", *bench_variables(data, processed)])
     return {"exp": name, "seconds": times, "minutes_total": round((time.time() - started) / 60, 1)} | collect(exp)
 
 
-def common_args(name: str, data: Path, processed: Path) -> list[str]:
+def bench_variables(data: Path, processed: Path) -> list[str]:
     """The make variables every step of the bench runs with: its data, its own folders, quiet."""
     return [
-        f"EXP={name}",
         f"DATA_DIR={data}",
         f"LABELS={data / 'test-labels.csv'}",
         "QUIET=1",
@@ -196,11 +198,7 @@ def bench_ensemble(members: list[str], name: str, data: Path, processed: Path) -
     runs = [bench_experiment(m, data, processed) for m in members]
     exp = ExperimentDir(BENCH_MODELS / name)
     shutil.rmtree(exp.root, ignore_errors=True)
-    started = time.time()
-    command = ["make", "--no-print-directory", "-C", str(paths.ROOT), "ensemble", f"ENSEMBLE={' '.join(members)}"]
-    subprocess.run([*command, f"NAME={name}", *common_args(members[0], data, processed)[1:]], check=True)
-    seconds = round(time.time() - started, 1)
-    print(f"bench-real: ensemble took {seconds} s", flush=True)
+    seconds = make("ensemble", [f"ENSEMBLE={' '.join(members)}", f"NAME={name}", *bench_variables(data, processed)])
     post = json.loads(exp.postprocess.read_text())
     return {
         "exp": name,
