@@ -64,6 +64,8 @@ def test_wrong_type_and_choice():
         config.load("demo", ["segmentation.amp=fp8"])
     with pytest.raises(config.ConfigError, match="classifier.epochs: expected an integer"):
         config.load("demo", ["classifier.epochs=two"])
+    with pytest.raises(config.ConfigError, match="data.clahe: -1"):
+        config.load("demo", ["data.clahe=-1"])
 
 
 def test_overrides_and_inheritance():

@@ -82,6 +82,28 @@ def test_cache_dataset(processed):
     assert labels[1][1].item() == rows["has_pneumothorax"].iloc[1]
 
 
+def test_clahe_evens_out_local_contrast_the_same_way_for_every_reader(processed):
+    """``data.clahe``: a dim, flat image is spread over more grey levels, tile by tile (8 x 8 tiles at every
+    size); 0 leaves it as is; the cache dataset hands out the equalized image, masks untouched."""
+    ramp = np.tile(np.linspace(100, 140, 64).astype(np.uint8), (64, 1))  # 41 grey levels, low contrast
+    assert datasets.equalize(ramp, 0.0) is ramp
+    out = datasets.equalize(ramp, 2.0)
+    assert out.shape == ramp.shape and out.dtype == np.uint8
+    assert int(out.max()) - int(out.min()) > 1.4 * (int(ramp.max()) - int(ramp.min()))  # 59 levels against 40
+    assert np.corrcoef(out.ravel(), ramp.ravel())[0, 1] > 0.95  # the ramp's order kept, up to tile seams
+    dark, bright = np.full((64, 64), 30, np.uint8), np.full((64, 64), 220, np.uint8)
+    halves = np.concatenate([dark, bright], axis=1)[:, 32:96]  # one image, two exposures
+    spread = datasets.equalize(halves + np.random.default_rng(0).integers(0, 6, halves.shape, dtype=np.uint8), 2.0)
+    assert spread[:, :32].std() > 2 * halves[:, :32].std() + 1  # the flat dark half's noise is stretched
+    rows = datasets.train_rows(processed, processed / "folds.csv")["index"].to_numpy()[:3]
+    plain = datasets.CacheDataset(processed, "train", 64, rows)
+    equalized = datasets.CacheDataset(processed, "train", 64, rows, clahe=2.0)
+    for i in range(3):
+        (x, y), (x2, y2) = plain[i], equalized[i]
+        assert torch.equal(x2[0], torch.from_numpy(datasets.equalize(x[0].numpy(), 2.0))) and torch.equal(y, y2)
+        assert not torch.equal(x, x2)
+
+
 GROUP_OF = {
     "HorizontalFlip": "A1",
     "RandomBrightnessContrast": "A2",

@@ -56,6 +56,8 @@ def test_each_step_reruns_exactly_when_what_it_reads_changed(tmp_path):
         "classifier.lr=0.1": {f"classifier/fold{k}/model.pt" for k in range(3)} | {"pretrain/model.pt"},
         "segmentation.stages.1.lr=0.1": {f"fold{k}/model.pt" for k in range(3)},
         "classifier.enabled=false": {"oof/summary.json", "test/ids.csv", "postprocess.json", "pretrain/model.pt"},
+        # what every model sees: both trainings and both predictions (not the search, which reads their maps)
+        "data.clahe=2": {"oof/summary.json", "test/ids.csv", *RUNS, "pretrain/model.pt"},
     }
     for edit, expected in edits.items():
         assert _stale(exp, config.load("demo", [edit])) == expected, edit
@@ -106,6 +108,22 @@ def test_an_edit_set_back_or_only_previewed_reruns_nothing(tmp_path):
     assert _stale(b, demo) == {"made/prepare.json", "test/ids.csv", "postprocess.json"} | {
         f"fold{k}/model.pt" for k in range(3)
     }
+
+
+def test_a_key_added_later_keeps_older_experiments_up_to_date_at_its_default(tmp_path):
+    """``data.clahe`` came after experiments were recorded without it: at 0 (off, what they ran under) their
+    records stay as they were, so nothing retrains; any other value is recorded and compared."""
+    demo = config.load("demo")
+    assert demo.data.clahe == 0.0
+    exp = paths.ExperimentDir(tmp_path / "demo", demo.final_size)
+    _finished(exp, demo)
+    records = [exp.made("oof"), exp.made("infer"), exp.segmenter(0).trained_under, exp.classifier(0).trained_under]
+    assert not any("clahe" in path.read_text() for path in records)  # the records older code wrote
+    equalized = config.load("demo", ["data.clahe=2"])
+    other = paths.ExperimentDir(tmp_path / "equalized", demo.final_size)
+    _finished(other, equalized)
+    assert '"data.clahe": 2.0' in other.made("oof").read_text() and _stale(other, equalized) == set()
+    assert _stale(other, config.load("demo", ["data.clahe=3"])) == _stale(other, demo) != set()
 
 
 def test_a_run_from_before_trained_under_json_is_judged_by_its_saved_config(tmp_path):

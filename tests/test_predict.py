@@ -11,7 +11,8 @@ import pydicom
 import pytest
 import torch
 
-from pneumothorax.io import config, dicom_seg, rle
+from pneumothorax.data import datasets
+from pneumothorax.io import config, dicom_seg, resize, rle
 from pneumothorax.io.paths import ExperimentDir
 from pneumothorax.pipeline import predict
 from pneumothorax.post.postprocess import PostProcess
@@ -86,3 +87,14 @@ def test_an_experiment_never_searched_is_named_before_any_image_is_read(tmp_path
     with pytest.raises(FileNotFoundError, match=r"nosuch: no finished experiment or ensemble there.*EXP=nosuch"):
         predict.predict_folder(exp, tmp_path / "in", tmp_path / "out", "cpu", progress=False)
     assert not (tmp_path / "out").exists()  # nothing half-written
+
+
+def test_new_images_are_equalized_as_the_models_saw_them_in_training():
+    """``make predict`` downsizes and equalizes (``data.clahe``) each image as the caches and datasets did."""
+    image = np.random.default_rng(3).integers(60, 120, (256, 300), dtype=np.uint8)
+    for clahe in (0.0, 2.0):
+        cfg = config.load("tiny", [f"data.clahe={clahe}"])
+        batch = predict._batch([image], 64, cfg, torch.device("cpu"), False)
+        cached = datasets.to_tensor(datasets.equalize(resize.downscale(image, 64), clahe))
+        assert torch.equal(batch, datasets.model_input(cached[None], cfg.data.channels, torch.device("cpu")))
+    assert not torch.equal(batch, predict._batch([image], 64, config.load("tiny"), torch.device("cpu"), False))

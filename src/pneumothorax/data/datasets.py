@@ -8,6 +8,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import cv2
 import numpy as np
 import pandas as pd
 import torch
@@ -21,6 +22,14 @@ if TYPE_CHECKING:  # annotations only: inference processes load no albumentation
     import albumentations as A
 
 MEAN, STD = 0.449, 0.226  # ImageNet's mean and std averaged over channels (gray input)
+
+
+def equalize(image: np.ndarray, clip: float) -> np.ndarray:
+    """``image`` (uint8) under CLAHE with clip limit ``clip`` on 8 x 8 tiles, so at every size the same share of the
+    image (``data.clahe``: local contrast evened out before the model, in training and prediction alike); 0: as is."""
+    if not clip:
+        return image
+    return cv2.createCLAHE(clipLimit=float(clip), tileGridSize=(8, 8)).apply(np.ascontiguousarray(image))
 
 
 def to_tensor(image: np.ndarray) -> torch.Tensor:
@@ -57,8 +66,9 @@ class CacheDataset(Dataset):
         transform: A.Compose | None = None,
         target: str = "mask",
         labels: Sequence[int] | None = None,
+        clahe: float = 0.0,
     ) -> None:
-        self.processed, self.size = Path(processed), size
+        self.processed, self.size, self.clahe = Path(processed), size, clahe
         self.rows = np.asarray(rows, dtype=np.int64)
         self.splits = np.full(len(self.rows), split, dtype=object) if isinstance(split, str) else np.asarray(split)
         if len(self.splits) != len(self.rows):
@@ -83,7 +93,7 @@ class CacheDataset(Dataset):
         i, key = item if isinstance(item, tuple) else (item, None)
         self._open()
         row, split = int(self.rows[i]), self.splits[i]
-        image = np.array(self._images[split][row])  # a writable copy
+        image = equalize(np.array(self._images[split][row]), self.clahe)  # a writable copy
         augment = self.transform is not None and key is not None
         if self.target == "mask":
             mask = np.array(self._masks[split][row])
@@ -262,9 +272,10 @@ class ImageListDataset(Dataset):
         labels: Sequence[int],
         size: int,
         transform: A.Compose | None = None,
+        clahe: float = 0.0,
     ) -> None:
         self.paths, self.labels = list(paths), np.asarray(labels, dtype=np.float32)
-        self.size, self.transform = size, transform
+        self.size, self.transform, self.clahe = size, transform, clahe
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -272,7 +283,7 @@ class ImageListDataset(Dataset):
     def __getitem__(self, item: int | tuple[int, SampleKey]) -> tuple[torch.Tensor, torch.Tensor]:
         """Item ``i``, or ``(i, key)`` from :class:`PositiveRateSampler` (augmented)."""
         i, key = item if isinstance(item, tuple) else (item, None)
-        image = read_image(self.paths[i], self.size)
+        image = equalize(read_image(self.paths[i], self.size), self.clahe)
         if self.transform is not None and key is not None:
             image = apply_augment(self.transform, key, image=image)["image"]
         return to_tensor(image), torch.tensor([self.labels[i]])

@@ -53,6 +53,7 @@ class DataConfig:
     n_folds: int
     area_bins: int  # mask-area quantile bins for fold stratification
     use_extra: bool  # train on the layout's extra images (EXTRA_DIR) when it has some
+    clahe: float = 0.0  # CLAHE clip limit on every image the models see, trained or predicted (0 = off)
 
 
 @dataclass(frozen=True)
@@ -387,6 +388,8 @@ def check(cfg: Config) -> Config:
                 f"segmentation.stages[{i}].validate_every: {stage.validate_every} (a plateau schedule steps on every "
                 "epoch's validation: use 1; otherwise 1 or more)"
             )
+    if cfg.data.clahe < 0:
+        raise ConfigError(f"data.clahe: {cfg.data.clahe} (a CLAHE clip limit: 0 = off, else above 0; 2 is usual)")
     if not all(0.0 <= w <= 1.0 for w in cfg.postprocess.gate_blend) or not cfg.postprocess.gate_blend:
         raise ConfigError(f"postprocess.gate_blend: {list(cfg.postprocess.gate_blend)} (weights between 0 and 1)")
     _check_weights("segmentation", seg.top_k, seg.ema_decay, ("oof_weights", seg.oof_weights))

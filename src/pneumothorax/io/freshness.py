@@ -33,7 +33,10 @@ from pneumothorax.io import config as config_mod
 from pneumothorax.io.config import Config
 from pneumothorax.io.paths import ExperimentDir, RunDir
 
-TRAINING = ("seed", "deterministic", "data.channels", "data.n_folds", "data.use_extra")
+TRAINING = ("seed", "deterministic", "data.channels", "data.n_folds", "data.use_extra", "data.clahe")
+# Keys added after experiments were recorded without them: at this value a key is left out of the values, so
+# those experiments stay up to date (the value they were made under); any other value is recorded and compared.
+ADDED_LATER = {"data.clahe": 0.0}
 
 
 @dataclass(frozen=True)
@@ -51,8 +54,8 @@ STEPS: dict[str, Step] = {
     "folds": Step(("seed", "data.n_folds", "data.area_bins"), train_digest=True, script="02_folds"),
     "classifier": Step((*TRAINING, "classifier"), train_digest=True, script="03_train_classifier"),
     "segmentation": Step((*TRAINING, "segmentation"), train_digest=True, script="04_train_segmentation"),
-    "oof": Step(("classifier.enabled", "infer.tta", "segmentation.oof_weights"), script="05_predict_oof"),
-    "infer": Step(("classifier.enabled", "infer"), manifests=("test",), script="06_infer"),
+    "oof": Step(("classifier.enabled", "infer.tta", "segmentation.oof_weights", "data.clahe"), script="05_predict_oof"),
+    "infer": Step(("classifier.enabled", "infer", "data.clahe"), manifests=("test",), script="06_infer"),
     "search": Step(("classifier.enabled", "postprocess"), script="07_search_postprocess"),
 }
 """The steps whose output depends on config values or input manifests. ``classifier`` and
@@ -102,7 +105,8 @@ def section(cfg: Config, step: str) -> dict[str, Any]:
     keys = list(STEPS[step].keys)
     if step == "segmentation" and cfg.segmentation.encoder_init in ("classifier", "pretrain"):
         keys.append("classifier")
-    return {key: _lookup(whole, key) for key in keys}
+    found = {key: _lookup(whole, key) for key in keys}
+    return {k: v for k, v in found.items() if k not in ADDED_LATER or v != ADDED_LATER[k]}
 
 
 def values(cfg: Config, step: str, inputs: Inputs | None, run: str = "") -> dict[str, Any]:

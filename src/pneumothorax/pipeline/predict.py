@@ -112,7 +112,7 @@ def load_members(exp: ExperimentDir, device: torch.device) -> tuple[list[Member]
 
 def _batch(images: list[np.ndarray], size: int, cfg: Config, device: torch.device, channels_last: bool) -> torch.Tensor:
     """Images at ``size`` as a model input batch (channels_last where the model is)."""
-    small = np.stack([resize.downscale(image, size) for image in images])[:, None]
+    small = np.stack([datasets.equalize(resize.downscale(image, size), cfg.data.clahe) for image in images])[:, None]
     return datasets.model_input(torch.from_numpy(small), cfg.data.channels, device, channels_last)
 
 

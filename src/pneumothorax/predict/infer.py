@@ -39,7 +39,7 @@ def infer_test(
         fold_models = [trained.load_segmenter(cfg, exp.segmenter(k), cfg.infer.weights, runtime.device) for k in folds]
         # test images have no masks: the "label" target with no labels yields zeros
         dataset = datasets.CacheDataset(
-            processed.root, "test", cfg.final_size, good["index"].to_numpy(), target="label"
+            processed.root, "test", cfg.final_size, good["index"].to_numpy(), target="label", clahe=cfg.data.clahe
         )
         seg = cfg.segmentation
         tta.predict_to_file(
@@ -76,7 +76,7 @@ def _gate(
     """Mean gate probability of the classifier folds (with the TTA of ``infer.tta``)."""
     models = [trained.load_classifier(cfg, exp.classifier(k), device) for k in range(cfg.data.n_folds)]
     dataset = datasets.CacheDataset(
-        processed.root, "test", cfg.classifier.size, good["index"].to_numpy(), target="label"
+        processed.root, "test", cfg.classifier.size, good["index"].to_numpy(), target="label", clahe=cfg.data.clahe
     )
     return tta.predict_labels(
         models,

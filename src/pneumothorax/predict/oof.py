@@ -75,7 +75,9 @@ def segmentation_oof(
     valid = held_out(exp, processed, k)
     weights = trained.segmenter_weights(run, seg.oof_weights).stem
     model = trained.load_segmenter(cfg, run, weights, runtime.device)
-    dataset = datasets.CacheDataset(processed.root, "train", cfg.final_size, valid["index"].to_numpy())
+    dataset = datasets.CacheDataset(
+        processed.root, "train", cfg.final_size, valid["index"].to_numpy(), clahe=cfg.data.clahe
+    )
     exp.oof.mkdir(parents=True, exist_ok=True)
     tta.predict_to_file(
         [model],
@@ -105,7 +107,7 @@ def classifier_oof(
     model = trained.load_classifier(cfg, run, device)
     labels = valid["has_pneumothorax"].to_numpy()
     dataset = datasets.CacheDataset(
-        processed.root, "train", c.size, valid["index"].to_numpy(), target="label", labels=labels
+        processed.root, "train", c.size, valid["index"].to_numpy(), target="label", labels=labels, clahe=cfg.data.clahe
     )
     probs = tta.predict_labels(
         [model],

@@ -138,10 +138,11 @@ def train_classifier_fold(cfg: Config, fold: int, processed: Any, exp: Any, **op
     if c.size not in cfg.data.sizes:
         raise config_mod.ConfigError(f"classifier.size {c.size} is not in data.sizes {cfg.data.sizes}")
     train_df, valid_df = datasets.fold_rows(job.processed.root, job.exp.folds, fold, cfg.data.use_extra)
+    augment = augmentations.classifier_augment(c.size, c.augment_p)
     images = Images(
-        _labelled(job.processed.root, c.size, train_df, augmentations.classifier_augment(c.size, c.augment_p)),
+        _labelled(job.processed.root, c.size, train_df, cfg.data.clahe, augment),
         train_df["has_pneumothorax"].to_numpy(),
-        _labelled(job.processed.root, c.size, valid_df),
+        _labelled(job.processed.root, c.size, valid_df, cfg.data.clahe),
         valid_df["has_pneumothorax"].to_numpy(),
         valid_df["image_id"].to_numpy(),
     )
@@ -149,10 +150,12 @@ def train_classifier_fold(cfg: Config, fold: int, processed: Any, exp: Any, **op
     return fit_fold(job, "classifier", task, job.exp.classifier(fold), cfg.seed + 100 + fold, **options)
 
 
-def _labelled(processed: Path, size: int, rows: pd.DataFrame, augment: Any = None) -> datasets.CacheDataset:
+def _labelled(
+    processed: Path, size: int, rows: pd.DataFrame, clahe: float, augment: Any = None
+) -> datasets.CacheDataset:
     labels = rows["has_pneumothorax"].to_numpy()
     return datasets.CacheDataset(
-        processed, rows["split"].to_numpy(), size, rows["index"].to_numpy(), augment, target="label", labels=labels
+        processed, rows["split"].to_numpy(), size, rows["index"].to_numpy(), augment, "label", labels, clahe
     )
 
 
@@ -201,9 +204,13 @@ def pretrain_external(
     train_df, valid_df = table[~valid], table[valid]
     augment = augmentations.classifier_augment(c.size, c.augment_p)
     images = Images(
-        datasets.ImageListDataset(train_df["path"].tolist(), train_df["label"].to_numpy(), c.size, augment),
+        datasets.ImageListDataset(
+            train_df["path"].tolist(), train_df["label"].to_numpy(), c.size, augment, cfg.data.clahe
+        ),
         train_df["label"].to_numpy(),
-        datasets.ImageListDataset(valid_df["path"].tolist(), valid_df["label"].to_numpy(), c.size),
+        datasets.ImageListDataset(
+            valid_df["path"].tolist(), valid_df["label"].to_numpy(), c.size, clahe=cfg.data.clahe
+        ),
         valid_df["label"].to_numpy(),
         valid_df["path"].to_numpy(),
     )

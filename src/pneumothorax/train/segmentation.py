@@ -81,6 +81,7 @@ class SegmentationTask:
             stage.size,
             self.train_df["index"].to_numpy(),
             augmentations.segmentation_augment(stage.augment, stage.size, stage.augment_p),
+            clahe=cfg.data.clahe,
         )
         sampler = datasets.PositiveRateSampler(
             self.train_df["has_pneumothorax"].to_numpy(),
@@ -102,7 +103,7 @@ class SegmentationTask:
         if p not in self.valid_loaders:
             stage = self.cfg.segmentation.stages[p]
             shard = self.valid_df["index"].to_numpy()[runtime.rank :: runtime.world_size]  # this rank's images
-            dataset = datasets.CacheDataset(self.processed.root, "train", stage.size, shard)
+            dataset = datasets.CacheDataset(self.processed.root, "train", stage.size, shard, clahe=self.cfg.data.clahe)
             batch = devices.rank_batch(stage.batch_size, runtime, f"segmentation.stages[{p}].batch_size")
             self.valid_loaders = {p: datasets.make_loader(dataset, batch, workers=self.cfg.data.workers)}
         return self.valid_loaders[p]
@@ -148,7 +149,11 @@ class SegmentationTask:
         chosen = chosen[: len(chosen) - len(chosen) % runtime.world_size][runtime.rank :: runtime.world_size]
         rows = self.train_df.iloc[chosen]
         dataset = datasets.CacheDataset(
-            self.processed.root, rows["split"].to_numpy(), stage.size, rows["index"].to_numpy()
+            self.processed.root,
+            rows["split"].to_numpy(),
+            stage.size,
+            rows["index"].to_numpy(),
+            clahe=self.cfg.data.clahe,
         )
         batch = devices.rank_batch(stage.batch_size, runtime, f"segmentation.stages[{p}].batch_size")
         return datasets.make_loader(dataset, batch, workers=self.cfg.data.workers)
