@@ -58,6 +58,7 @@ def test_each_step_reruns_exactly_when_what_it_reads_changed(tmp_path):
         "classifier.enabled=false": {"oof/summary.json", "test/ids.csv", "postprocess.json", "pretrain/model.pt"},
         # what every model sees: both trainings and both predictions (not the search, which reads their maps)
         "data.clahe=2": {"oof/summary.json", "test/ids.csv", *RUNS, "pretrain/model.pt"},
+        "segmentation.loss.lovasz=1": {f"fold{k}/model.pt" for k in range(3)},
     }
     for edit, expected in edits.items():
         assert _stale(exp, config.load("demo", [edit])) == expected, edit
@@ -124,6 +125,10 @@ def test_a_key_added_later_keeps_older_experiments_up_to_date_at_its_default(tmp
     _finished(other, equalized)
     assert '"data.clahe": 2.0' in other.made("oof").read_text() and _stale(other, equalized) == set()
     assert _stale(other, config.load("demo", ["data.clahe=3"])) == _stale(other, demo) != set()
+    assert "lovasz" not in exp.segmenter(0).trained_under.read_text()  # a key inside a section read whole
+    lovasz = config.load("demo", ["segmentation.loss.lovasz=0.5"])
+    assert freshness.section(lovasz, "segmentation")["segmentation"]["loss"]["lovasz"] == 0.5
+    assert "lovasz" in config.to_dict(demo)["segmentation"]["loss"]  # the config itself keeps every key
 
 
 def test_a_run_from_before_trained_under_json_is_judged_by_its_saved_config(tmp_path):

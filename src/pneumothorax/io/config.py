@@ -64,6 +64,7 @@ class LossConfig:
     dice: float
     focal: float
     focal_gamma: float
+    lovasz: float = 0.0  # Lovasz hinge, per image
 
 
 @dataclass(frozen=True)

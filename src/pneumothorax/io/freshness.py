@@ -36,7 +36,8 @@ from pneumothorax.io.paths import ExperimentDir, RunDir
 TRAINING = ("seed", "deterministic", "data.channels", "data.n_folds", "data.use_extra", "data.clahe")
 # Keys added after experiments were recorded without them: at this value a key is left out of the values, so
 # those experiments stay up to date (the value they were made under); any other value is recorded and compared.
-ADDED_LATER = {"data.clahe": 0.0}
+ADDED_LATER = {"data.clahe": 0.0, "segmentation.loss.lovasz": 0.0}
+_MISSING = object()
 
 
 @dataclass(frozen=True)
@@ -105,8 +106,25 @@ def section(cfg: Config, step: str) -> dict[str, Any]:
     keys = list(STEPS[step].keys)
     if step == "segmentation" and cfg.segmentation.encoder_init in ("classifier", "pretrain"):
         keys.append("classifier")
-    found = {key: _lookup(whole, key) for key in keys}
-    return {k: v for k, v in found.items() if k not in ADDED_LATER or v != ADDED_LATER[k]}
+    return _without_later_defaults({key: _lookup(whole, key) for key in keys})
+
+
+def _without_later_defaults(found: dict[str, Any]) -> dict[str, Any]:
+    """``found`` less every :data:`ADDED_LATER` key at its default, read as a key of its own (``data.clahe``) or
+    inside a section read whole (``segmentation`` holds ``loss.lovasz``)."""
+    found = json.loads(json.dumps(found))  # a deep copy: the config's own dicts stay as they are
+    for dotted, default in ADDED_LATER.items():
+        if found.get(dotted, _MISSING) == default:
+            del found[dotted]
+            continue
+        head, _, rest = dotted.partition(".")
+        parent = found.get(head)
+        *path, leaf = rest.split(".")
+        for part in path:
+            parent = parent.get(part) if isinstance(parent, dict) else None
+        if isinstance(parent, dict) and parent.get(leaf, _MISSING) == default:
+            del parent[leaf]
+    return found
 
 
 def values(cfg: Config, step: str, inputs: Inputs | None, run: str = "") -> dict[str, Any]:

@@ -30,12 +30,35 @@ def focal_loss(logits: torch.Tensor, targets: torch.Tensor, gamma: float = 2.0) 
     return ((1.0 - p_t) ** gamma * bce).mean()
 
 
+def _jaccard_steps(truth_sorted: torch.Tensor) -> torch.Tensor:
+    """The Jaccard loss's increments as the pixels, in this order, are counted as errors one by one: the
+    gradient of its Lovasz extension (Berman et al. 2018, Alg. 1)."""
+    positives = truth_sorted.sum()
+    intersection = positives - truth_sorted.cumsum(0)
+    union = positives + (1.0 - truth_sorted).cumsum(0)
+    loss = 1.0 - intersection / union
+    return torch.cat([loss[:1], loss[1:] - loss[:-1]])
+
+
+def lovasz_hinge(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Lovasz hinge (Berman et al.), per image then averaged: a convex surrogate of 1 - IoU that, like the
+    competition's per-image Dice, weighs every image alike. Logits of +-1 on a 0/1 mask give 2 (1 - IoU)."""
+    logits, targets = logits.float().flatten(1), targets.float().flatten(1)
+    losses = []
+    for image_logits, truth in zip(logits, targets, strict=True):
+        errors = 1.0 - image_logits * (2.0 * truth - 1.0)
+        errors_sorted, order = torch.sort(errors, descending=True)
+        losses.append(torch.dot(F.relu(errors_sorted), _jaccard_steps(truth[order])))
+    return torch.stack(losses).mean()
+
+
 class ComboLoss(nn.Module):
-    """``bce * BCE + dice * (1 - Dice) + focal * Focal`` with weights from the config."""
+    """``bce * BCE + dice * (1 - Dice) + focal * Focal + lovasz * Lovasz hinge`` with weights from the config."""
 
     def __init__(self, cfg: LossConfig) -> None:
         super().__init__()
-        if cfg.bce < 0 or cfg.dice < 0 or cfg.focal < 0 or cfg.bce + cfg.dice + cfg.focal == 0:
+        weights = (cfg.bce, cfg.dice, cfg.focal, cfg.lovasz)
+        if min(weights) < 0 or sum(weights) == 0:
             raise ValueError(f"loss weights must be >= 0 and not all zero, got {cfg}")
         self.cfg = cfg
 
@@ -49,4 +72,6 @@ class ComboLoss(nn.Module):
             total = total + cfg.dice * soft_dice_loss(logits, targets)
         if cfg.focal:
             total = total + cfg.focal * focal_loss(logits, targets, cfg.focal_gamma)
+        if cfg.lovasz:
+            total = total + cfg.lovasz * lovasz_hinge(logits, targets)
         return total
