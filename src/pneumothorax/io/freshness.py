@@ -111,8 +111,8 @@ def section(cfg: Config, step: str) -> dict[str, Any]:
 
 def _without_later_defaults(found: dict[str, Any]) -> dict[str, Any]:
     """``found`` less every :data:`ADDED_LATER` key at its default, read as a key of its own (``data.clahe``) or
-    inside a section read whole (``segmentation`` holds ``loss.lovasz``)."""
-    found = json.loads(json.dumps(found))  # a deep copy: the config's own dicts stay as they are
+    inside a section read whole (``segmentation`` holds ``loss.lovasz``). ``found`` is :func:`section`'s own
+    (``config.to_dict`` builds new dicts at each call), so it is edited in place."""
     for dotted, default in ADDED_LATER.items():
         if found.get(dotted, _MISSING) == default:
             del found[dotted]
