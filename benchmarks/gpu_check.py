@@ -135,38 +135,50 @@ def check_augmentation_with_workers(root: Path, processed: Path) -> str:
 
 
 DDP_SCRIPT = """
+# One rank of a real DDP group (the backend the pipeline uses): no_sync() on half a batch, then a synced half,
+# must equal plain accumulation; SyncBN layers must survive the SWA and EMA copies. The pipeline itself never wraps
+# a lone rank (devices.wrap_ddp returns the bare model, asserted below), so the group is made here.
 import sys, torch
+import torch.distributed as dist
 from torch import nn
-from pneumothorax.models import devices
+from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel
+from pneumothorax.models import devices
 from pneumothorax.train.ema import Ema
-with devices.running("cuda") as runtime:
+dev = torch.device(sys.argv[1])
+def net():
     torch.manual_seed(0)
-    def net():
-        torch.manual_seed(0)
-        return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 1, 1)).cuda()
-    x, y = torch.randn(8, 1, 16, 16, device="cuda"), torch.rand(8, 1, 16, 16, device="cuda")
-    ddp = devices.wrap_ddp(net(), runtime, sync_bn=True)
-    AveragedModel(devices.unwrap(ddp)); Ema(devices.unwrap(ddp), 0.9)  # SWA and EMA copies of SyncBN layers
+    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 1, 1)).to(dev)
+with devices.running(dev.type) as runtime:
+    assert devices.wrap_ddp(net(), runtime, sync_bn=True).__class__ is nn.Sequential, "one rank is run without DDP"
+    dist.init_process_group(backend="cpu:gloo,cuda:nccl" if dev.type == "cuda" else "gloo")
+    ids = [dev.index or 0] if dev.type == "cuda" else None
+    sync = devices.sync_batchnorm if dev.type == "cuda" else (lambda m: m)  # DDP takes SyncBN on GPU modules only
+    ddp = DistributedDataParallel(sync(net()), device_ids=ids)
+    AveragedModel(ddp.module); Ema(ddp.module, 0.9)  # SWA and EMA copies of SyncBN layers
+    torch.manual_seed(1)
+    x, y = torch.randn(8, 1, 16, 16, device=dev), torch.rand(8, 1, 16, 16, device=dev)
     with ddp.no_sync():
         nn.functional.mse_loss(ddp(x[:4]), y[:4]).backward()
     nn.functional.mse_loss(ddp(x[4:]), y[4:]).backward()
     plain = net()
     for half in (slice(0, 4), slice(4, 8)):
         nn.functional.mse_loss(plain(x[half]), y[half]).backward()
-    a = [p.grad for p in devices.unwrap(ddp).parameters()]
-    b = [p.grad / runtime.world_size for p in plain.parameters()]
-    gap = max(float((g - h).abs().max()) for g, h in zip(a, b))
+    gap = max(float((g.grad - h.grad).abs().max()) for g, h in zip(ddp.module.parameters(), plain.parameters()))
+    dist.destroy_process_group()
     print("GAP", gap, flush=True)
 """
 
 
-def _torchrun(nproc: int, script: str, root: Path) -> str:
+def _torchrun(nproc: int, script: str, root: Path, *args: str) -> str:
     path = root / "ddp.py"
     path.write_text(script)
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     done = subprocess.run(
-        [torchrun, "--standalone", f"--nproc_per_node={nproc}", str(path)], capture_output=True, text=True, timeout=300
+        [torchrun, "--standalone", f"--nproc_per_node={nproc}", str(path), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert done.returncode == 0, done.stderr[-2000:]
     return done.stdout
@@ -175,7 +187,7 @@ def _torchrun(nproc: int, script: str, root: Path) -> str:
 def check_ddp_one_rank(root: Path, processed: Path) -> str:
     """One-rank cpu:gloo,cuda:nccl DDP: no_sync then a synced batch equals plain accumulation; SyncBN copies."""
     _need_cuda()
-    gap = float(_torchrun(1, DDP_SCRIPT, root).split("GAP")[-1])
+    gap = float(_torchrun(1, DDP_SCRIPT, root, "cuda").split("GAP")[-1])
     assert gap < 1e-5, gap
     return f"gradient gap {gap:.1e}"
 
