@@ -59,6 +59,7 @@ def test_each_step_reruns_exactly_when_what_it_reads_changed(tmp_path):
         # what every model sees: both trainings and both predictions (not the search, which reads their maps)
         "data.clahe=2": {"oof/summary.json", "test/ids.csv", *RUNS, "pretrain/model.pt"},
         "segmentation.loss.lovasz=1": {f"fold{k}/model.pt" for k in range(3)},
+        "postprocess.gate_top=[0.0,0.01]": {"postprocess.json"},
     }
     for edit, expected in edits.items():
         assert _stale(exp, config.load("demo", [edit])) == expected, edit
@@ -129,6 +130,10 @@ def test_a_key_added_later_keeps_older_experiments_up_to_date_at_its_default(tmp
     lovasz = config.load("demo", ["segmentation.loss.lovasz=0.5"])
     assert freshness.section(lovasz, "segmentation")["segmentation"]["loss"]["lovasz"] == 0.5
     assert "lovasz" in config.to_dict(demo)["segmentation"]["loss"]  # the config itself keeps every key
+    assert "gate_top" not in exp.made("search").read_text()  # a list key, at its default [0.0]
+    assert '"gate_top": [0.0, 0.01]' in json.dumps(
+        freshness.section(config.load("demo", ["postprocess.gate_top=[0,0.01]"]), "search")
+    )
 
 
 def test_a_run_from_before_trained_under_json_is_judged_by_its_saved_config(tmp_path):

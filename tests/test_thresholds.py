@@ -81,13 +81,13 @@ def test_remove_small_components():
     assert out.sum() == 36 and not out[1, 1]
 
 
-def _brute_best(parts, b_values, r_values, gates, blends=(0.0,)):
+def _brute_best(parts, b_values, r_values, gates, blends=(0.0,), tops=(0.0,)):
     """The best mean Dice over the grid by thresholding every map with PostProcess.decide (slow, exact)."""
     best = (-1.0, None)
-    for blend, gate in ((w, g) for w in blends for g in gates):
+    for blend, top, gate in ((w, t, g) for w in blends for t in (tops if w else tops[:1]) for g in gates):
         for b in b_values:
             for r in r_values:
-                rule = PostProcess("b_r", b, r, gate, gate_blend=blend)
+                rule = PostProcess("b_r", b, r, gate, gate_blend=blend, gate_top=top if blend else 0.0)
                 dices = [
                     metric.dice_per_image(rule.decide(p, g)[None], m[None])[0]
                     for part in parts
@@ -156,14 +156,70 @@ def test_a_blended_gate_is_searched_exactly_and_decide_replays_it():
 
 
 def test_a_saved_decision_keeps_its_gate_blend_and_an_older_one_reads_as_the_classifier_alone():
-    rule = PostProcess("b_r", 0.4, 1024.0, 0.5, gate_blend=0.25)
+    rule = PostProcess("b_r", 0.4, 1024.0, 0.5, gate_blend=0.25, gate_top=0.01)
     assert PostProcess.from_dict(rule.to_dict()) == rule
-    older = {k: v for k, v in rule.to_dict().items() if k != "gate_blend"}
-    assert PostProcess.from_dict(older).gate_blend == 0.0
+    older = {k: v for k, v in rule.to_dict().items() if k not in ("gate_blend", "gate_top")}
+    assert PostProcess.from_dict(older).gate_blend == 0.0 and PostProcess.from_dict(older).gate_top == 0.0
     with pytest.raises(postprocess.PostProcessError, match="gate_blend 1.5"):
         PostProcess(gate_blend=1.5)
+    with pytest.raises(postprocess.PostProcessError, match="gate_top 1.0"):
+        PostProcess(gate_top=1.0)
     with pytest.raises(config.ConfigError, match=r"postprocess.gate_blend: \[0.5, 1.2\]"):
         config.load("tiny", ["postprocess.gate_blend=[0.5, 1.2]"])
+    with pytest.raises(config.ConfigError, match=r"postprocess.gate_top: \[0.0, -0.1\]"):
+        config.load("tiny", ["postprocess.gate_top=[0.0, -0.1]"])
+
+
+def test_a_peak_over_the_top_fraction_is_exact_alone_in_a_batch_and_on_floats():
+    rng = np.random.default_rng(0)
+    ramp = rng.permutation(np.arange(100, dtype=np.uint8) * 2).reshape(10, 10)  # 0, 2, ..., 198
+    ties = np.full((10, 10), 100, np.uint8)
+    ties.flat[[3, 50, 97]] = 255  # three at 255: the top 5 take two from the next bin
+    maps = np.stack([ramp, ties, np.zeros((10, 10), np.uint8)])
+    assert postprocess.peak(maps).tolist() == [198 / 255, 1.0, 0.0]
+    top10 = postprocess.peak(maps, 0.1)  # the 10 highest of 100 pixels
+    assert top10[0] == pytest.approx(189 / 255, abs=1e-15)  # mean of 180 ... 198
+    assert postprocess.peak(maps, 0.05)[1] == pytest.approx((3 * 255 + 2 * 100) / 5 / 255, abs=1e-15)
+    alone = [postprocess.peak(m[None], 0.1)[0] for m in maps]
+    assert alone == top10.tolist()  # the same floats alone and in a batch
+    floats = postprocess.peak(maps.astype(np.float64) / 255, 0.05)
+    assert floats == pytest.approx(postprocess.peak(maps, 0.05), abs=1e-12)
+    both = postprocess.peaks(maps, [0.0, 0.05, 0.1])
+    assert both[0.1].tolist() == top10.tolist() and both[0.0].tolist() == postprocess.peak(maps).tolist()
+
+
+def _hot_pixel_maps(seed=4, n=36, size=24):
+    """Positives with a broad lesion of p ~0.8 on their truth, negatives with one hot pixel of p 1 in dim noise,
+    and a classifier that is right on only half of the positives: the map's highest pixel ranks the negatives
+    first, the mean of its top pixels ranks the positives first."""
+    rng = np.random.default_rng(seed)
+    masks, probs = np.zeros((n, size, size), dtype=bool), (rng.random((n, size, size)) * 60).astype(np.uint8)
+    positive = np.arange(n) % 3 == 0
+    for i in range(n):
+        r, c = rng.integers(2, size - 8, 2)
+        if positive[i]:
+            probs[i, r : r + 6, c : c + 6] = rng.integers(195, 215, (6, 6))
+            masks[i, r : r + 6, c : c + 6] = True
+        else:
+            probs[i, r, c] = 255
+    gate = rng.random(n) * 0.6
+    gate[np.flatnonzero(positive)[::2]] += 0.4
+    return probs, masks, gate
+
+
+def test_a_gate_on_the_mean_of_the_top_pixels_is_searched_exactly_and_replayed():
+    probs, masks, gate = _hot_pixel_maps()
+    parts = [exact_search.OOFPart(probs[s], masks[s], gate[s]) for s in (slice(0, 18), slice(18, None))]
+    tops = (0.0, 36 / 576)  # the highest pixel; the lesion's area
+    # no R-TH: the area alone would tell a hot pixel from a lesion; here only the gate may
+    pp = replace(BASE, b_th=config_grid(0.5, 0.7, 0.1), r_th=(0,), gate=(0.0, 0.4, 0.5, 0.6), gate_blend=(0.0, 0.5))
+    found = exact_search.search_oof(parts, replace(pp, gate_top=tops))
+    score, rule = _brute_best(parts, pp.b_th.values(), pp.r_th, pp.gate, pp.gate_blend, tops)
+    assert found.score == pytest.approx(score, abs=1e-12) and found.post == rule
+    assert found.post.gate_top == tops[1] and found.post.gate_blend == 0.5 and found.post.gate > 0
+    peak_only = exact_search.search_oof(parts, replace(pp, gate_top=(0.0,)))
+    assert peak_only.post.gate_top == 0.0 and peak_only.score < found.score
+    assert "mean of its top 6.25%" in found.post.describe()
 
 
 def test_search_says_empty_when_nothing_beats_predicting_nothing():

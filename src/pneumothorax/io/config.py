@@ -180,6 +180,7 @@ class PostprocessConfig:
     r_th: tuple[int, ...]
     gate: tuple[float, ...]
     gate_blend: tuple[float, ...]  # weights of the map's peak probability in the gate score (0: the classifier's)
+    gate_top: tuple[float, ...]  # the peak: the mean of the map's highest fraction of pixels (0: the highest pixel)
     min_component: tuple[int, ...]  # remove components smaller than this (1024x1024 pixels)
     triplet: bool
     triplet_top: tuple[float, ...]
@@ -393,6 +394,8 @@ def check(cfg: Config) -> Config:
         raise ConfigError(f"data.clahe: {cfg.data.clahe} (a CLAHE clip limit: 0 = off, else above 0; 2 is usual)")
     if not all(0.0 <= w <= 1.0 for w in cfg.postprocess.gate_blend) or not cfg.postprocess.gate_blend:
         raise ConfigError(f"postprocess.gate_blend: {list(cfg.postprocess.gate_blend)} (weights between 0 and 1)")
+    if not all(0.0 <= f < 1.0 for f in cfg.postprocess.gate_top) or not cfg.postprocess.gate_top:
+        raise ConfigError(f"postprocess.gate_top: {list(cfg.postprocess.gate_top)} (fractions of a map: 0 to below 1)")
     _check_weights("segmentation", seg.top_k, seg.ema_decay, ("oof_weights", seg.oof_weights))
     _check_weights("segmentation", seg.top_k, seg.ema_decay, ("infer.weights", cfg.infer.weights))
     c = cfg.classifier

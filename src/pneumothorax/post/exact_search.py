@@ -22,7 +22,7 @@ import numpy as np
 
 from pneumothorax.io.config import PostprocessConfig
 from pneumothorax.io.metric import dice_from_counts, roc_auc
-from pneumothorax.post.postprocess import FULL, PostProcess, gate_score, peak
+from pneumothorax.post.postprocess import FULL, PostProcess, gate_score, peaks
 
 
 @numba.njit(cache=True, parallel=True, nogil=True)
@@ -213,10 +213,10 @@ class OOFPart:
 
 @dataclass(frozen=True)
 class GateInputs:
-    """Per OOF image, pooled over the folds: the classifier's probability and the map's peak probability."""
+    """Per OOF image, pooled over the folds: the classifier's probability and the map's peak probabilities."""
 
     classifier: np.ndarray  # (N,)
-    peaks: np.ndarray  # (N,) max p of each map (postprocess.peak)
+    peaks: dict[float, np.ndarray]  # per postprocess.gate_top fraction: (N,) each map's peak (postprocess.peak)
 
 
 @dataclass(frozen=True)
@@ -257,14 +257,16 @@ def _best_b_r(counts: Counts, n_b: int, gate_probs: np.ndarray | None, gates: li
 
 
 def _best_blend(counts: Counts, n_b: int, gated: GateInputs | None, gates: list[float], pp: PostprocessConfig):
-    """The best (gate blend, gate, B-TH, R-TH): :func:`_best_b_r` at each of ``postprocess.gate_blend``'s weights
-    (the smallest weight wins a tie); with no gate, the blend is 0."""
+    """The best (gate blend, peak fraction, gate, B-TH, R-TH): :func:`_best_b_r` at each of ``postprocess.gate_blend``'s
+    weights and ``gate_top``'s fractions (the first in the lists' order wins a tie); with no gate, the blend is 0.
+    A zero blend reads no peak, so it is searched once."""
     best = None
-    for blend in pp.gate_blend if gated is not None else (0.0,):
-        scores = None if gated is None else gate_score(gated.classifier, gated.peaks, blend)
+    blends = pp.gate_blend if gated is not None else (0.0,)
+    for blend, top in [(b, t) for b in blends for t in (pp.gate_top if b else pp.gate_top[:1])]:
+        scores = None if gated is None else gate_score(gated.classifier, gated.peaks[top], blend)
         post, score, grid = _best_b_r(counts, n_b, scores, gates, pp)
         if best is None or score > best[1]:
-            best = (replace(post, gate_blend=float(blend)), score, grid, scores)
+            best = (replace(post, gate_blend=float(blend), gate_top=float(top) if blend else 0.0), score, grid, scores)
     return best
 
 
@@ -286,11 +288,14 @@ def _refine_components(
     return scores
 
 
-def _gate_inputs(parts: Sequence[OOFPart]) -> GateInputs | None:
-    """The classifier's probabilities and the maps' peaks of every part (None when the gate is off)."""
+def _gate_inputs(parts: Sequence[OOFPart], tops: Sequence[float]) -> GateInputs | None:
+    """The classifier's probabilities and the maps' peaks at each fraction of every part (None when the gate is
+    off); peaks are read a part at a time (memory: one fold's maps)."""
     if parts[0].gate is None:
         return None
-    return GateInputs(np.concatenate([p.gate for p in parts]), np.concatenate([peak(p.probs) for p in parts]))
+    per_part = [peaks(p.probs, tops) for p in parts]
+    pooled = {top: np.concatenate([part[top] for part in per_part]) for top in tops}
+    return GateInputs(np.concatenate([p.gate for p in parts]), pooled)
 
 
 def _fold_aucs(parts: Sequence[OOFPart], true_area: np.ndarray, scores: np.ndarray | None) -> list[float]:
@@ -307,7 +312,7 @@ def search_oof(parts: Sequence[OOFPart], pp: PostprocessConfig) -> SearchResult:
     wanted = {0.5, *pp.triplet_top, *pp.triplet_bottom} if pp.triplet else {0.5}
     all_th = b_values + sorted(wanted - set(b_values))
     counts = _pooled_counts(parts, all_th)
-    gated = _gate_inputs(parts)
+    gated = _gate_inputs(parts, pp.gate_top)
     gates = list(pp.gate) if gated is not None else [0.0]
     post, score, grid, gate_scores = _best_blend(counts, len(b_values), gated, gates, pp)
     if pp.triplet:

@@ -1,8 +1,10 @@
 """The post-processing decision as a value: what search returns, JSON saves, and ``apply`` replays.
 
 A pixel is predicted where ``p > b_th``. An image is emptied when its gate score is below ``gate``
-(the classifier's probability; with ``gate_blend`` w, ``(1 - w) * probability + w * max p``: the
-segmenter's own confidence joins the gate), or when its predicted area, counted in 1024x1024 pixels, is below ``r_th``
+(the classifier's probability; with ``gate_blend`` w, ``(1 - w) * probability + w * peak``: the
+segmenter's own confidence joins the gate; the peak is max p, or with ``gate_top`` f the mean p of the
+map's highest fraction f of pixels, which ranks real images better than one pixel does), or when its
+predicted area, counted in 1024x1024 pixels, is below ``r_th``
 (R-TH). The 1st place's triplet rule (``rule="triplet"``) empties an image unless
 ``count(p > top)`` reaches ``area``, and then predicts ``p > bottom``. ``min_component`` drops
 connected components smaller than that many 1024x1024 pixels. ``rule="empty"``: nothing beat
@@ -18,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Literal
@@ -48,12 +51,15 @@ class PostProcess:
     min_component: int = 0
     triplet: tuple[float, float, float] | None = None  # (top, area, bottom) when rule == "triplet"
     gate_blend: float = 0.0  # the weight of the map's peak probability in the gate score (0: the classifier's alone)
+    gate_top: float = 0.0  # the peak is the mean p of this fraction of the map's highest pixels (0: the highest one)
 
     def __post_init__(self) -> None:
         if self.rule not in ("b_r", "triplet", "empty"):
             raise PostProcessError(f"rule {self.rule!r} is not b_r, triplet or empty")
         if not 0.0 <= self.gate_blend <= 1.0:
             raise PostProcessError(f"gate_blend {self.gate_blend!r} is not between 0 and 1")
+        if not 0.0 <= self.gate_top < 1.0:
+            raise PostProcessError(f"gate_top {self.gate_top!r} is not a fraction of the map (0 to below 1)")
         if (self.rule == "triplet") != (self.triplet is not None):
             raise PostProcessError("a triplet rule needs triplet = [top, area, bottom], and only it")
 
@@ -79,7 +85,9 @@ class PostProcess:
         scale = (FULL / h) * (FULL / w)
         empty = np.zeros((h, w), dtype=bool)
         if self.rule == "empty" or (
-            gate_prob is not None and self.gate > 0 and gate_score(gate_prob, values.max(), self.gate_blend) < self.gate
+            gate_prob is not None
+            and self.gate > 0
+            and gate_score(gate_prob, peak(probs[None], self.gate_top)[0], self.gate_blend) < self.gate
         ):
             return empty
         if self.triplet is not None:
@@ -118,14 +126,44 @@ class PostProcess:
         if self.rule == "empty":
             return "predict nothing (no rule beat all-empty)"
         shape = f"triplet {self.triplet}" if self.triplet is not None else f"B-TH {self.b_th:g}, R-TH {self.r_th:g}"
-        blend = f" on {1 - self.gate_blend:g} classifier + {self.gate_blend:g} peak" if self.gate_blend else ""
+        top = f" (mean of its top {self.gate_top:.2%})" if self.gate_top else ""
+        blend = f" on {1 - self.gate_blend:g} classifier + {self.gate_blend:g} peak{top}" if self.gate_blend else ""
         return f"{shape}, gate {self.gate:g}{blend}, min component {self.min_component}"
 
 
-def peak(probs: np.ndarray) -> np.ndarray:
-    """Each map's highest probability, as :meth:`PostProcess.decide` reads it: (N, H, W) -> (N,) float64."""
-    top = np.asarray(probs).reshape(len(probs), -1).max(axis=1)
-    return top.astype(np.float64) / 255.0 if top.dtype == np.uint8 else top.astype(np.float64)
+def peak(probs: np.ndarray, top: float = 0.0) -> np.ndarray:
+    """Each map's peak probability, as :meth:`PostProcess.decide` reads it: (N, H, W) -> (N,) float64. The
+    highest pixel, or with ``top`` the mean of the highest ``top`` fraction of pixels (at least one)."""
+    return peaks(probs, [top])[top]
+
+
+def peaks(probs: np.ndarray, tops: Sequence[float]) -> dict[float, np.ndarray]:
+    """:func:`peak` at each fraction of ``tops``, reading each map once (a memory-mapped fold stays on disk).
+
+    A uint8 map's top-k sum comes exactly, in integers, from its 256-bin histogram; a float map's top pixels
+    are summed in sorted order. Either way a map scores the same alone and in a batch, so the search's gate
+    equals the one ``decide`` replays."""
+    flat = np.asarray(probs).reshape(len(probs), -1)
+    ks = {top: max(1, int(round(top * flat.shape[1]))) for top in tops}
+    out = {top: np.empty(len(flat), dtype=np.float64) for top in tops}
+    for i, row in enumerate(flat):
+        row = np.asarray(row)
+        hist = np.bincount(row, minlength=256) if row.dtype == np.uint8 else None
+        for top, k in ks.items():
+            out[top][i] = _top_mean(row, hist, k)
+    return out
+
+
+def _top_mean(row: np.ndarray, hist: np.ndarray | None, k: int) -> float:
+    """The mean of ``row``'s ``k`` highest values, in [0, 1] (uint8 rows: value / 255, from ``hist``)."""
+    if hist is None:
+        if k == 1:
+            return float(row.max())
+        return float(np.sort(np.partition(row, row.size - k)[-k:]).astype(np.float64).sum() / k)
+    counts = hist[::-1]  # from value 255 down
+    before = np.cumsum(counts) - counts
+    taken = np.clip(k - before, 0, counts)
+    return float((taken * np.arange(255, -1, -1)).sum()) / k / 255.0
 
 
 def gate_score(gate_prob: ArrayLike, peak_prob: ArrayLike, blend: float) -> np.ndarray:
