@@ -145,11 +145,15 @@ def peaks(probs: np.ndarray, tops: Sequence[float]) -> dict[float, np.ndarray]:
     equals the one ``decide`` replays."""
     flat = np.asarray(probs).reshape(len(probs), -1)
     ks = {top: max(1, int(round(top * flat.shape[1]))) for top in tops}
-    out = {top: np.empty(len(flat), dtype=np.float64) for top in tops}
-    for i, row in enumerate(flat):
+    highest = flat.max(axis=1).astype(np.float64)
+    out = {top: highest / 255.0 if flat.dtype == np.uint8 else highest for top, k in ks.items() if k == 1}
+    wider = {top: k for top, k in ks.items() if k > 1}
+    for top in wider:
+        out[top] = np.empty(len(flat), dtype=np.float64)
+    for i, row in enumerate(flat if wider else ()):
         row = np.asarray(row)
         hist = np.bincount(row, minlength=256) if row.dtype == np.uint8 else None
-        for top, k in ks.items():
+        for top, k in wider.items():
             out[top][i] = _top_mean(row, hist, k)
     return out
 
@@ -157,8 +161,6 @@ def peaks(probs: np.ndarray, tops: Sequence[float]) -> dict[float, np.ndarray]:
 def _top_mean(row: np.ndarray, hist: np.ndarray | None, k: int) -> float:
     """The mean of ``row``'s ``k`` highest values, in [0, 1] (uint8 rows: value / 255, from ``hist``)."""
     if hist is None:
-        if k == 1:
-            return float(row.max())
         return float(np.sort(np.partition(row, row.size - k)[-k:]).astype(np.float64).sum() / k)
     counts = hist[::-1]  # from value 255 down
     before = np.cumsum(counts) - counts
