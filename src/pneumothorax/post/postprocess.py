@@ -138,15 +138,18 @@ def peak(probs: np.ndarray, top: float = 0.0) -> np.ndarray:
 
 
 def peaks(probs: np.ndarray, tops: Sequence[float]) -> dict[float, np.ndarray]:
-    """:func:`peak` at each fraction of ``tops``, reading each map once (a memory-mapped fold stays on disk).
+    """:func:`peak` at each fraction of ``tops``: the highest pixel in one vectorised pass, wider fractions from one
+    histogram per map (a memory-mapped fold is read a row at a time, not copied).
 
     A uint8 map's top-k sum comes exactly, in integers, from its 256-bin histogram; a float map's top pixels
     are summed in sorted order. Either way a map scores the same alone and in a batch, so the search's gate
     equals the one ``decide`` replays."""
     flat = np.asarray(probs).reshape(len(probs), -1)
     ks = {top: max(1, int(round(top * flat.shape[1]))) for top in tops}
-    highest = flat.max(axis=1).astype(np.float64)
-    out = {top: highest / 255.0 if flat.dtype == np.uint8 else highest for top, k in ks.items() if k == 1}
+    out = {}
+    if any(k == 1 for k in ks.values()):  # no pass over the maps for a maximum that no fraction asks for
+        highest = flat.max(axis=1).astype(np.float64)
+        out = {top: highest / 255.0 if flat.dtype == np.uint8 else highest for top, k in ks.items() if k == 1}
     wider = {top: k for top, k in ks.items() if k > 1}
     for top in wider:
         out[top] = np.empty(len(flat), dtype=np.float64)
