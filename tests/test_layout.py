@@ -124,3 +124,13 @@ def test_manifest_changes_only_with_the_inputs(today, tmp_path):
     labels = today / "stage_2_train.csv"
     labels.write_text(labels.read_text().replace(",-1\n", ", -1\n", 1))  # one label row edited
     assert manifest.update(layout.detect(today), tmp_path) == {"train": True, "test": False}
+
+
+def test_one_folder_spelt_relative_or_absolute_is_the_same_inputs(today, tmp_path, monkeypatch):
+    # `make ... DATA_DIR=data/raw/x` after a run with DATA_DIR=/abs/data/raw/x must not re-prepare and re-infer
+    records = tmp_path / "records"
+    assert manifest.update(layout.detect(today), records) == {"train": True, "test": True}
+    monkeypatch.chdir(today.parent)
+    relative = layout.detect(today.name)
+    assert relative.test_dir == today / "stage_2_images" and relative.data_dir.is_absolute()
+    assert manifest.update(relative, records) == {"train": False, "test": False}

@@ -111,7 +111,9 @@ def detect(
         LayoutError: no label file, a missing override, no test folder (``test_dir="none"`` asks for a
             training-only run), or an extra folder without its label CSV.
     """
-    data_dir = Path(data_dir)
+    # Absolute (symlinks kept): the manifests record these paths, and one folder spelt relative in one
+    # command and absolute in the next must be the same inputs, not a re-prepare.
+    data_dir = Path(data_dir).absolute()
     if not data_dir.is_dir():
         raise LayoutError(f"{data_dir}: DATA_DIR does not exist")
     labels, kind = _find_labels(data_dir, train_csv)
