@@ -66,6 +66,10 @@ def test_wrong_type_and_choice():
         config.load("demo", ["classifier.epochs=two"])
     with pytest.raises(config.ConfigError, match="data.clahe: -1"):
         config.load("demo", ["data.clahe=-1"])
+    for top in ("0", "1.5"):
+        with pytest.raises(config.ConfigError, match=f"segmentation.loss.image_top: {float(top)}"):
+            config.load("demo", [f"segmentation.loss.image_top={top}"])
+    assert config.load("demo", ["segmentation.loss.image_top=1"]).segmentation.loss.image_top == 1.0
 
 
 def test_overrides_and_inheritance():

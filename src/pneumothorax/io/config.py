@@ -65,6 +65,8 @@ class LossConfig:
     focal: float
     focal_gamma: float
     lovasz: float = 0.0  # Lovasz hinge, per image
+    image: float = 0.0  # BCE of each image's label against the mean of its map's top logits
+    image_top: float = 1 / 256  # the fraction of each map's pixels that mean reads
 
 
 @dataclass(frozen=True)
@@ -396,6 +398,8 @@ def check(cfg: Config) -> Config:
         raise ConfigError(f"postprocess.gate_blend: {list(cfg.postprocess.gate_blend)} (weights between 0 and 1)")
     if not all(0.0 <= f < 1.0 for f in cfg.postprocess.gate_top) or not cfg.postprocess.gate_top:
         raise ConfigError(f"postprocess.gate_top: {list(cfg.postprocess.gate_top)} (fractions of a map: 0 to below 1)")
+    if not 0.0 < seg.loss.image_top <= 1.0:
+        raise ConfigError(f"segmentation.loss.image_top: {seg.loss.image_top} (a fraction of each map: above 0, at most 1)")
     _check_weights("segmentation", seg.top_k, seg.ema_decay, ("oof_weights", seg.oof_weights))
     _check_weights("segmentation", seg.top_k, seg.ema_decay, ("infer.weights", cfg.infer.weights))
     c = cfg.classifier

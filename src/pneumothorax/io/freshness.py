@@ -36,7 +36,13 @@ from pneumothorax.io.paths import ExperimentDir, RunDir
 TRAINING = ("seed", "deterministic", "data.channels", "data.n_folds", "data.use_extra", "data.clahe")
 # Keys added after experiments were recorded without them: at this value a key is left out of the values, so
 # those experiments stay up to date (the value they were made under); any other value is recorded and compared.
-ADDED_LATER = {"data.clahe": 0.0, "segmentation.loss.lovasz": 0.0, "postprocess.gate_top": [0.0]}
+ADDED_LATER = {
+    "data.clahe": 0.0,
+    "segmentation.loss.lovasz": 0.0,
+    "segmentation.loss.image": 0.0,
+    "segmentation.loss.image_top": 1 / 256,
+    "postprocess.gate_top": [0.0],
+}
 _MISSING = object()
 
 

@@ -52,12 +52,24 @@ def lovasz_hinge(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return torch.stack(losses).mean()
 
 
+def image_label_loss(logits: torch.Tensor, targets: torch.Tensor, top: float) -> torch.Tensor:
+    """BCE of each image's label (any mask pixel) against the mean of its ``top`` fraction of highest logits:
+    the image-level decision the search reads from the map (``postprocess.gate_top``) trained directly, so a
+    positive's peak rises and a negative's whole map falls. Mean over the images."""
+    flat_logits, flat_targets = logits.float().flatten(1), targets.float().flatten(1)
+    k = max(1, round(top * flat_logits.shape[1]))
+    peak = flat_logits.topk(k, dim=1).values.mean(dim=1)
+    labels = (flat_targets.amax(dim=1) > 0.5).float()
+    return F.binary_cross_entropy_with_logits(peak, labels)
+
+
 class ComboLoss(nn.Module):
-    """``bce * BCE + dice * (1 - Dice) + focal * Focal + lovasz * Lovasz hinge`` with weights from the config."""
+    """``bce * BCE + dice * (1 - Dice) + focal * Focal + lovasz * Lovasz hinge + image * image-label BCE`` with
+    weights from the config."""
 
     def __init__(self, cfg: LossConfig) -> None:
         super().__init__()
-        weights = (cfg.bce, cfg.dice, cfg.focal, cfg.lovasz)
+        weights = (cfg.bce, cfg.dice, cfg.focal, cfg.lovasz, cfg.image)
         if min(weights) < 0 or sum(weights) == 0:
             raise ValueError(f"loss weights must be >= 0 and not all zero, got {cfg}")
         self.cfg = cfg
@@ -74,4 +86,6 @@ class ComboLoss(nn.Module):
             total = total + cfg.focal * focal_loss(logits, targets, cfg.focal_gamma)
         if cfg.lovasz:
             total = total + cfg.lovasz * lovasz_hinge(logits, targets)
+        if cfg.image:
+            total = total + cfg.image * image_label_loss(logits, targets, cfg.image_top)
         return total
