@@ -399,7 +399,9 @@ def check(cfg: Config) -> Config:
     if not all(0.0 <= f < 1.0 for f in cfg.postprocess.gate_top) or not cfg.postprocess.gate_top:
         raise ConfigError(f"postprocess.gate_top: {list(cfg.postprocess.gate_top)} (fractions of a map: 0 to below 1)")
     if not 0.0 < seg.loss.image_top <= 1.0:
-        raise ConfigError(f"segmentation.loss.image_top: {seg.loss.image_top} (a fraction of each map: above 0, at most 1)")
+        raise ConfigError(
+            f"segmentation.loss.image_top: {seg.loss.image_top} (a fraction of each map: above 0, at most 1)"
+        )
     _check_weights("segmentation", seg.top_k, seg.ema_decay, ("oof_weights", seg.oof_weights))
     _check_weights("segmentation", seg.top_k, seg.ema_decay, ("infer.weights", cfg.infer.weights))
     c = cfg.classifier
