@@ -236,3 +236,35 @@ def config_grid(start, stop, step):
     from pneumothorax.io.config import Grid
 
     return Grid(start, stop, step)
+
+
+def _square_maps(lesion_values, blob_values, size=24):
+    """uint8 maps (background 10) and masks: a 6x6 lesion square at each given value (None: a negative), and on
+    negatives optionally a false blob at the given value (the same square, outside the truth)."""
+    maps = np.full((len(lesion_values), size, size), 10, dtype=np.uint8)
+    masks = np.zeros(maps.shape, dtype=bool)
+    for i, (lesion, blob) in enumerate(zip(lesion_values, blob_values, strict=True)):
+        if lesion is not None:
+            maps[i, 8:14, 8:14], masks[i, 8:14, 8:14] = lesion, True
+        elif blob is not None:
+            maps[i, 8:14, 8:14] = blob
+    return maps, masks
+
+
+def test_leaving_one_fold_out_scores_each_fold_with_the_rule_chosen_on_the_others():
+    """Part A's lesions sit at p 0.78, part B's at 0.90 with two false blobs at 0.78. Searched on both, the rule
+    (B-TH under 0.78) finds A's lesions; left out, A is scored with B's rule (B-TH from 0.78 to 0.90), which finds
+    none of them, and B with A's rule, which finds B's 8 lesions and its 2 blobs. A part that leaked into its own
+    search would find its lesions."""
+    part_a = _square_maps([200] * 12 + [None] * 8, [None] * 20)
+    part_b = _square_maps([230] * 8 + [None] * 12, [None] * 8 + [200, 200] + [None] * 10)
+    parts = [exact_search.OOFPart(*part_a, None), exact_search.OOFPart(*part_b, None)]
+    pp = replace(BASE, b_th=config_grid(0.2, 0.95, 0.05), r_th=(0,), gate=(0.0,), triplet=False, min_component=(0,))
+    in_sample = exact_search.search_oof(parts, pp)
+    assert in_sample.post.b_th < 200 / 255 and in_sample.score == pytest.approx(38 / 40)
+    crossfit = exact_search.crossfit_oof(parts, pp)
+    assert [f["found"] for f in crossfit["folds"]] == [0, 8]
+    assert [f["gain"] for f in crossfit["folds"]] == pytest.approx([0.0, (8 - 2) / 20])
+    assert crossfit["all_empty"] == pytest.approx(20 / 40)
+    assert crossfit["score"] == pytest.approx((8 + 18) / 40)
+    assert crossfit["gain"] == pytest.approx(6 / 40)

@@ -79,13 +79,22 @@ class CacheRows:
         return np.asarray(self.cache[self.rows[key]]) > 0
 
 
+def _search_parts(cfg: Config, parts: list[FoldOOF], processed: ProcessedDir) -> list[exact_search.OOFPart]:
+    """The folds' OOF maps with their truth read lazily from the prepared mask cache at the maps' size."""
+    masks = prepared.load_cache(processed.root, "masks", "train", cfg.final_size)
+    return [exact_search.OOFPart(p.maps, CacheRows(masks, p.ids["index"].to_numpy()), p.gate) for p in parts]
+
+
+def crossfit(cfg: Config, exp: ExperimentDir, processed: ProcessedDir) -> dict[str, Any]:
+    """The search left one fold out (``exact_search.crossfit_oof``) on the experiment's OOF maps; writes nothing."""
+    return exact_search.crossfit_oof(_search_parts(cfg, list(oof_folds(cfg, exp)), processed), cfg.postprocess)
+
+
 def search(cfg: Config, exp: ExperimentDir, processed: ProcessedDir, progress: bool = True) -> dict[str, Any]:
     """Search post-processing on the experiment's OOF maps, re-score the choice at full resolution, and write
     ``postprocess.json`` (decision and scores), ``grid.csv``, ``gate_scores.csv`` and ``heatmap.png``."""
     parts = list(oof_folds(cfg, exp))
-    masks = prepared.load_cache(processed.root, "masks", "train", cfg.final_size)
-    oof = [exact_search.OOFPart(p.maps, CacheRows(masks, p.ids["index"].to_numpy()), p.gate) for p in parts]
-    found = exact_search.search_oof(oof, cfg.postprocess)
+    found = exact_search.search_oof(_search_parts(cfg, parts, processed), cfg.postprocess)
     full = rescore_full(parts, found.post, prepared.labels_path(processed.root), progress)
     return write_decision(exp, found, full, list(cfg.postprocess.r_th), cfg.final_size)
 
