@@ -8,7 +8,8 @@
 - each stage's time on a fold of the real data (9,637 training images; with a positive sampler, its
   epochs' own sizes) and the time of one whole fold, predicted from the slower of loader and step.
 
-On CPU it runs the same code at batch 2 and says that the GPU figures need CUDA.
+On CPU it runs the same code at batch 2 and says that the GPU figures need CUDA. On every device it also
+times ``real_cpu``'s gate and U-Net steps at their own sizes and batches, contiguous against channels_last.
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ def step_rate(cfg, size: int, batch: int, device, amp: str, channels_last: bool,
     """(images/s, peak GPU GiB or None) of training steps of the recipe's model, loss and optimiser."""
     seg = replace(cfg.segmentation, encoder_weights="none")
     model = factory.create_segmenter(seg, cfg.data.channels).to(device)
-    if channels_last and device.type == "cuda":
+    if channels_last:
         model = model.to(memory_format=torch.channels_last)
     net = devices.compiled(model, compile_)
     opt, loss_fn = torch.optim.Adam(model.parameters(), 1e-3), losses.ComboLoss(seg.loss)
@@ -91,6 +92,49 @@ def step_rate(cfg, size: int, batch: int, device, amp: str, channels_last: bool,
     return batch * steps / (time.perf_counter() - start), peak
 
 
+def classifier_step_rate(cfg, device, channels_last: bool, steps: int) -> float:
+    """Images/s of training steps of the recipe's gate (model, BCE, Adam) at its size and batch, in fp32."""
+    model = factory.create_classifier(replace(cfg.classifier, pretrained="none"), cfg.data.channels).to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    opt, batch, size = torch.optim.Adam(model.parameters(), 1e-3), cfg.classifier.batch_size, cfg.classifier.size
+    images = torch.randint(0, 256, (batch, 1, size, size), dtype=torch.uint8)
+    labels = (torch.rand(batch, 1) > 0.5).float().to(device)
+
+    def step() -> None:
+        out = model(datasets.model_input(images, cfg.data.channels, device, channels_last))
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(out.float(), labels)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    for _ in range(2):
+        step()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return batch * steps / (time.perf_counter() - start)
+
+
+def memory_format_figures(name: str, device, steps: int) -> dict:
+    """A CPU recipe's gate and U-Net training steps at its own sizes and batches, contiguous against
+    channels_last (``classifier/segmentation.channels_last``, which training and inference honour on every
+    device): the ratio is what the format saves in ``make bench-real``'s two training steps."""
+    cfg = config.load(name)
+    stage = cfg.segmentation.stages[0]
+    out: dict = {"gate": {"size": cfg.classifier.size, "batch": cfg.classifier.batch_size}}
+    out["unet"] = {"size": stage.size, "batch": stage.batch_size}
+    for memory_format, channels_last in (("contiguous", False), ("channels_last", True)):
+        out["gate"][f"{memory_format}_images_per_s"] = round(classifier_step_rate(cfg, device, channels_last, steps), 2)
+        rate, _ = step_rate(cfg, stage.size, stage.batch_size, device, "none", channels_last, steps)
+        out["unet"][f"{memory_format}_images_per_s"] = round(rate, 2)
+    for part in ("gate", "unet"):
+        out[part]["channels_last_speedup"] = round(
+            out[part]["channels_last_images_per_s"] / out[part]["contiguous_images_per_s"], 3
+        )
+    return out
+
+
 def epoch_images(stage, epoch: int) -> int:
     """Images of one epoch of a stage on a fold of the real data: the positive sampler takes every positive and
     only as many negatives as its rate asks (the 1st place's epochs are a fraction of the fold)."""
@@ -109,7 +153,7 @@ def stage_figures(cfg, stage, processed, device, workers_list) -> dict:
     batches = 40 if device.type == "cuda" else 40
     loader = {w: round(loader_rate(processed, stage.size, stage.augment, batch, w, batches), 1) for w in workers_list}
     out = {"size": stage.size, "batch": batch, "augment": list(stage.augment), "loader_images_per_s_by_workers": loader}
-    variants = {"fp32": ("none", False)}
+    variants = {"fp32": ("none", False), "fp32_channels_last": ("none", True)}
     if device.type == "cuda":
         variants |= {"bf16": ("bf16", False), "bf16_channels_last": ("bf16", True)}
     for name, (amp, channels_last) in variants.items():
@@ -153,6 +197,7 @@ def main() -> dict:
             "compiled_images_per_s": round(compiled, 2),
             "speedup": round(compiled / eager, 3),
         }
+    results["real_cpu"] = memory_format_figures("real_cpu", device, 20 if device.type == "cuda" else 12)
     results["ddp_scaling"] = "needs several GPUs" if torch.cuda.device_count() < 2 else "run make train NPROC=N"
     return results
 

@@ -103,9 +103,13 @@ def test_short_run_on_a_hard_world_beats_all_empty_after_the_search(tmp_path, se
     masks = prepared.load_cache(processed, "masks", "train", HARD_SIZE)[ids["index"].to_numpy()] > 0
     found = exact_search.search_oof([exact_search.OOFPart(np.load(exp.oof_maps(0)), masks, None)], cfg.postprocess)
     all_empty = float((~masks.reshape(len(masks), -1).any(axis=1)).mean())
-    # Measured: +0.049 (seed 21) and +0.060 (seed 22). Runs that never left the all-empty minimum scored
-    # +0.000 to +0.019 here (20-30 epochs; at 96 pixels too), so the margin tells learning from luck.
-    assert found.score > all_empty + 0.04, (found.score, all_empty)
+    # Runs that never left the all-empty minimum scored +0.000 to +0.019 here (20-30 epochs; at 96 pixels too).
+    # Learning runs, seeds 21 to 26: +0.036 / +0.063 / +0.029 / +0.021 / +0.039 / +0.039 with the model in
+    # channels_last (as it trains on CPU since 2026-12-06), +0.049 / +0.060 / +0.027 / +0.033 / +0.031 / +0.041
+    # contiguous: one distribution, seed to seed. The bound is above every run that did not learn and under 11
+    # of the 12 that did (both test seeds, either format); 0.04 had tested the two seeds' luck under one float
+    # rounding (seeds 23 to 25 fell under it in either format).
+    assert found.score > all_empty + 0.025, (found.score, all_empty)
 
 
 def _states_equal(a, b):

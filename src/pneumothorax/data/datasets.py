@@ -41,7 +41,7 @@ def to_tensor(image: np.ndarray) -> torch.Tensor:
 def model_input(x: torch.Tensor, channels: int, device: torch.device, channels_last: bool = False) -> torch.Tensor:
     """A uint8 (B, 1, H, W) batch -> the normalised float (B, channels, H, W) input, on ``device``."""
     x = x.to(device, non_blocking=True).float().div_(255.0).sub_(MEAN).div_(STD).expand(-1, channels, -1, -1)
-    memory_format = torch.channels_last if channels_last and device.type == "cuda" else torch.contiguous_format
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
     return x.contiguous(memory_format=memory_format)
 
 

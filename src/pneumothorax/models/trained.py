@@ -36,7 +36,7 @@ def load_segmenter(cfg: Config, run: RunDir, which: str, device: torch.device) -
     model = factory.create_segmenter(replace(seg, encoder_weights="none"), cfg.data.channels)
     model.load_state_dict(factory.load_state_dict_file(segmenter_weights(run, which)))
     model.to(device).eval()
-    if seg.channels_last and device.type == "cuda":
+    if seg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model
 
@@ -46,6 +46,6 @@ def load_classifier(cfg: Config, run: RunDir, device: torch.device, which: str =
     model = factory.create_classifier(replace(cfg.classifier, pretrained="none"), cfg.data.channels)
     model.load_state_dict(factory.load_state_dict_file(run.weights(which)))
     model.to(device).eval()
-    if cfg.classifier.channels_last and device.type == "cuda":
+    if cfg.classifier.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model
