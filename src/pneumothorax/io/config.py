@@ -108,7 +108,7 @@ class SegmentationConfig:
     loss: LossConfig
     stages: tuple[StageConfig, ...]
     amp: Literal["none", "bf16", "fp16"]  # on CUDA only
-    channels_last: bool  # the model and its inputs in channels_last on every device (faster on CPU too: make bench-train)
+    channels_last: bool  # the model and its inputs in channels_last, on CPU too (faster there: make bench-train)
     grad_clip: float
     sync_bn: bool  # DDP: batch-norm statistics over the global batch
     swa_bn_images: int  # SWA batch-norm statistics from at most this many training images (0: all)
