@@ -118,7 +118,7 @@ class ChannelsLastTask(NoNormTask):
 
 
 def test_channels_last_is_honoured_on_cpu_and_learns_the_same_weights(tmp_path):
-    """On CPU too (2 cores: the gate's step 1.2x, the U-Net's 1.4x faster, make bench-train), the model trains in
+    """On CPU too (2 cores: real_cpu's gate step 1.2-1.3x, its U-Net's 1.3-1.4x faster, make bench-train), it trains in
     channels_last, and to the contiguous run's weights up to float rounding."""
     settings = Settings(0, False, False, 1, {"batch": 8}, "toy: true\n")
     cpu = devices.Runtime(torch.device("cpu"))
