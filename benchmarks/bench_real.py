@@ -182,7 +182,7 @@ def bench_experiment(name: str, data: Path, processed: Path) -> dict:
     times = run_steps([f"EXP={name}", *bench_variables(data, processed)])
     minutes = round((time.time() - started) / 60, 1)
     # The search left one fold out, at the maps' size: the gain a searched rule keeps on images it did not see.
-    crossfit = search.crossfit(config.load(paths.CONFIGS / f"{name}.yaml"), exp, ProcessedDir(processed))
+    crossfit = search.crossfit(config.load(name), exp, ProcessedDir(processed))
     return {"exp": name, "seconds": times, "minutes_total": minutes} | collect(exp) | {"oof_crossfit": crossfit}
 
 

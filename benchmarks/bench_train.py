@@ -58,9 +58,7 @@ def loader_rate(processed, size: int, augment: tuple[str, ...], batch: int, work
 def step_rate(cfg, size: int, batch: int, device, amp: str, channels_last: bool, steps: int, compile_: bool = False):
     """(images/s, peak GPU GiB or None) of training steps of the recipe's model, loss and optimiser."""
     seg = replace(cfg.segmentation, encoder_weights="none")
-    model = factory.create_segmenter(seg, cfg.data.channels).to(device)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    model = devices.in_memory_format(factory.create_segmenter(seg, cfg.data.channels).to(device), channels_last)
     net = devices.compiled(model, compile_)
     opt, loss_fn = torch.optim.Adam(model.parameters(), 1e-3), losses.ComboLoss(seg.loss)
     images = torch.randint(0, 256, (batch, 1, size, size), dtype=torch.uint8)
@@ -76,7 +74,17 @@ def step_rate(cfg, size: int, batch: int, device, amp: str, channels_last: bool,
         opt.step()
 
     torch.backends.cudnn.benchmark = True  # as training runs (checkpoints.seed_everything, deterministic: false)
-    for _ in range(2):  # warm-up: cuDNN autotuning, compilation
+    seconds = timed_steps(step, steps, device)
+    peak = None
+    if device.type == "cuda":  # what tensors held, and what the caching allocator reserved (what nvidia-smi shows)
+        peak = (torch.cuda.max_memory_allocated() / 2**30, torch.cuda.max_memory_reserved() / 2**30)
+    return batch * steps / seconds, peak
+
+
+def timed_steps(step, steps: int, device) -> float:
+    """Seconds of ``steps`` calls of ``step`` after two warm-up calls (cuDNN autotuning, compilation); the GPU's
+    peak memory is counted from the timed calls on."""
+    for _ in range(2):
         step()
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -86,17 +94,13 @@ def step_rate(cfg, size: int, batch: int, device, amp: str, channels_last: bool,
         step()
     if device.type == "cuda":
         torch.cuda.synchronize()
-    peak = None
-    if device.type == "cuda":  # what tensors held, and what the caching allocator reserved (what nvidia-smi shows)
-        peak = (torch.cuda.max_memory_allocated() / 2**30, torch.cuda.max_memory_reserved() / 2**30)
-    return batch * steps / (time.perf_counter() - start), peak
+    return time.perf_counter() - start
 
 
 def classifier_step_rate(cfg, device, channels_last: bool, steps: int) -> float:
     """Images/s of training steps of the recipe's gate (model, BCE, Adam) at its size and batch, in fp32."""
     model = factory.create_classifier(replace(cfg.classifier, pretrained="none"), cfg.data.channels).to(device)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    model = devices.in_memory_format(model, channels_last)
     opt, batch, size = torch.optim.Adam(model.parameters(), 1e-3), cfg.classifier.batch_size, cfg.classifier.size
     images = torch.randint(0, 256, (batch, 1, size, size), dtype=torch.uint8)
     labels = (torch.rand(batch, 1) > 0.5).float().to(device)
@@ -108,12 +112,7 @@ def classifier_step_rate(cfg, device, channels_last: bool, steps: int) -> float:
         loss.backward()
         opt.step()
 
-    for _ in range(2):
-        step()
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    return batch * steps / (time.perf_counter() - start)
+    return batch * steps / timed_steps(step, steps, device)
 
 
 def memory_format_figures(name: str, device, steps: int) -> dict:

@@ -32,7 +32,7 @@ def main() -> None:
     args = p.parse_args()
     results = {}
     for name in args.exps:
-        cfg = config.load(paths.CONFIGS / f"{name}.yaml")
+        cfg = config.load(name)
         results[name] = search.crossfit(cfg, ExperimentDir(Path(args.models) / name), ProcessedDir(args.processed))
         gains = " / ".join(f"{f['gain']:+.4f}" for f in results[name]["folds"])
         print(

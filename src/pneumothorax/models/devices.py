@@ -190,6 +190,12 @@ def mean_over_ranks(total: torch.Tensor, count: torch.Tensor, runtime: Runtime) 
     return total_all / max(1.0, count_all)
 
 
+def in_memory_format(model: nn.Module, channels_last: bool) -> nn.Module:
+    """The model in channels_last when asked (``classifier/segmentation.channels_last``), on every device: its
+    inputs follow (``datasets.model_input``)."""
+    return model.to(memory_format=torch.channels_last) if channels_last else model
+
+
 def compiled(net: nn.Module, enabled: bool) -> nn.Module:
     """``torch.compile(net)`` when asked (checkpoints keep coming from the uncompiled module). ``dynamic=False``: each
     stage's input size gets its own static graph, compiled once when the stage starts, instead of one slower

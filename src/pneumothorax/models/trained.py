@@ -15,7 +15,7 @@ from torch import nn
 from pneumothorax.io.config import Config
 from pneumothorax.io.errors import MissingFileError
 from pneumothorax.io.paths import RunDir
-from pneumothorax.models import factory
+from pneumothorax.models import devices, factory
 
 
 def segmenter_weights(run: RunDir, which: str) -> Path:
@@ -35,17 +35,11 @@ def load_segmenter(cfg: Config, run: RunDir, which: str, device: torch.device) -
     seg = cfg.segmentation
     model = factory.create_segmenter(replace(seg, encoder_weights="none"), cfg.data.channels)
     model.load_state_dict(factory.load_state_dict_file(segmenter_weights(run, which)))
-    model.to(device).eval()
-    if seg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    return model
+    return devices.in_memory_format(model.to(device).eval(), seg.channels_last)
 
 
 def load_classifier(cfg: Config, run: RunDir, device: torch.device, which: str = "model") -> nn.Module:
     """Build the classifier (no download) and load a run's weights."""
     model = factory.create_classifier(replace(cfg.classifier, pretrained="none"), cfg.data.channels)
     model.load_state_dict(factory.load_state_dict_file(run.weights(which)))
-    model.to(device).eval()
-    if cfg.classifier.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    return model
+    return devices.in_memory_format(model.to(device).eval(), cfg.classifier.channels_last)

@@ -268,8 +268,7 @@ class Trainer:
         checkpoints.seed_everything(self.settings.seed, self.settings.deterministic)
         self.log.info("%s on %s", self.task.label, devices.describe_device(self.runtime.device))
         model = self.task.build_model(self.log).to(self.runtime.device)
-        if self.task.precision.channels_last:
-            model = model.to(memory_format=torch.channels_last)
+        model = devices.in_memory_format(model, self.task.precision.channels_last)
         if self.run.state.exists():
             self.state = checkpoints.load_checkpoint(self.run.state)
             self.done, self.history, self.best = self.state["done"], self.state["history"], self.state["best"]
