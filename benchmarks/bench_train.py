@@ -9,7 +9,8 @@
   epochs' own sizes) and the time of one whole fold, predicted from the slower of loader and step.
 
 On CPU it runs the same code at batch 2 and says that the GPU figures need CUDA. On every device it also
-times ``real_cpu``'s gate and U-Net steps at their own sizes and batches, contiguous against channels_last.
+times ``real_cpu``'s gate and U-Net steps at their own sizes and batches, contiguous against channels_last,
+and on CPU channels_last in fp32 against bf16 autocast (``cpu_bf16``).
 """
 
 from __future__ import annotations
@@ -55,8 +56,19 @@ def loader_rate(processed, size: int, augment: tuple[str, ...], batch: int, work
     return batches * batch / (time.perf_counter() - start)
 
 
-def step_rate(cfg, size: int, batch: int, device, amp: str, channels_last: bool, steps: int, compile_: bool = False):
-    """(images/s, peak GPU GiB or None) of training steps of the recipe's model, loss and optimiser."""
+def step_rate(
+    cfg,
+    size: int,
+    batch: int,
+    device,
+    amp: str,
+    channels_last: bool,
+    steps: int,
+    compile_: bool = False,
+    cpu_bf16: bool = False,
+):
+    """(images/s, peak GPU GiB or None) of training steps of the recipe's model, loss and optimiser (``cpu_bf16``:
+    under bf16 autocast on CPU, as ``segmentation.cpu_bf16`` trains)."""
     seg = replace(cfg.segmentation, encoder_weights="none")
     model = devices.in_memory_format(factory.create_segmenter(seg, cfg.data.channels).to(device), channels_last)
     net = devices.compiled(model, compile_)
@@ -66,7 +78,7 @@ def step_rate(cfg, size: int, batch: int, device, amp: str, channels_last: bool,
 
     def step() -> None:
         x = datasets.model_input(images, cfg.data.channels, device, channels_last)
-        with devices.autocast(device, amp):
+        with devices.autocast(device, amp, cpu_bf16):
             out = net(x)
         loss = loss_fn(out.float(), datasets.model_target(masks, device))
         opt.zero_grad(set_to_none=True)
@@ -97,8 +109,9 @@ def timed_steps(step, steps: int, device) -> float:
     return time.perf_counter() - start
 
 
-def classifier_step_rate(cfg, device, channels_last: bool, steps: int) -> float:
-    """Images/s of training steps of the recipe's gate (model, BCE, Adam) at its size and batch, in fp32."""
+def classifier_step_rate(cfg, device, channels_last: bool, steps: int, cpu_bf16: bool = False) -> float:
+    """Images/s of training steps of the recipe's gate (model, BCE, Adam) at its size and batch, in fp32 (in bf16
+    on CPU with ``cpu_bf16``)."""
     model = factory.create_classifier(replace(cfg.classifier, pretrained="none"), cfg.data.channels).to(device)
     model = devices.in_memory_format(model, channels_last)
     opt, batch, size = torch.optim.Adam(model.parameters(), 1e-3), cfg.classifier.batch_size, cfg.classifier.size
@@ -106,7 +119,8 @@ def classifier_step_rate(cfg, device, channels_last: bool, steps: int) -> float:
     labels = (torch.rand(batch, 1) > 0.5).float().to(device)
 
     def step() -> None:
-        out = model(datasets.model_input(images, cfg.data.channels, device, channels_last))
+        with devices.autocast(device, "none", cpu_bf16):
+            out = model(datasets.model_input(images, cfg.data.channels, device, channels_last))
         loss = torch.nn.functional.binary_cross_entropy_with_logits(out.float(), labels)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -115,22 +129,28 @@ def classifier_step_rate(cfg, device, channels_last: bool, steps: int) -> float:
     return batch * steps / timed_steps(step, steps, device)
 
 
-def memory_format_figures(name: str, device, steps: int) -> dict:
-    """A CPU recipe's gate and U-Net training steps at its own sizes and batches, contiguous against
-    channels_last (``classifier/segmentation.channels_last``, which training and inference honour on every
-    device): the ratio is what the format saves in ``make bench-real``'s two training steps."""
+def cpu_recipe_figures(name: str, device, steps: int) -> dict:
+    """A CPU recipe's gate and U-Net training steps at its own sizes and batches: contiguous against channels_last
+    (``classifier/segmentation.channels_last``, which training and inference honour on every device), and on CPU
+    channels_last in fp32 against bf16 autocast (``cpu_bf16``): the ratios are what each saves in ``make
+    bench-real``'s two training steps."""
     cfg = config.load(name)
     stage = cfg.segmentation.stages[0]
     out: dict = {"gate": {"size": cfg.classifier.size, "batch": cfg.classifier.batch_size}}
     out["unet"] = {"size": stage.size, "batch": stage.batch_size}
-    for memory_format, channels_last in (("contiguous", False), ("channels_last", True)):
-        out["gate"][f"{memory_format}_images_per_s"] = round(classifier_step_rate(cfg, device, channels_last, steps), 2)
-        rate, _ = step_rate(cfg, stage.size, stage.batch_size, device, "none", channels_last, steps)
-        out["unet"][f"{memory_format}_images_per_s"] = round(rate, 2)
+    variants = {"contiguous": (False, False), "channels_last": (True, False)}
+    if device.type == "cpu":
+        variants["channels_last_bf16"] = (True, True)
+    for variant, (channels_last, bf16) in variants.items():
+        gate = classifier_step_rate(cfg, device, channels_last, steps, bf16)
+        out["gate"][f"{variant}_images_per_s"] = round(gate, 2)
+        rate, _ = step_rate(cfg, stage.size, stage.batch_size, device, "none", channels_last, steps, cpu_bf16=bf16)
+        out["unet"][f"{variant}_images_per_s"] = round(rate, 2)
     for part in ("gate", "unet"):
-        out[part]["channels_last_speedup"] = round(
-            out[part]["channels_last_images_per_s"] / out[part]["contiguous_images_per_s"], 3
-        )
+        rate = {k.removesuffix("_images_per_s"): v for k, v in out[part].items() if k.endswith("_images_per_s")}
+        out[part]["channels_last_speedup"] = round(rate["channels_last"] / rate["contiguous"], 3)
+        if "channels_last_bf16" in rate:
+            out[part]["bf16_speedup"] = round(rate["channels_last_bf16"] / rate["channels_last"], 3)
     return out
 
 
@@ -196,7 +216,7 @@ def main() -> dict:
             "compiled_images_per_s": round(compiled, 2),
             "speedup": round(compiled / eager, 3),
         }
-    results["real_cpu"] = memory_format_figures("real_cpu", device, 20 if device.type == "cuda" else 12)
+    results["real_cpu"] = cpu_recipe_figures("real_cpu", device, 20 if device.type == "cuda" else 12)
     results["ddp_scaling"] = "needs several GPUs" if torch.cuda.device_count() < 2 else "run make train NPROC=N"
     return results
 

@@ -134,3 +134,18 @@ def test_swa_statistics_shards_are_equal_on_every_rank(processed, exp):
         sizes = {len(task.bn_loader(1, devices.Runtime(torch.device("cpu"), r, world)).dataset) for r in range(world)}
         assert len(sizes) == 1, (world, sizes)
         assert sizes.pop() == len(task.train_df) // world
+
+
+def test_native_bf16_is_read_from_the_cpu_flags(tmp_path):
+    """``cpu_bf16`` pays only where the CPU has bf16 instructions (make bench-train's real_cpu section); training
+    warns elsewhere, so the flags must be read exactly: the flags line, whole words, not a substring of another."""
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx512f avx512_bf16 avx512_vnni\n")
+    assert devices.cpu_has_native_bf16(info) is True
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse2 amx_tile amx_bf16\n")
+    assert devices.cpu_has_native_bf16(info) is True
+    info.write_text("model name\t: avx512_bf16 lookalike\nflags\t\t: fpu sse2 avx512f avx512_bf16x\n")
+    assert devices.cpu_has_native_bf16(info) is False
+    info.write_text("processor\t: 0\n")
+    assert devices.cpu_has_native_bf16(info) is None
+    assert devices.cpu_has_native_bf16(tmp_path / "absent") is None

@@ -109,6 +109,7 @@ class SegmentationConfig:
     stages: tuple[StageConfig, ...]
     amp: Literal["none", "bf16", "fp16"]  # on CUDA only
     channels_last: bool  # the model and its inputs in channels_last, on CPU too (faster there: make bench-train)
+    cpu_bf16: bool  # bf16 autocast of the training steps on a CPU with avx512_bf16 or AMX, else fp32 (make bench-train)
     grad_clip: float
     sync_bn: bool  # DDP: batch-norm statistics over the global batch
     swa_bn_images: int  # SWA batch-norm statistics from at most this many training images (0: all)
@@ -140,6 +141,7 @@ class ClassifierConfig:
     weights: GateWeights  # the weights that become model.pt: the gate of the OOF and test predictions
     amp: Literal["none", "bf16", "fp16"]
     channels_last: bool
+    cpu_bf16: bool
     external_csv: str  # CSV (path,label) of an external weakly-labelled set for `make pretrain`
 
 

@@ -42,6 +42,8 @@ ADDED_LATER = {
     "segmentation.loss.image": 0.0,
     "segmentation.loss.image_top": 1 / 256,
     "postprocess.gate_top": [0.0],
+    "classifier.cpu_bf16": False,
+    "segmentation.cpu_bf16": False,
 }
 _MISSING = object()
 

@@ -233,8 +233,21 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.module if hasattr(model, "module") else model
 
 
-def autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManager:
-    """Mixed precision on CUDA (bf16 or fp16); a no-op on CPU or with ``amp='none'``."""
+def cpu_has_native_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool | None:
+    """Whether this CPU computes bf16 natively (the avx512_bf16 or amx_bf16 flag), where ``cpu_bf16`` pays (1.75x on
+    real_cpu's steps here); elsewhere oneDNN emulates it, slower than fp32. None where the flags cannot be read."""
+    try:
+        flags = next((line for line in cpuinfo.read_text().splitlines() if line.startswith("flags")), None)
+    except OSError:
+        return None
+    return None if flags is None else bool({"avx512_bf16", "amx_bf16"} & set(flags.split()))
+
+
+def autocast(device: torch.device, amp: str, cpu_bf16: bool = False) -> contextlib.AbstractContextManager:
+    """Mixed precision on CUDA (bf16 or fp16) as ``amp`` says; on CPU bf16 only where ``cpu_bf16`` asks for it
+    (fast on CPUs with avx512_bf16 or AMX, slow elsewhere, so never implied by ``amp``); else a no-op."""
+    if device.type == "cpu" and cpu_bf16:
+        return torch.autocast("cpu", dtype=torch.bfloat16)
     if device.type != "cuda" or amp == "none":
         return contextlib.nullcontext()
     return torch.autocast("cuda", dtype=torch.bfloat16 if amp == "bf16" else torch.float16)

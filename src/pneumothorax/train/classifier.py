@@ -66,7 +66,7 @@ class ClassifierTask:
                 accumulate=c.accumulate,
             ),
         )
-        self.precision = Precision(c.amp, c.channels_last)
+        self.precision = Precision(c.amp, c.channels_last, cpu_bf16=c.cpu_bf16)
         self.averaging = Averaging(c.top_k, c.ema_decay)
 
     def build_model(self, log: Any) -> nn.Module:

@@ -54,7 +54,7 @@ class SegmentationTask:
         self.label = f"segmentation fold {fold}"
         self.stages = seg.stages
         self.select_from = len(self.stages) - 1  # best.pt: the final stage's best epoch
-        self.precision = Precision(seg.amp, seg.channels_last, seg.grad_clip, seg.sync_bn)
+        self.precision = Precision(seg.amp, seg.channels_last, seg.grad_clip, seg.sync_bn, seg.cpu_bf16)
         self.averaging = Averaging(seg.top_k, seg.ema_decay)
         self.loss_fn = losses.ComboLoss(seg.loss)
         self.valid_loaders: dict[int, Any] = {}

@@ -68,12 +68,14 @@ class Averaging:
 
 @dataclass(frozen=True)
 class Precision:
-    """How the task's model computes: AMP on CUDA, memory format, clipping, batch-norm sync."""
+    """How the task's model computes: AMP on CUDA, memory format, clipping, batch-norm sync, and bf16 autocast
+    of the training steps on a CPU with bf16 instructions (validation and every prediction stay in fp32 there)."""
 
     amp: str = "none"
     channels_last: bool = False
     grad_clip: float = 0.0
     sync_bn: bool = False
+    cpu_bf16: bool = False
 
 
 class Task(Protocol):
@@ -267,6 +269,7 @@ class Trainer:
         self.tracker.start(self.settings.config_text)
         checkpoints.seed_everything(self.settings.seed, self.settings.deterministic)
         self.log.info("%s on %s", self.task.label, devices.describe_device(self.runtime.device))
+        self.cpu_bf16 = self._cpu_bf16()
         model = self.task.build_model(self.log).to(self.runtime.device)
         model = devices.in_memory_format(model, self.task.precision.channels_last)
         if self.run.state.exists():
@@ -284,6 +287,20 @@ class Trainer:
         if self.ema is not None and self.state is not None and self.state.get("ema") is not None:
             self.ema.load_state_dict(self.state["ema"])
         self.top = self.state.get("top", []) if self.state is not None else []  # [score, epoch] of the k best
+
+    def _cpu_bf16(self) -> bool:
+        """Whether the training steps run under bf16 autocast on CPU: where ``cpu_bf16`` asks and the CPU computes
+        bf16 natively. Elsewhere oneDNN emulates it, slower than fp32, so the run trains in fp32 and says so."""
+        if self.runtime.device.type != "cpu" or not self.task.precision.cpu_bf16:
+            return False
+        if devices.cpu_has_native_bf16() is False:
+            self.log.warning(
+                "cpu_bf16: this CPU has neither avx512_bf16 nor amx_bf16 (bf16 would be emulated, slower)"
+                ": training in fp32"
+            )
+            return False
+        self.log.info("cpu_bf16: training steps under bf16 autocast")
+        return True
 
     def _start_stage(self, p: int, step: int) -> None:
         """A new optimiser, schedule, SWA average and loaders; on resume, their saved states."""
@@ -361,7 +378,7 @@ class Trainer:
         y = datasets.model_target(targets, device)
         quiet = getattr(self.net, "no_sync", None)
         with contextlib.nullcontext() if sync or quiet is None else quiet():
-            with devices.autocast(device, precision.amp):
+            with devices.autocast(device, precision.amp, self.cpu_bf16):
                 outputs = self.net(x)
             loss = self.task.loss(outputs.float(), y)
             self.scaler.scale(loss / group).backward()
