@@ -41,7 +41,7 @@ from common import RESULTS, prepared_world, save  # noqa: E402
 from pneumothorax.data import prepare, prepared, splitting  # noqa: E402
 from pneumothorax.io import atomic, config, paths, plots, rle  # noqa: E402
 from pneumothorax.io.paths import ExperimentDir, ProcessedDir  # noqa: E402
-from pneumothorax.pipeline import search  # noqa: E402
+from pneumothorax.pipeline import ensemble, search  # noqa: E402
 
 STEPS = ("prepare", "folds", "train-cls", "train-seg", "oof", "infer", "search", "submit", "score", "report")
 HELD_OUT = 7  # one patient-grouped seventh of the DICOMs is the test set
@@ -198,6 +198,17 @@ def bench_variables(data: Path, processed: Path) -> list[str]:
     ]
 
 
+def ensemble_crossfit(members: list[str], name: str, processed: Path) -> dict | str:
+    """The ensemble's search left one fold out, or why not (members of other splits: another seed)."""
+    runs = [ensemble.member(config.load(m), BENCH_MODELS) for m in members]
+    try:
+        return ensemble.crossfit(
+            runs, ExperimentDir(BENCH_MODELS / name, runs[0].exp.final_size), ProcessedDir(processed)
+        )
+    except ValueError as err:
+        return f"not cross-fitted: {err}"
+
+
 def bench_ensemble(members: list[str], name: str, data: Path, processed: Path) -> dict:
     """Every member from scratch, then ``make ensemble`` (equal weights) scored on the held-out test."""
     runs = [bench_experiment(m, data, processed) for m in members]
@@ -208,6 +219,7 @@ def bench_ensemble(members: list[str], name: str, data: Path, processed: Path) -
     return {
         "exp": name,
         "members": runs,
+        "oof_crossfit": ensemble_crossfit(members, name, processed),
         "seconds": {"ensemble": seconds},  # each member's steps are in its own entry
         "minutes_total": round(sum(r["minutes_total"] for r in runs) + seconds / 60, 1),
         **scores(post),

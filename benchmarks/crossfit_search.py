@@ -8,11 +8,15 @@ per-image Dice). The pooled cross-fitted score against all-empty is an estimate 
 ``oof_gain_over_all_empty`` of ``bench_real.json`` overstates. Writes ``benchmarks/results/crossfit_search.json``.
 
     .venv/bin/python benchmarks/crossfit_search.py real_cpu real_c19
+
+An ensemble built there by ``make ensemble`` (its ``ensemble.json`` names the members) is cross-fitted on its
+blended maps, its folds the members' shared split (members of other splits are refused).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -21,19 +25,31 @@ from common import save  # noqa: E402
 
 from pneumothorax.io import config, paths  # noqa: E402
 from pneumothorax.io.paths import ExperimentDir, ProcessedDir  # noqa: E402
-from pneumothorax.pipeline import search  # noqa: E402
+from pneumothorax.pipeline import ensemble, search  # noqa: E402
+
+
+def crossfit_one(name: str, models: Path, processed: ProcessedDir) -> dict:
+    """One experiment's cross-fitted search, or an ensemble's (a folder with ``ensemble.json``)."""
+    record = models / name / "ensemble.json"
+    if not record.exists():
+        return search.crossfit(config.load(name), ExperimentDir(models / name), processed)
+    members = [ensemble.member(config.load(m["experiment"]), models) for m in json.loads(record.read_text())["members"]]
+    return ensemble.crossfit(members, ExperimentDir(models / name, members[0].exp.final_size), processed)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("exps", nargs="+", help="experiments trained by make bench-real (models/bench-real/<exp>)")
+    p.add_argument(
+        "exps",
+        nargs="+",
+        help="experiments trained by make bench-real, or ensembles of them (models/bench-real/<name>)",
+    )
     p.add_argument("--models", default=str(paths.MODELS / "bench-real"))
     p.add_argument("--processed", default=str(paths.PROCESSED / "bench-real" / "siim-real-bench"))
     args = p.parse_args()
     results = {}
     for name in args.exps:
-        cfg = config.load(name)
-        results[name] = search.crossfit(cfg, ExperimentDir(Path(args.models) / name), ProcessedDir(args.processed))
+        results[name] = crossfit_one(name, Path(args.models), ProcessedDir(args.processed))
         gains = " / ".join(f"{f['gain']:+.4f}" for f in results[name]["folds"])
         print(
             f"{name}: cross-fitted {results[name]['score']:.4f}, all-empty {results[name]['all_empty']:.4f}, "

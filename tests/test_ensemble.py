@@ -82,6 +82,28 @@ def test_members_must_cover_the_same_images(processed, tmp_path, finished_folds)
         ensemble.build([good, other], ExperimentDir(tmp_path / "ens", 64), ProcessedDir(processed), progress=False)
 
 
+def test_an_ensemble_leaves_one_fold_of_its_members_shared_split_out(processed, tmp_path, finished_folds):
+    """Each fold's images scored with the rule chosen on the others: two perfect members make every fold's Dice
+    1 (maps and truth rows matched, fold by fold); members of another split are refused by name."""
+    perfect = [
+        _member(name, 64, tmp_path, processed, finished_folds, lambda m: ((m > 0) * 200).astype(np.uint8))
+        for name in ("a", "b")
+    ]
+    out = ExperimentDir(tmp_path / "models" / "ens", 64)
+    ensemble.build(perfect, out, ProcessedDir(processed), "equal", progress=False)
+    result = ensemble.crossfit(perfect, out, ProcessedDir(processed))
+    split = pd.read_csv(processed / "folds.csv")
+    assert [f["part"] for f in result["folds"]] == list(range(split["fold"].nunique()))
+    assert result["score"] == pytest.approx(1.0) and result["all_empty"] == pytest.approx(
+        1 - split["has_pneumothorax"].mean()
+    )
+    assert sum(f["found"] for f in result["folds"]) == int(split["has_pneumothorax"].sum())
+    moved = split.assign(fold=(split["fold"] + 1) % split["fold"].nunique())
+    moved.to_csv(perfect[1].exp.folds, index=False)
+    with pytest.raises(ValueError, match="b and a were trained on other splits"):
+        ensemble.crossfit(perfect, out, ProcessedDir(processed))
+
+
 def test_another_member_list_or_weight_mode_rebuilds_an_ensemble_and_a_revert_does_not(tmp_path):
     """An ensemble is stale when ``ensemble.json`` was built from other members or another WEIGHTS; set back
     (after a `make -n` of another mode, say), it is up to date again: nothing was written meanwhile."""

@@ -232,6 +232,38 @@ def build(
     return {**result, **record}
 
 
+def shared_split(members: list[Member], image_ids: list[str]) -> np.ndarray:
+    """The fold of each of ``image_ids`` in the one split every member was trained on (``folds.csv``)."""
+    splits = [pd.read_csv(m.exp.folds, dtype={"image_id": str}).set_index("image_id")["fold"] for m in members]
+    first = splits[0].reindex(image_ids)
+    if first.isna().any():
+        raise ValueError(f"{members[0].exp.folds}: {int(first.isna().sum())} out-of-fold images have no fold")
+    for m, split in zip(members[1:], splits[1:], strict=True):
+        if not split.reindex(image_ids).equals(first):
+            raise ValueError(
+                f"{m.name} and {members[0].name} were trained on other splits ({m.exp.folds} against "
+                f"{members[0].exp.folds}): leaving one fold out needs one split"
+            )
+    return first.to_numpy(int)
+
+
+def crossfit(members: list[Member], out: ExperimentDir, processed: ProcessedDir) -> dict[str, Any]:
+    """The search left one fold out (``exact_search.crossfit_oof``) on the ensemble's blended OOF maps, its folds
+    the members' shared split; writes nothing. What the in-sample gain of ``build`` overstates, as for one run."""
+    ids = pd.read_csv(out.blended_ids, dtype={"image_id": str})
+    image_ids = ids["image_id"].tolist()
+    fold_of = shared_split(members, image_ids)
+    gate = mean_gate([oof_maps(m)[1] for m in members], image_ids)
+    maps = np.load(out.blended_oof, mmap_mode="r")
+    masks = prepared.load_cache(processed.root, "masks", "train", out.final_size)
+    parts = []
+    for k in np.unique(fold_of):
+        rows = np.flatnonzero(fold_of == k)
+        truth = search.CacheRows(masks, ids["index"].to_numpy()[rows])
+        parts.append(exact_search.OOFPart(np.asarray(maps[rows]), truth, None if gate is None else gate[rows]))
+    return exact_search.crossfit_oof(parts, members[0].cfg.postprocess)
+
+
 def report(record: dict[str, Any], out: ExperimentDir, test_score: float | None) -> Path:
     """``report/summary.md``: each member's scores beside the ensemble's."""
     table = pd.DataFrame(record["members"])
