@@ -145,7 +145,7 @@ class Bf16Task(NoNormTask):
 
 
 def test_cpu_bf16_autocasts_the_training_steps_only_and_learns_as_fp32_does(tmp_path, monkeypatch):
-    """``cpu_bf16`` (real_cpu's gate and U-Net steps 1.75x faster on 2 avx512_bf16 cores, make bench-train): every
+    """``cpu_bf16`` (real_cpu's gate and U-Net steps 1.5-1.6x faster on 2 avx512_bf16 cores, make bench-train): every
     training forward runs in bf16 on such a CPU, validation stays fp32, and the weights follow the fp32 run's
     closely without being its (the autocast really applied). On a CPU without bf16 instructions the run trains in
     fp32, to the fp32 run's very weights, and its log says why."""

@@ -234,8 +234,8 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def cpu_has_native_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool | None:
-    """Whether this CPU computes bf16 natively (the avx512_bf16 or amx_bf16 flag), where ``cpu_bf16`` pays (1.75x on
-    real_cpu's steps here); elsewhere oneDNN emulates it, slower than fp32. None where the flags cannot be read."""
+    """Whether this CPU computes bf16 natively (the avx512_bf16 or amx_bf16 flag), where ``cpu_bf16`` pays (1.5-1.6x on
+    real_cpu's steps here, make bench-train); elsewhere oneDNN emulates it, slower than fp32. None where unreadable."""
     try:
         flags = next((line for line in cpuinfo.read_text().splitlines() if line.startswith("flags")), None)
     except OSError:
