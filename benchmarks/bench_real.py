@@ -202,9 +202,7 @@ def ensemble_crossfit(members: list[str], name: str, processed: Path) -> dict | 
     """The ensemble's search left one fold out, or why not (members of other splits: another seed)."""
     runs = [ensemble.member(config.load(m), BENCH_MODELS) for m in members]
     try:
-        return ensemble.crossfit(
-            runs, ExperimentDir(BENCH_MODELS / name, runs[0].exp.final_size), ProcessedDir(processed)
-        )
+        return ensemble.crossfit(runs, ensemble.out_dir(runs, BENCH_MODELS, name), ProcessedDir(processed))
     except ValueError as err:
         return f"not cross-fitted: {err}"
 

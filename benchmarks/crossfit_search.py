@@ -34,7 +34,7 @@ def crossfit_one(name: str, models: Path, processed: ProcessedDir) -> dict:
     if not record.exists():
         return search.crossfit(config.load(name), ExperimentDir(models / name), processed)
     members = [ensemble.member(config.load(m["experiment"]), models) for m in json.loads(record.read_text())["members"]]
-    return ensemble.crossfit(members, ExperimentDir(models / name, members[0].exp.final_size), processed)
+    return ensemble.crossfit(members, ensemble.out_dir(members, models, name), processed)
 
 
 def main() -> None:

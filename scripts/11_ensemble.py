@@ -11,7 +11,7 @@ from pathlib import Path
 
 from pneumothorax.io import atomic
 from pneumothorax.io import config as config_mod
-from pneumothorax.io.paths import ExperimentDir, ProcessedDir
+from pneumothorax.io.paths import ProcessedDir
 from pneumothorax.models import factory
 from pneumothorax.pipeline import cli, ensemble
 from pneumothorax.post import submission
@@ -37,7 +37,7 @@ def main() -> None:
     args = p.parse_args()
     configs = [_load(name, Path(args.configs_dir)) for name in args.members]
     members = [ensemble.member(cfg, Path(args.models_dir)) for cfg in configs]
-    out = ExperimentDir(Path(args.models_dir) / args.name, max(cfg.final_size for cfg in configs))
+    out = ensemble.out_dir(members, Path(args.models_dir), args.name)
     processed = ProcessedDir(args.processed)
     record = ensemble.build(members, out, processed, args.weights, not args.quiet)
     submission.make_submission(out, processed, Path(args.out), progress=not args.quiet)

@@ -89,7 +89,7 @@ def test_an_ensemble_leaves_one_fold_of_its_members_shared_split_out(processed, 
         _member(name, 64, tmp_path, processed, finished_folds, lambda m: ((m > 0) * 200).astype(np.uint8))
         for name in ("a", "b")
     ]
-    out = ExperimentDir(tmp_path / "models" / "ens", 64)
+    out = ensemble.out_dir(perfect, tmp_path / "models", "ens")
     ensemble.build(perfect, out, ProcessedDir(processed), "equal", progress=False)
     result = ensemble.crossfit(perfect, out, ProcessedDir(processed))
     split = pd.read_csv(processed / "folds.csv")

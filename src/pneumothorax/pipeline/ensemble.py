@@ -298,3 +298,8 @@ def report(record: dict[str, Any], out: ExperimentDir, test_score: float | None)
 def member(cfg: Config, models_dir: Path) -> Member:
     """The member experiment ``cfg.name`` under ``models_dir``."""
     return Member(cfg, ExperimentDir(Path(models_dir) / cfg.name, cfg.final_size))
+
+
+def out_dir(members: list[Member], models_dir: Path, name: str) -> ExperimentDir:
+    """The ensemble's folder ``models_dir/name``, at the largest member's size (where ``blend`` puts every map)."""
+    return ExperimentDir(Path(models_dir) / name, max(m.cfg.final_size for m in members))
