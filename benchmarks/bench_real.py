@@ -21,11 +21,13 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import matplotlib
@@ -109,18 +111,19 @@ def build_layout(real: Path, out: Path, seed: int = 0) -> dict[str, int]:
     return {"train": train["ImageId"].nunique(), "test": len(names), "extra": len(kept)}
 
 
-def make(goal: str, variables: list[str]) -> float:
-    """``make goal`` in the repository with these variables, timed (seconds)."""
+def make(goal: str, variables: list[str], threads: int | None = None) -> float:
+    """``make goal`` in the repository with these variables, timed (seconds); ``threads``: its torch threads."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)} if threads else None
     started = time.time()
-    subprocess.run(["make", "--no-print-directory", "-C", str(paths.ROOT), goal, *variables], check=True)
+    subprocess.run(["make", "--no-print-directory", "-C", str(paths.ROOT), goal, *variables], check=True, env=env)
     seconds = round(time.time() - started, 1)
     print(f"bench-real: {goal} took {seconds} s", flush=True)
     return seconds
 
 
-def run_steps(variables: list[str]) -> dict[str, float]:
+def run_steps(variables: list[str], steps: tuple[str, ...] = STEPS, threads: int | None = None) -> dict[str, float]:
     """Each step through make, timed (seconds)."""
-    return {step: make(step, variables) for step in STEPS}
+    return {step: make(step, variables, threads) for step in steps}
 
 
 def histogram(processed: Path, size: int, out: Path) -> dict[str, dict[str, float]]:
@@ -180,10 +183,38 @@ def bench_experiment(name: str, data: Path, processed: Path) -> dict:
     shutil.rmtree(exp.root, ignore_errors=True)
     started = time.time()
     times = run_steps([f"EXP={name}", *bench_variables(data, processed)])
+    return finished(name, exp, processed, times, started)
+
+
+def finished(name: str, exp: ExperimentDir, processed: Path, times: dict[str, float], started: float) -> dict:
+    """A benched run's times, scores, and its search left one fold out (at the maps' size: the gain a
+    searched rule keeps on images it did not see)."""
     minutes = round((time.time() - started) / 60, 1)
-    # The search left one fold out, at the maps' size: the gain a searched rule keeps on images it did not see.
     crossfit = search.crossfit(config.load(name), exp, ProcessedDir(processed))
     return {"exp": name, "seconds": times, "minutes_total": minutes} | collect(exp) | {"oof_crossfit": crossfit}
+
+
+def bench_members(members: list[str], data: Path, processed: Path, jobs: int) -> list[dict]:
+    """Every member from scratch, ``jobs`` at once, each on its share of the cores (its torch threads):
+    on a CPU box two trainings of one core each outrun one of two cores (``docs/scaling.md``). The
+    prepared caches are shared, so each member's ``prepare`` runs first, one after the other."""
+    if jobs <= 1:
+        return [bench_experiment(m, data, processed) for m in members]
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    started = time.time()
+    prepared_in = {}
+    for name in members:
+        shutil.rmtree(BENCH_MODELS / name, ignore_errors=True)
+        prepared_in[name] = make("prepare", [f"EXP={name}", *bench_variables(data, processed)])
+
+    def run(name: str) -> dict:
+        times = run_steps([f"EXP={name}", *bench_variables(data, processed)], STEPS[1:], threads)
+        return finished(
+            name, ExperimentDir(BENCH_MODELS / name), processed, {"prepare": prepared_in[name], **times}, started
+        )
+
+    with ThreadPoolExecutor(jobs) as pool:
+        return [r | {"threads": threads} for r in pool.map(run, members)]
 
 
 def bench_variables(data: Path, processed: Path) -> list[str]:
@@ -207,9 +238,11 @@ def ensemble_crossfit(members: list[str], name: str, processed: Path) -> dict | 
         return f"not cross-fitted: {err}"
 
 
-def bench_ensemble(members: list[str], name: str, data: Path, processed: Path) -> dict:
-    """Every member from scratch, then ``make ensemble`` (equal weights) scored on the held-out test."""
-    runs = [bench_experiment(m, data, processed) for m in members]
+def bench_ensemble(members: list[str], name: str, data: Path, processed: Path, jobs: int = 1) -> dict:
+    """Every member from scratch (``jobs`` at once), then ``make ensemble`` (equal weights) scored on the
+    held-out test. ``minutes_total`` is the wall clock of it all."""
+    started = time.time()
+    runs = bench_members(members, data, processed, jobs)
     exp = ExperimentDir(BENCH_MODELS / name)
     shutil.rmtree(exp.root, ignore_errors=True)
     seconds = make("ensemble", [f"ENSEMBLE={' '.join(members)}", f"NAME={name}", *bench_variables(data, processed)])
@@ -217,9 +250,10 @@ def bench_ensemble(members: list[str], name: str, data: Path, processed: Path) -
     return {
         "exp": name,
         "members": runs,
+        "jobs": jobs,
         "oof_crossfit": ensemble_crossfit(members, name, processed),
         "seconds": {"ensemble": seconds},  # each member's steps are in its own entry
-        "minutes_total": round(sum(r["minutes_total"] for r in runs) + seconds / 60, 1),
+        "minutes_total": round((time.time() - started) / 60, 1),
         **scores(post),
         "gate_score_auc": post.get("gate_auc", []),
         "test": json.loads(exp.score.read_text()),
@@ -234,6 +268,7 @@ def main() -> None:
     p.add_argument("--exp", default="real_cpu")
     p.add_argument("--ensemble", nargs="*", default=[], help="members: train each, then blend them (make ensemble)")
     p.add_argument("--name", default="real_ensemble", help="the ensemble's name (models/bench-real/<name>)")
+    p.add_argument("--jobs", type=int, default=1, help="members trained at once, the cores shared out")
     p.add_argument("--data", default=str(paths.RAW / "siim-real-bench"))
     args = p.parse_args()
     data = Path(args.data)
@@ -242,7 +277,7 @@ def main() -> None:
     processed = BENCH_PROCESSED / data.name
     shutil.rmtree(processed, ignore_errors=True)
     if args.ensemble:
-        results = {"images": parts} | bench_ensemble(args.ensemble, args.name, data, processed)
+        results = {"images": parts} | bench_ensemble(args.ensemble, args.name, data, processed, args.jobs)
         save(f"bench_real_{args.name}", results)
         return
     results = {"images": parts} | bench_experiment(args.exp, data, processed)

@@ -10,12 +10,15 @@
 
 On CPU it runs the same code at batch 2 and says that the GPU figures need CUDA. On every device it also
 times ``real_cpu``'s gate and U-Net steps at their own sizes and batches, contiguous against channels_last,
-and on CPU channels_last in fp32 against bf16 autocast (``cpu_bf16``).
+and on CPU channels_last in fp32 against bf16 autocast (``cpu_bf16``), and what two such trainings at once, on
+half the cores each, do against one on all of them (``bench-real``'s ``JOBS=2``).
 """
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -188,6 +191,39 @@ def stage_figures(cfg, stage, processed, device, workers_list) -> dict:
     return out
 
 
+def shared_cores_figures(name: str, steps: int) -> dict:
+    """Images/s of ``name``'s bf16 gate and U-Net steps in one process on all the cores, against two processes at
+    once on half the cores each (their sum): on a CPU, where one training does not use two cores fully, what
+    ``make bench-real JOBS=2`` gains by training two members side by side."""
+    cores = len(os.sched_getaffinity(0))
+    out: dict = {"cores": cores}
+    for part in ("gate", "unet"):
+        one = _step_processes(name, part, steps, cores, 1)
+        two = _step_processes(name, part, steps, cores // 2, 2)
+        out[part] = {"one_job_images_per_s": one, "two_jobs_images_per_s": two, "speedup": round(two / one, 3)}
+    return out
+
+
+def _step_processes(name: str, part: str, steps: int, threads: int, jobs: int) -> float:
+    """The summed images/s of ``jobs`` processes timing ``part``'s steps at once, each with ``threads`` threads."""
+    command = [sys.executable, __file__, "--steps", name, part, str(steps)]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    running = [subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=env) for _ in range(jobs)]
+    rates = [json.loads(p.communicate()[0].strip().splitlines()[-1]) for p in running]
+    if any(p.returncode for p in running):
+        raise RuntimeError(f"{' '.join(command)} failed")
+    return round(sum(rates), 2)
+
+
+def bf16_step_rate(name: str, part: str, steps: int) -> float:
+    """Images/s of ``name``'s gate or U-Net training steps, channels_last and bf16 on CPU, in this process."""
+    cfg, device = config.load(name), torch.device("cpu")
+    if part == "gate":
+        return classifier_step_rate(cfg, device, True, steps, cpu_bf16=True)
+    stage = cfg.segmentation.stages[0]
+    return step_rate(cfg, stage.size, stage.batch_size, device, "none", True, steps, cpu_bf16=True)[0]
+
+
 def main() -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cores = len(os.sched_getaffinity(0))
@@ -217,9 +253,14 @@ def main() -> dict:
             "speedup": round(compiled / eager, 3),
         }
     results["real_cpu"] = cpu_recipe_figures("real_cpu", device, 20 if device.type == "cuda" else 12)
+    if device.type == "cpu" and len(os.sched_getaffinity(0)) >= 2:
+        results["real_cpu"]["shared_cores"] = shared_cores_figures("real_cpu", 24)
     results["ddp_scaling"] = "needs several GPUs" if torch.cuda.device_count() < 2 else "run make train NPROC=N"
     return results
 
 
 if __name__ == "__main__":
-    save("bench_train", main())
+    if sys.argv[1:2] == ["--steps"]:  # one process of shared_cores_figures: its images/s on the last line
+        print(json.dumps(bf16_step_rate(sys.argv[2], sys.argv[3], int(sys.argv[4]))))
+    else:
+        save("bench_train", main())

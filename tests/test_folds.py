@@ -36,3 +36,21 @@ def test_unmapped_image_is_its_own_group():
     )
     table = splitting.make_folds(meta, n_folds=4, seed=0)
     assert table["fold"].value_counts().tolist() == [5, 5, 5, 5]
+
+
+def test_runs_that_differ_in_seed_alone_share_the_split_of_their_split_seed(processed, tmp_path):
+    """``split_seed`` pins the folds: a seed ensemble on one split (what ``make ensemble`` can cross-fit)."""
+    from pneumothorax.io import config
+    from pneumothorax.io.paths import ExperimentDir, ProcessedDir
+
+    def split(*overrides):
+        cfg = config.load("tiny", ["data.n_folds=3", *overrides])
+        exp = ExperimentDir(tmp_path / "-".join(overrides or ("default",)), cfg.final_size)
+        return splitting.write_folds(cfg, ProcessedDir(processed), exp).set_index("image_id")["fold"]
+
+    default = split()  # the folds follow seed (42 in base.yaml)
+    pinned, other_seed = split("split_seed=42"), split("seed=7", "split_seed=42")
+    assert default.equals(pinned) and default.equals(other_seed)
+    unpinned = split("seed=7")
+    assert not default.equals(unpinned)  # without split_seed, seed moves the folds
+    assert split("seed=42", "split_seed=7").equals(unpinned)

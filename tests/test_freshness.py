@@ -139,6 +139,17 @@ def test_a_key_added_later_keeps_older_experiments_up_to_date_at_its_default(tmp
     )
 
 
+def test_a_pinned_split_seed_moves_the_folds_and_seed_moves_only_the_trainings(tmp_path):
+    """With ``split_seed`` set the folds read it instead of ``seed``: the runs of a seed ensemble share one split."""
+    pinned = config.load("demo", ["split_seed=42"])
+    exp = paths.ExperimentDir(tmp_path / "pinned", pinned.final_size)
+    _finished(exp, pinned)
+    assert _stale(exp, pinned) == set()
+    assert _stale(exp, config.load("demo", ["split_seed=42", "seed=7"])) == {*RUNS, "pretrain/model.pt"}
+    assert _stale(exp, config.load("demo", ["split_seed=7"])) == {"folds.csv"}  # the trainings follow it by time
+    assert "split_seed" not in json.dumps(freshness.section(config.load("demo"), "folds"))  # older records hold
+
+
 def test_a_run_from_before_trained_under_json_is_judged_by_its_saved_config(tmp_path):
     """Such a run recorded no inputs: a fold is out of date (it learnt from unknown inputs); a pre-training,
     which reads none, is judged by the config saved beside it."""

@@ -63,7 +63,7 @@ def write_folds(cfg: Config, processed: ProcessedDir, exp: ExperimentDir) -> pd.
     """The experiment's patient-grouped, stratified split; ``folds.csv`` is rewritten only when it changes."""
     meta = pd.read_csv(processed.metadata, dtype={"image_id": str, "patient": str}, keep_default_na=False)
     train = meta[(meta["split"] == "train") & (meta["error"] == "")]
-    table = make_folds(train, cfg.data.n_folds, cfg.seed, cfg.data.area_bins)
+    table = make_folds(train, cfg.data.n_folds, cfg.fold_seed, cfg.data.area_bins)
     exp.root.mkdir(parents=True, exist_ok=True)
     atomic.write_text_if_changed(exp.folds, table.to_csv(index=False))
     return table

@@ -198,6 +198,7 @@ class Config:
 
     name: str
     seed: int
+    split_seed: int | None  # the folds' seed (None: seed): runs that differ in seed alone can share one split
     deterministic: bool  # torch's deterministic kernels (slower on GPU); false: cuDNN benchmark
     compile: bool  # torch.compile the training model (a slow first step; see bench-train)
     data: DataConfig
@@ -206,6 +207,11 @@ class Config:
     logging: LoggingConfig
     infer: InferConfig
     postprocess: PostprocessConfig
+
+    @property
+    def fold_seed(self) -> int:
+        """The seed of the patient split: ``split_seed``, or ``seed`` when it is not set."""
+        return self.seed if self.split_seed is None else self.split_seed
 
     @property
     def final_size(self) -> int:

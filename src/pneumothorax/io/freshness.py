@@ -44,6 +44,7 @@ ADDED_LATER = {
     "postprocess.gate_top": [0.0],
     "classifier.cpu_bf16": False,
     "segmentation.cpu_bf16": False,
+    "split_seed": None,
 }
 _MISSING = object()
 
@@ -60,7 +61,7 @@ class Step:
 
 STEPS: dict[str, Step] = {
     "prepare": Step(("data.sizes",), manifests=("train", "test"), script="01_prepare"),
-    "folds": Step(("seed", "data.n_folds", "data.area_bins"), train_digest=True, script="02_folds"),
+    "folds": Step(("seed", "split_seed", "data.n_folds", "data.area_bins"), train_digest=True, script="02_folds"),
     "classifier": Step((*TRAINING, "classifier"), train_digest=True, script="03_train_classifier"),
     "segmentation": Step((*TRAINING, "segmentation"), train_digest=True, script="04_train_segmentation"),
     "oof": Step(("classifier.enabled", "infer.tta", "segmentation.oof_weights", "data.clahe"), script="05_predict_oof"),
@@ -106,7 +107,8 @@ def section(cfg: Config, step: str) -> dict[str, Any]:
     """The resolved config values step ``step`` reads (:data:`STEPS`), as a plain dict by dotted key.
 
     A segmenter whose encoder starts from the classifier (``encoder_init: classifier`` or ``pretrain``)
-    reads the classifier's values too.
+    reads the classifier's values too. The folds read ``seed`` only while ``split_seed`` is not set: runs of a
+    seed ensemble on one split (``split_seed`` set, ``seed`` apart) share their folds.
     """
     if step not in STEPS:
         raise config_mod.ConfigError(f"unknown step {step!r}; steps: {sorted(STEPS)}")
@@ -114,6 +116,8 @@ def section(cfg: Config, step: str) -> dict[str, Any]:
     keys = list(STEPS[step].keys)
     if step == "segmentation" and cfg.segmentation.encoder_init in ("classifier", "pretrain"):
         keys.append("classifier")
+    if step == "folds" and cfg.split_seed is not None:
+        keys.remove("seed")
     return _without_later_defaults({key: _lookup(whole, key) for key in keys})
 
 
