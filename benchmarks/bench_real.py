@@ -36,6 +36,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+from sklearn.metrics import roc_auc_score  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import RESULTS, prepared_world, save  # noqa: E402
@@ -238,6 +239,22 @@ def ensemble_crossfit(members: list[str], name: str, processed: Path) -> dict | 
         return f"not cross-fitted: {err}"
 
 
+def ensemble_gate_auc(members: list[str], name: str) -> list[float] | str:
+    """Per fold of the members' shared split, the AUC of their mean classifier probability (the ensemble's gate
+    before the search blends in the U-Net), or why not."""
+    runs = [ensemble.member(config.load(m), BENCH_MODELS) for m in members]
+    ids = pd.read_csv(ensemble.out_dir(runs, BENCH_MODELS, name).blended_ids, dtype={"image_id": str})
+    gate = ensemble.mean_gate([ensemble.oof_maps(r)[1] for r in runs], ids["image_id"].tolist())
+    try:
+        fold_of = ensemble.shared_split(runs, ids["image_id"].tolist())
+    except ValueError as err:
+        return f"no shared split: {err}"
+    if gate is None:
+        return "no member has a gate"
+    truth = ids["has_pneumothorax"].to_numpy()
+    return [float(roc_auc_score(truth[fold_of == k], gate[fold_of == k])) for k in np.unique(fold_of)]
+
+
 def bench_ensemble(members: list[str], name: str, data: Path, processed: Path, jobs: int = 1) -> dict:
     """Every member from scratch (``jobs`` at once), then ``make ensemble`` (equal weights) scored on the
     held-out test. ``minutes_total`` is the wall clock of it all."""
@@ -255,6 +272,7 @@ def bench_ensemble(members: list[str], name: str, data: Path, processed: Path, j
         "seconds": {"ensemble": seconds},  # each member's steps are in its own entry
         "minutes_total": round((time.time() - started) / 60, 1),
         **scores(post),
+        "gate_auc_per_fold": ensemble_gate_auc(members, name),
         "gate_score_auc": post.get("gate_auc", []),
         "test": json.loads(exp.score.read_text()),
     }

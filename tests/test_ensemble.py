@@ -104,6 +104,22 @@ def test_an_ensemble_leaves_one_fold_of_its_members_shared_split_out(processed, 
         ensemble.crossfit(perfect, out, ProcessedDir(processed))
 
 
+def test_an_ensemble_of_members_of_two_sizes_is_cross_fitted_at_the_larger(processed, tmp_path, finished_folds):
+    """The smaller member first: the ensemble's folder, maps and truth are at the larger size (``out_dir``), and
+    two near-perfect members leave every fold's positives found."""
+    members = [
+        _member(name, size, tmp_path, processed, finished_folds, lambda m: ((m > 0) * 200).astype(np.uint8))
+        for name, size in (("small", 32), ("large", 64))
+    ]
+    out = ensemble.out_dir(members, tmp_path / "models", "ens")
+    assert out.final_size == 64
+    ensemble.build(members, out, ProcessedDir(processed), "equal", progress=False)
+    assert np.load(out.blended_oof, mmap_mode="r").shape[1:] == (64, 64)
+    result = ensemble.crossfit(members, out, ProcessedDir(processed))
+    split = pd.read_csv(processed / "folds.csv")
+    assert result["score"] > 0.95 and sum(f["found"] for f in result["folds"]) == int(split["has_pneumothorax"].sum())
+
+
 def test_another_member_list_or_weight_mode_rebuilds_an_ensemble_and_a_revert_does_not(tmp_path):
     """An ensemble is stale when ``ensemble.json`` was built from other members or another WEIGHTS; set back
     (after a `make -n` of another mode, say), it is up to date again: nothing was written meanwhile."""
