@@ -209,10 +209,10 @@ def _step_processes(name: str, part: str, steps: int, threads: int, jobs: int) -
     command = [sys.executable, __file__, "--steps", name, part, str(steps)]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     running = [subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=env) for _ in range(jobs)]
-    rates = [json.loads(p.communicate()[0].strip().splitlines()[-1]) for p in running]
+    printed = [p.communicate()[0] for p in running]
     if any(p.returncode for p in running):
-        raise RuntimeError(f"{' '.join(command)} failed")
-    return round(sum(rates), 2)
+        raise RuntimeError(f"{' '.join(command)} failed (exit {[p.returncode for p in running]})")
+    return round(sum(json.loads(out.strip().splitlines()[-1]) for out in printed), 2)
 
 
 def bf16_step_rate(name: str, part: str, steps: int) -> float:
