@@ -197,7 +197,7 @@ def finished(name: str, exp: ExperimentDir, processed: Path, times: dict[str, fl
 
 def bench_members(members: list[str], data: Path, processed: Path, jobs: int) -> list[dict]:
     """Every member from scratch, ``jobs`` at once, each on its share of the cores (its torch threads): on 2
-    cores two trainings of one core each run 1.04-1.37x the steps of one on both (``docs/benchmarks.md``,
+    cores two trainings of one core each run 1.03-1.37x the steps of one on both (``docs/benchmarks.md``,
     ``shared_cores``). The prepared caches are shared, so each member's ``prepare`` runs first, one after the
     other. Each member's ``minutes_total`` counts from the start of the first ``prepare``."""
     if jobs <= 1:
