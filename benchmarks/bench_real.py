@@ -36,13 +36,12 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
-from sklearn.metrics import roc_auc_score  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import RESULTS, prepared_world, save  # noqa: E402
 
 from pneumothorax.data import prepare, prepared, splitting  # noqa: E402
-from pneumothorax.io import atomic, config, paths, plots, rle  # noqa: E402
+from pneumothorax.io import atomic, config, metric, paths, plots, rle  # noqa: E402
 from pneumothorax.io.paths import ExperimentDir, ProcessedDir  # noqa: E402
 from pneumothorax.pipeline import ensemble, search  # noqa: E402
 
@@ -231,29 +230,21 @@ def bench_variables(data: Path, processed: Path) -> list[str]:
     ]
 
 
-def ensemble_crossfit(members: list[str], name: str, processed: Path) -> dict | str:
-    """The ensemble's search left one fold out, or why not (members of other splits: another seed)."""
+def ensemble_oof_figures(members: list[str], name: str, processed: Path) -> dict:
+    """The ensemble's search left one fold out, and per fold of the members' shared split the AUC of their mean
+    classifier probability (its gate before the search blends in the U-Net); or why not (members of other splits)."""
     runs = [ensemble.member(config.load(m), BENCH_MODELS) for m in members]
+    out = ensemble.out_dir(runs, BENCH_MODELS, name)
     try:
-        return ensemble.crossfit(runs, ensemble.out_dir(runs, BENCH_MODELS, name), ProcessedDir(processed))
+        ids, fold_of, gate = ensemble.blended_rows(runs, out)
+        crossfit = ensemble.crossfit(runs, out, ProcessedDir(processed))
     except ValueError as err:
-        return f"not cross-fitted: {err}"
-
-
-def ensemble_gate_auc(members: list[str], name: str) -> list[float] | str:
-    """Per fold of the members' shared split, the AUC of their mean classifier probability (the ensemble's gate
-    before the search blends in the U-Net), or why not."""
-    runs = [ensemble.member(config.load(m), BENCH_MODELS) for m in members]
-    ids = pd.read_csv(ensemble.out_dir(runs, BENCH_MODELS, name).blended_ids, dtype={"image_id": str})
-    gate = ensemble.mean_gate([ensemble.oof_maps(r)[1] for r in runs], ids["image_id"].tolist())
-    try:
-        fold_of = ensemble.shared_split(runs, ids["image_id"].tolist())
-    except ValueError as err:
-        return f"no shared split: {err}"
-    if gate is None:
-        return "no member has a gate"
+        return {"oof_crossfit": f"not cross-fitted: {err}", "gate_auc_per_fold": f"no shared split: {err}"}
     truth = ids["has_pneumothorax"].to_numpy()
-    return [float(roc_auc_score(truth[fold_of == k], gate[fold_of == k])) for k in np.unique(fold_of)]
+    aucs = "no member has a gate"
+    if gate is not None:
+        aucs = [metric.roc_auc(truth[fold_of == k], gate[fold_of == k]) for k in np.unique(fold_of)]
+    return {"oof_crossfit": crossfit, "gate_auc_per_fold": aucs}
 
 
 def bench_ensemble(members: list[str], name: str, data: Path, processed: Path, jobs: int = 1) -> dict:
@@ -269,11 +260,10 @@ def bench_ensemble(members: list[str], name: str, data: Path, processed: Path, j
         "exp": name,
         "members": runs,
         "jobs": jobs,
-        "oof_crossfit": ensemble_crossfit(members, name, processed),
+        **ensemble_oof_figures(members, name, processed),
         "seconds": {"ensemble": seconds},  # each member's steps are in its own entry
         "minutes_total": round((time.time() - started) / 60, 1),
         **scores(post),
-        "gate_auc_per_fold": ensemble_gate_auc(members, name),
         "gate_score_auc": post.get("gate_auc", []),
         "test": json.loads(exp.score.read_text()),
     }

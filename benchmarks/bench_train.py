@@ -145,10 +145,9 @@ def cpu_recipe_figures(name: str, device, steps: int) -> dict:
     if device.type == "cpu":
         variants["channels_last_bf16"] = (True, True)
     for variant, (channels_last, bf16) in variants.items():
-        gate = classifier_step_rate(cfg, device, channels_last, steps, bf16)
-        out["gate"][f"{variant}_images_per_s"] = round(gate, 2)
-        rate, _ = step_rate(cfg, stage.size, stage.batch_size, device, "none", channels_last, steps, cpu_bf16=bf16)
-        out["unet"][f"{variant}_images_per_s"] = round(rate, 2)
+        for part in ("gate", "unet"):
+            rate = recipe_step_rate(cfg, part, device, channels_last, bf16, steps)
+            out[part][f"{variant}_images_per_s"] = round(rate, 2)
     for part in ("gate", "unet"):
         rate = {k.removesuffix("_images_per_s"): v for k, v in out[part].items() if k.endswith("_images_per_s")}
         out[part]["channels_last_speedup"] = round(rate["channels_last"] / rate["contiguous"], 3)
@@ -215,13 +214,12 @@ def _step_processes(name: str, part: str, steps: int, threads: int, jobs: int) -
     return round(sum(json.loads(out.strip().splitlines()[-1]) for out in printed), 2)
 
 
-def bf16_step_rate(name: str, part: str, steps: int) -> float:
-    """Images/s of ``name``'s gate or U-Net training steps, channels_last and bf16 on CPU, in this process."""
-    cfg, device = config.load(name), torch.device("cpu")
+def recipe_step_rate(cfg, part: str, device, channels_last: bool, bf16: bool, steps: int) -> float:
+    """Images/s of a CPU recipe's gate (``part`` "gate") or U-Net ("unet", its first stage) training steps."""
     if part == "gate":
-        return classifier_step_rate(cfg, device, True, steps, cpu_bf16=True)
+        return classifier_step_rate(cfg, device, channels_last, steps, bf16)
     stage = cfg.segmentation.stages[0]
-    return step_rate(cfg, stage.size, stage.batch_size, device, "none", True, steps, cpu_bf16=True)[0]
+    return step_rate(cfg, stage.size, stage.batch_size, device, "none", channels_last, steps, cpu_bf16=bf16)[0]
 
 
 def main() -> dict:
@@ -261,6 +259,7 @@ def main() -> dict:
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--steps"]:  # one process of shared_cores_figures: its images/s on the last line
-        print(json.dumps(bf16_step_rate(sys.argv[2], sys.argv[3], int(sys.argv[4]))))
+        cpu = torch.device("cpu")
+        print(json.dumps(recipe_step_rate(config.load(sys.argv[2]), sys.argv[3], cpu, True, True, int(sys.argv[4]))))
     else:
         save("bench_train", main())

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pandas as pd
 
 from pneumothorax.data import folds, prepare, splitting
-from pneumothorax.io import paths
+from pneumothorax.io import config, paths
+from pneumothorax.io.paths import ExperimentDir, ProcessedDir
 
 
 def test_no_patient_in_two_folds_on_real_map(real_labels):
@@ -40,8 +41,6 @@ def test_unmapped_image_is_its_own_group():
 
 def test_runs_that_differ_in_seed_alone_share_the_split_of_their_split_seed(processed, tmp_path):
     """``split_seed`` pins the folds: a seed ensemble on one split (what ``make ensemble`` can cross-fit)."""
-    from pneumothorax.io import config
-    from pneumothorax.io.paths import ExperimentDir, ProcessedDir
 
     def split(*overrides):
         cfg = config.load("tiny", ["data.n_folds=3", *overrides])

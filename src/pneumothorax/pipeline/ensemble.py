@@ -247,13 +247,18 @@ def shared_split(members: list[Member], image_ids: list[str]) -> np.ndarray:
     return first.to_numpy(int)
 
 
+def blended_rows(members: list[Member], out: ExperimentDir) -> tuple[pd.DataFrame, np.ndarray, np.ndarray | None]:
+    """The rows of the ensemble's blended OOF maps (``oof_ids.csv``), the fold of each in the members' shared split,
+    and the members' mean gate probability of each (None when no member has a gate)."""
+    ids = pd.read_csv(out.blended_ids, dtype={"image_id": str})
+    image_ids = ids["image_id"].tolist()
+    return ids, shared_split(members, image_ids), mean_gate([oof_maps(m)[1] for m in members], image_ids)
+
+
 def crossfit(members: list[Member], out: ExperimentDir, processed: ProcessedDir) -> dict[str, Any]:
     """The search left one fold out (``exact_search.crossfit_oof``) on the ensemble's blended OOF maps, its folds
     the members' shared split; writes nothing. What the in-sample gain of ``build`` overstates, as for one run."""
-    ids = pd.read_csv(out.blended_ids, dtype={"image_id": str})
-    image_ids = ids["image_id"].tolist()
-    fold_of = shared_split(members, image_ids)
-    gate = mean_gate([oof_maps(m)[1] for m in members], image_ids)
+    ids, fold_of, gate = blended_rows(members, out)
     maps = np.load(out.blended_oof, mmap_mode="r")
     masks = prepared.load_cache(processed.root, "masks", "train", out.final_size)
     parts = []
