@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
+from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from pneumothorax.io import paths
 
 sys.path.insert(0, str(paths.ROOT / "benchmarks"))
-import gpu_check  # noqa: E402  (a script folder, not a package)
+import bench_real  # noqa: E402  (a script folder, not a package)
+import gpu_check  # noqa: E402
 
 
 @pytest.mark.trains
@@ -29,3 +33,73 @@ def test_gpu_check_ddp_script_accumulates_like_plain_training(tmp_path) -> None:
     gradients (the GPU run found the script itself calling no_sync on the bare model that one rank trains)."""
     out = gpu_check._torchrun(1, gpu_check.DDP_SCRIPT, tmp_path, "cpu")
     assert float(out.split("GAP")[-1]) < 1e-6
+
+
+def _staged(root: Path, n_patients: int = 28) -> tuple[pd.DataFrame, dict[str, str]]:
+    """A folder as stage.sh writes it: two DICOMs per patient (a third of the patients positive, one image with two
+    label rows), and one extra positive per patient (JPEG for even patients, PNG with its mask for odd ones)."""
+    rows, patients = [], {}
+    for p in range(n_patients):
+        for k in range(2):
+            image_id = f"1.2.276.0.{p}.{k}"
+            patients[image_id] = f"{p:08d}_{k:03d}.png"
+            (root / "dicom-images-train").mkdir(parents=True, exist_ok=True)
+            (root / "dicom-images-train" / f"{image_id}.dcm").write_bytes(image_id.encode())
+            runs = [f"{100 * p + 7} {5 + k}"] if p % 3 == 0 else ["-1"]
+            rows += [(image_id, r) for r in runs + ([f"{9000 + p} 3"] if p == 3 and k == 1 else [])]
+    labels = pd.DataFrame(rows, columns=["ImageId", "EncodedPixels"])
+    labels.to_csv(root / "stage_2_train.csv", index=False)
+    extra = [(f"1.2.276.9.{p}", f"{50 * p} 4") for p in range(n_patients)]
+    for p, (image_id, _) in enumerate(extra):
+        patients[image_id] = f"{p:08d}_{9:03d}.png"
+        for folder in ("jpg",) if p % 2 == 0 else ("png", "mask"):
+            (root / "extra-positives" / folder).mkdir(parents=True, exist_ok=True)
+            suffix = ".jpg" if folder == "jpg" else ".png"
+            (root / "extra-positives" / folder / f"{image_id}{suffix}").write_bytes(b"x")
+    pd.DataFrame(extra, columns=["ImageId", "EncodedPixels"]).to_csv(
+        root / "extra-positives" / "labels.csv", index=False
+    )
+    return labels, patients
+
+
+def test_bench_real_holds_out_whole_patients_and_renames_them_as_stage_2_test_images(tmp_path, monkeypatch) -> None:
+    """make bench-real's data folder: every DICOM once, in training or in the held-out test set, never one patient in
+    both; the test set's label rows exactly, under the ID_<9 hex> names of today's download; no extra positive of a
+    test patient among the training images."""
+    staged, out = tmp_path / "staged", tmp_path / "bench"
+    labels, patients = _staged(staged)
+    patient_map = tmp_path / "kaggle-to-nih-id.csv"
+    pd.DataFrame({"Kaggle_ID": list(patients), "NIH_ID": list(patients.values())}).to_csv(patient_map, index=False)
+    monkeypatch.setattr(paths, "PATIENT_MAP", patient_map)
+    counts = bench_real.build_layout(staged, out, seed=0)
+
+    test_files = sorted((out / "stage_2_images").glob("*.dcm"))
+    train_files = sorted((out / "dicom-images-train").glob("*.dcm"))
+    sources = [f.resolve().read_bytes().decode() for f in test_files + train_files]
+    assert sorted(sources) == sorted(labels["ImageId"].unique())  # every DICOM once
+    test_ids = {f.resolve().read_bytes().decode(): f.stem for f in test_files}
+    assert counts == {"train": 56 - len(test_ids), "test": len(test_ids), "extra": 28 - len(test_ids) // 2}
+    assert 56 // 7 - 2 <= len(test_ids) <= 56 // 7 + 2 and all(len(test_ids) != n for n in (0, 56))
+    nih = {i: patients[i].split("_")[0] for i in patients}
+    assert not {nih[i] for i in test_ids} & {nih[f.stem] for f in train_files}  # whole patients held out
+    assert any(labels.loc[labels["ImageId"].isin(test_ids), "EncodedPixels"] != "-1")  # positives held out too
+    for image_id, name in test_ids.items():
+        assert name == "ID_" + hashlib.sha1(image_id.encode()).hexdigest()[:9]
+
+    held = pd.read_csv(out / "test-labels.csv", dtype=str)
+    expected = labels[labels["ImageId"].isin(test_ids)].assign(ImageId=lambda t: t["ImageId"].map(test_ids))
+    assert held.values.tolist() == expected.values.tolist()
+    train = pd.read_csv(out / "stage_2_train.csv", dtype=str)
+    assert train.values.tolist() == labels[~labels["ImageId"].isin(test_ids)].values.tolist()
+    sample = pd.read_csv(out / "stage_2_sample_submission.csv", dtype=str)
+    assert sample["ImageId"].tolist() == sorted(test_ids.values()) and set(sample["EncodedPixels"]) == {"-1"}
+
+    extra_files = {f.stem for f in (out / "extra").rglob("*") if f.is_file() and f.name != "labels.csv"}
+    extra_labels = pd.read_csv(out / "extra" / "labels.csv", dtype=str)
+    test_patients = {nih[i] for i in test_ids}
+    assert (
+        extra_files
+        == set(extra_labels["ImageId"])
+        == {i for i in patients if i.startswith("1.2.276.9.") and nih[i] not in test_patients}
+    )
+    assert not (out / "extra" / "mask").exists()  # the PNG masks are not images to train on
