@@ -24,17 +24,28 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import save  # noqa: E402
 
 from pneumothorax.io import config, paths  # noqa: E402
+from pneumothorax.io.config import PostprocessConfig  # noqa: E402
 from pneumothorax.io.paths import ExperimentDir, ProcessedDir  # noqa: E402
 from pneumothorax.pipeline import ensemble, search  # noqa: E402
+from pneumothorax.post import exact_search  # noqa: E402
+from pneumothorax.post.exact_search import OOFPart  # noqa: E402
+
+
+def oof_parts(name: str, models: Path, processed: ProcessedDir) -> tuple[PostprocessConfig, list[OOFPart]]:
+    """What the search reads of one experiment (per fold its OOF maps, truth and gate probabilities) or of an
+    ensemble (a folder with ``ensemble.json``: its blended maps on the members' shared split), with the grid."""
+    record = models / name / "ensemble.json"
+    if not record.exists():
+        cfg = config.load(name)
+        return cfg.postprocess, search.oof_parts(cfg, ExperimentDir(models / name), processed)
+    members = [ensemble.member(config.load(m["experiment"]), models) for m in json.loads(record.read_text())["members"]]
+    return members[0].cfg.postprocess, ensemble.oof_parts(members, ensemble.out_dir(members, models, name), processed)
 
 
 def crossfit_one(name: str, models: Path, processed: ProcessedDir) -> dict:
-    """One experiment's cross-fitted search, or an ensemble's (a folder with ``ensemble.json``)."""
-    record = models / name / "ensemble.json"
-    if not record.exists():
-        return search.crossfit(config.load(name), ExperimentDir(models / name), processed)
-    members = [ensemble.member(config.load(m["experiment"]), models) for m in json.loads(record.read_text())["members"]]
-    return ensemble.crossfit(members, ensemble.out_dir(members, models, name), processed)
+    """One experiment's cross-fitted search, or an ensemble's."""
+    grid, parts = oof_parts(name, models, processed)
+    return exact_search.crossfit_oof(parts, grid)
 
 
 def main() -> None:

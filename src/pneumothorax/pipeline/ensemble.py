@@ -255,9 +255,9 @@ def blended_rows(members: list[Member], out: ExperimentDir) -> tuple[pd.DataFram
     return ids, shared_split(members, image_ids), mean_gate([oof_maps(m)[1] for m in members], image_ids)
 
 
-def crossfit(members: list[Member], out: ExperimentDir, processed: ProcessedDir) -> dict[str, Any]:
-    """The search left one fold out (``exact_search.crossfit_oof``) on the ensemble's blended OOF maps, its folds
-    the members' shared split; writes nothing. What the in-sample gain of ``build`` overstates, as for one run."""
+def oof_parts(members: list[Member], out: ExperimentDir, processed: ProcessedDir) -> list[exact_search.OOFPart]:
+    """The ensemble's blended OOF maps as the search reads them, one part per fold of the members' shared split:
+    the maps, their truth and the members' mean gate probability."""
     ids, fold_of, gate = blended_rows(members, out)
     maps = np.load(out.blended_oof, mmap_mode="r")
     masks = prepared.load_cache(processed.root, "masks", "train", out.final_size)
@@ -266,7 +266,13 @@ def crossfit(members: list[Member], out: ExperimentDir, processed: ProcessedDir)
         rows = np.flatnonzero(fold_of == k)
         truth = search.CacheRows(masks, ids["index"].to_numpy()[rows])
         parts.append(exact_search.OOFPart(np.asarray(maps[rows]), truth, None if gate is None else gate[rows]))
-    return exact_search.crossfit_oof(parts, members[0].cfg.postprocess)
+    return parts
+
+
+def crossfit(members: list[Member], out: ExperimentDir, processed: ProcessedDir) -> dict[str, Any]:
+    """The search left one fold out (``exact_search.crossfit_oof``) on the ensemble's blended OOF maps, its folds
+    the members' shared split; writes nothing. What the in-sample gain of ``build`` overstates, as for one run."""
+    return exact_search.crossfit_oof(oof_parts(members, out, processed), members[0].cfg.postprocess)
 
 
 def report(record: dict[str, Any], out: ExperimentDir, test_score: float | None) -> Path:

@@ -85,9 +85,14 @@ def _search_parts(cfg: Config, parts: list[FoldOOF], processed: ProcessedDir) ->
     return [exact_search.OOFPart(p.maps, CacheRows(masks, p.ids["index"].to_numpy()), p.gate) for p in parts]
 
 
+def oof_parts(cfg: Config, exp: ExperimentDir, processed: ProcessedDir) -> list[exact_search.OOFPart]:
+    """What the search reads of the experiment: per fold its OOF maps, their truth and gate probabilities."""
+    return _search_parts(cfg, list(oof_folds(cfg, exp)), processed)
+
+
 def crossfit(cfg: Config, exp: ExperimentDir, processed: ProcessedDir) -> dict[str, Any]:
     """The search left one fold out (``exact_search.crossfit_oof``) on the experiment's OOF maps; writes nothing."""
-    return exact_search.crossfit_oof(_search_parts(cfg, list(oof_folds(cfg, exp)), processed), cfg.postprocess)
+    return exact_search.crossfit_oof(oof_parts(cfg, exp, processed), cfg.postprocess)
 
 
 def search(cfg: Config, exp: ExperimentDir, processed: ProcessedDir, progress: bool = True) -> dict[str, Any]:
