@@ -67,24 +67,31 @@ def _gains(parts: list[OOFPart], grid: PostprocessConfig) -> dict:
     }
 
 
-def stacked(parts: list[OOFPart], grid: PostprocessConfig, columns: list[int], strength: float) -> dict:
-    """The stacker's AUC per fold and its gains, in sample and with one fold left out of both fits."""
-    x = [features(p)[:, columns] for p in parts]
-    y = [np.asarray(p.masks[:]).reshape(len(p.probs), -1).any(axis=1) for p in parts]
+def labels(part: OOFPart) -> np.ndarray:
+    """(N,) bool per image: whether its truth has a pixel."""
+    return np.asarray(part.masks[:]).reshape(len(part.probs), -1).any(axis=1)
+
+
+def _with_gates(parts: list[OOFPart], gates: list[np.ndarray]) -> list[OOFPart]:
+    return [dataclasses.replace(p, gate=g) for p, g in zip(parts, gates, strict=True)]
+
+
+def stacked(
+    parts: list[OOFPart], tables: list[np.ndarray], truth: list[np.ndarray], grid: PostprocessConfig, strength: float
+) -> dict:
+    """The stacker on these feature ``tables`` (per part, as :func:`features` gives, columns chosen) and image
+    ``truth``: its AUC per fold and its gains, in sample and with one fold left out of both fits."""
     held_out = []
     for k in range(len(parts)):
         others = [j for j in range(len(parts)) if j != k]
-        model = _fit(np.concatenate([x[j] for j in others]), np.concatenate([y[j] for j in others]), strength)
-        held_out.append(model.predict_proba(x[k])[:, 1])
-    everywhere = _fit(np.concatenate(x), np.concatenate(y), strength)
+        model = _fit(np.concatenate([tables[j] for j in others]), np.concatenate([truth[j] for j in others]), strength)
+        held_out.append(model.predict_proba(tables[k])[:, 1])
+    everywhere = _fit(np.concatenate(tables), np.concatenate(truth), strength)
     stack_grid = dataclasses.replace(grid, gate=FINE_GATES, gate_blend=(0.0,), gate_top=(0.0,))
-    fitted_all = [everywhere.predict_proba(xk)[:, 1] for xk in x]
-    in_sample = [dataclasses.replace(p, gate=g) for p, g in zip(parts, fitted_all, strict=True)]
-    found = exact_search.search_oof(in_sample, stack_grid)
-    held_out_parts = [dataclasses.replace(p, gate=g) for p, g in zip(parts, held_out, strict=True)]
-    crossfit = exact_search.crossfit_oof(held_out_parts, stack_grid)
+    found = exact_search.search_oof(_with_gates(parts, [everywhere.predict_proba(t)[:, 1] for t in tables]), stack_grid)
+    crossfit = exact_search.crossfit_oof(_with_gates(parts, held_out), stack_grid)
     return {
-        "auc_held_out": [metric.roc_auc(yk, gk) for yk, gk in zip(y, held_out, strict=True)],
+        "auc_held_out": [metric.roc_auc(t, g) for t, g in zip(truth, held_out, strict=True)],
         "in_sample": found.score - found.all_empty_score,
         "crossfit": crossfit["gain"],
         "rule": found.post.describe(),
@@ -95,9 +102,11 @@ def probe(name: str, models: Path, processed: ProcessedDir) -> dict:
     grid, parts = oof_parts(name, models, processed)
     fine = dataclasses.replace(grid, gate=FINE_GATES)
     result = {"blend": _gains(parts, grid), "blend_fine_gates": _gains(parts, fine)}
+    tables, truth = [features(p) for p in parts], [labels(p) for p in parts]  # once: every stacker reads them
     for label, columns in FEATURES.items():
+        chosen = [t[:, columns] for t in tables]
         for strength in STRENGTHS:
-            result[f"stack {label}, C {strength:g}"] = stacked(parts, grid, columns, strength)
+            result[f"stack {label}, C {strength:g}"] = stacked(parts, chosen, truth, grid, strength)
     for key, row in result.items():
         auc = " / ".join(f"{a:.3f}" for a in row.get("auc_held_out", row.get("auc", [])))
         print(f"{name} {key}: in sample {row['in_sample']:+.4f}, one fold left out {row['crossfit']:+.4f}, AUC {auc}")

@@ -140,6 +140,8 @@ def test_stacked_gate_learns_the_peak_that_tells_the_label_and_keeps_the_noise_o
     """Fitted on two folds, the stacker ranks the third perfectly from the peak although the classifier is noise;
     searched on it, every positive is found whole and no negative predicted, in sample and one fold left out."""
     parts = _peak_world(1)
-    result = stacked_gate.stacked(parts, config.load("real_cpu").postprocess, [0, 3], 1.0)
+    tables = [stacked_gate.features(p)[:, [0, 3]] for p in parts]
+    truth = [stacked_gate.labels(p) for p in parts]
+    result = stacked_gate.stacked(parts, tables, truth, config.load("real_cpu").postprocess, 1.0)
     assert result["auc_held_out"] == [1.0, 1.0, 1.0]
     assert result["in_sample"] == pytest.approx(0.5) and result["crossfit"] == pytest.approx(0.5)
