@@ -287,9 +287,9 @@ gpu-check: install ## every risky CUDA path on a small world, PASS/FAIL/SKIP eac
 	$(PY) benchmarks/gpu_check.py
 
 REAL_DIR ?=
-bench-real: install ## the real_cpu recipe (or EXP=, or ENSEMBLE="a b" [JOBS=2: two members at once]) on the staged real SIIM images (REAL_DIR=<stage.sh folder>), timed -> benchmarks/results/bench_real*.json
+bench-real: install ## the real-data recipe (real_cpu and real_cpu_s1 side by side, blended; or EXP= alone, or ENSEMBLE="a b" [JOBS=2: two members at once]) on the staged real SIIM images (REAL_DIR=<stage.sh folder>), timed -> benchmarks/results/bench_real*.json
 	@[ -n "$(REAL_DIR)" ] || { echo 'error: name the staged real images: make bench-real REAL_DIR=<folder stage.sh wrote>' >&2; exit 2; }
-	$(PY) benchmarks/bench_real.py --real-dir $(REAL_DIR) --exp $(if $(filter command line,$(origin EXP)),$(EXP),real_cpu) \
+	$(PY) benchmarks/bench_real.py --real-dir $(REAL_DIR) $(if $(filter command line,$(origin EXP)),--exp $(EXP)) \
 	  $(if $(ENSEMBLE),--ensemble $(ENSEMBLE) --name $(if $(filter command line,$(origin NAME)),$(NAME),real_ensemble) \
 	  --jobs $(or $(JOBS),1))
 

@@ -108,6 +108,30 @@ def test_bench_real_holds_out_whole_patients_and_renames_them_as_stage_2_test_im
     assert not (out / "extra" / "mask").exists()  # the PNG masks are not images to train on
 
 
+def test_bench_reals_recipe_pair_differs_in_seed_alone_on_one_split() -> None:
+    """make bench-real blends real_cpu with its seed-1 twin, and the blend's search is cross-fitted on their shared
+    folds: the twin must differ in nothing but the seed (a drifted key would blend two recipes), on one split."""
+    first, second = (config.load(name) for name in bench_real.RECIPE)
+    assert bench_real.RECIPE[0] == "real_cpu"
+    diff = config.changed_keys(config.to_dict(first), config.to_dict(second))
+    assert diff == ["name: 'real_cpu' -> 'real_cpu_s1'", f"seed: {first.seed} -> {second.seed}"]
+    assert first.seed != second.seed and first.fold_seed == second.fold_seed == 42
+
+
+def test_real_fp32_is_real_cpu_before_c25_so_the_ablation_runs_keep_their_meaning() -> None:
+    """The ablation runs c0-c24 inherit real_fp32, the recipe they were measured against: real_cpu with fp32 steps,
+    the gate's 14 epochs and the run's own split; it must not follow later changes of real_cpu's those keys."""
+    now, before = config.to_dict(config.load("real_cpu")), config.to_dict(config.load("real_fp32"))
+    assert config.changed_keys(now, before) == [
+        "classifier.cpu_bf16: True -> False",
+        "classifier.epochs: 20 -> 14",
+        "name: 'real_cpu' -> 'real_fp32'",
+        "segmentation.cpu_bf16: True -> False",
+        "split_seed: 42 -> None",
+    ]
+    assert config.load("real_bf16").classifier.epochs == 14 and config.load("real_c25").classifier.epochs == 20
+
+
 def _peak_world(seed: int) -> list[OOFPart]:
     """Three folds of 16x16 maps where the map's peak tells the label (a 4x4 blob of p 0.9 on the truth) and the
     classifier's probability is noise."""
