@@ -280,7 +280,7 @@ def main() -> None:
     p.add_argument(
         "--real-dir", required=True, help="what stage.sh wrote (dicom-images-train/, stage_2_train.csv, ...)"
     )
-    p.add_argument("--exp", help="one experiment alone (default: the recipe, RECIPE's members blended)")
+    p.add_argument("--exp", help="one experiment alone (default: real_cpu and real_cpu_s1 side by side, blended)")
     p.add_argument("--ensemble", nargs="*", default=[], help="members: train each, then blend them (make ensemble)")
     p.add_argument("--name", default="real_ensemble", help="the ensemble's name (models/bench-real/<name>)")
     p.add_argument("--jobs", type=int, default=1, help="members trained at once, the cores shared out")
