@@ -286,6 +286,8 @@ def main() -> None:
     p.add_argument("--jobs", type=int, default=1, help="members trained at once, the cores shared out")
     p.add_argument("--data", default=str(paths.RAW / "siim-real-bench"))
     args = p.parse_args()
+    if args.exp and args.ensemble:
+        p.error("name one experiment (--exp, make's EXP=) or an ensemble (--ensemble, ENSEMBLE=), not both")
     data = Path(args.data)
     parts = build_layout(Path(args.real_dir), data)
     print(f"bench-real: {parts} images in {data}", flush=True)
